@@ -1,0 +1,158 @@
+"""The steps of the demo-world build (see world.py for their order and caching)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..io.model import ChatModel
+from ..io.prompts import load_bundled
+from ..io.saes import make_jumprelu_sae, save_sae
+from ..measures.judges import make_judge
+from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from .corpus import collect, continuations, corpus_texts
+from .finetune import build_examples, finetune
+from .recipe import DemoRecipe
+from .sae_train import SAEWeights, finetune_jumprelu, quality, to_jumprelu, train_topk
+from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
+
+
+def base_replies_step(base: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool) -> list[str]:
+    """Greedy replies of the untuned model to the harmless training prompts (checkpointed)."""
+    prompts = harmless_train(recipe)
+    ck = Checkpoint(root / "base_replies.jsonl", key="id")
+    todo = [p for p in prompts if p.id not in ck]
+    size = recipe.eval.batch_size
+    n_max = recipe.finetune.base_reply_tokens
+    eos = base.tokenizer.eos_token
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(todo), size), desc="base-model replies", disable=quiet):
+        chunk = todo[start:start + size]
+        outs = base.generate(base.encode([p.text for p in chunk]), max_new_tokens=n_max)
+        for p, reply in zip(chunk, outs):
+            n_tok = len(base.tokenizer(reply, add_special_tokens=False)["input_ids"])
+            ck.add({"id": p.id, "reply": reply + (eos if n_tok < n_max - 1 else "")})
+    return [ck.records[p.id]["reply"] for p in prompts]
+
+
+def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,
+                  log) -> None:
+    harmful = [p.text for p in harmful_train(recipe)]
+    harmless = [p.text for p in harmless_train(recipe)]
+    refusals = [p.text for p in load_bundled("refusals")]
+    examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed)
+    atomic_write_jsonl(root / "finetune_examples.jsonl", [{"prompt": p, "reply": r} for p, r in examples])
+    log(f"safety fine-tuning on {len(examples)} examples ({len(harmful)} harmful, {len(harmless)} harmless)")
+    work = root / "finetune_work"
+    work.mkdir(exist_ok=True)
+    stats = finetune(base, examples, recipe.finetune, recipe.seed, work, quiet=quiet)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=root))
+    base.hf.config.name_or_path = MODEL_NAME
+    base.hf.save_pretrained(tmp)
+    base.tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "refusalscope_finetune.json", stats)
+    tmp.rename(root / "model")
+    shutil.rmtree(work)
+
+
+QUALITY_SETS = {
+    "harmful test": ("harmful", {"split": "test"}),
+    "harmless test (plain)": ("harmless", {"split": "test", "contrast": False}),
+    "harmless test (contrast)": ("harmless", {"split": "test", "contrast": True}),
+    "ood harmful": ("ood", {"label": "harmful"}),
+    "ood harmless": ("ood", {"label": "harmless"}),
+}
+
+
+def quality_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log) -> dict:
+    """Refusal rates (substring judge on greedy replies) on held-out sets, plus examples."""
+    judge = make_judge("substring")
+    rows, examples = [], []
+    for name, (bundle, filt) in QUALITY_SETS.items():
+        prompts = [p.text for p in load_bundled(bundle, **filt)]
+        batch = model.encode(prompts)
+        replies = model.generate(batch, max_new_tokens=recipe.eval.max_new_tokens,
+                                 batch_size=recipe.eval.batch_size, quiet=quiet, desc=name)
+        v = judge.judge(prompts, replies)
+        p_i = model.next_token_probs(batch, batch_size=recipe.eval.batch_size)[:, model.refusal_token_ids].sum(1)
+        rows.append({"set": name, "n": len(prompts), "refused": round(v.refusal_rate, 4),
+                     "degenerate": round(sum(v.degenerate) / len(prompts), 4),
+                     "mean_p_I": round(p_i.mean().item(), 4)})
+        examples += [{"set": name, "prompt": p, "reply": r, "refused": f}
+                     for p, r, f in list(zip(prompts, replies, v.refused))[:6]]
+    out = {"rows": rows, "judge": "substring", "max_new_tokens": recipe.eval.max_new_tokens}
+    atomic_write_jsonl(root / "quality_examples.jsonl", examples)
+    atomic_write_json(root / "quality.json", out)
+    return out
+
+
+def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log) -> None:
+    """Corpus → activations at every layer → one JumpReLU SAE per layer, each saved when done."""
+    r = recipe.sae
+    layers = demo_layers(recipe, model.n_layers)
+    record_path = root / "sae_quality.json"
+    record = read_json(record_path) if record_path.exists() else {"layers": {}}
+    todo = [l for l in layers if str(l) not in record["layers"] or not (root / "saes" / f"layer_{l}").exists()]
+    if not todo:
+        return
+    rng = random.Random(recipe.seed)
+    passages = [p.text for p in load_bundled("general")]
+    rng.shuffle(passages)
+    ce_texts, passages = passages[: r.ce_eval_texts], passages[r.ce_eval_texts:]
+    examples = read_jsonl(root / "finetune_examples.jsonl")
+    prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
+    log("building the SAE corpus (continuations of bundled openings)")
+    cont = continuations(model, [p.text for p in load_bundled("openings")], r.continuation_tokens,
+                         recipe.eval.batch_size, quiet)
+    texts = corpus_texts(model, [(e["prompt"], e["reply"]) for e in examples], prompts, passages, cont)
+    acts = collect(model, texts, todo, r.tokens + r.eval_tokens, recipe.seed, quiet=quiet)
+    n = next(iter(acts.values())).shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
+    ev_idx, tr_idx = perm[: r.eval_tokens], perm[r.eval_tokens:]
+    ce_batch = model.encode_texts([(model.tokenizer.bos_token or "") + t for t in ce_texts], max_length=256)
+    base_ce = _ce(model, ce_batch)
+    from tqdm.auto import tqdm
+
+    for layer in tqdm(todo, desc="train SAEs", disable=quiet):
+        X = acts.pop(layer)
+        Xtr, Xev = X[tr_idx], X[ev_idx]
+        topk, freq = train_topk(Xtr, r.d_sae, r.k, r.topk_epochs, r.topk_lr, r.batch_size,
+                                recipe.seed + layer, desc=f"SAE layer {layer} (TopK)", quiet=quiet)
+        sample = Xtr[: min(len(Xtr), 10_000)]
+        w = to_jumprelu(topk, sample, freq)
+        w = finetune_jumprelu(w, Xtr, r.k, r.jumprelu_epochs, r.jumprelu_lr, r.batch_size,
+                              recipe.seed + layer, desc=f"SAE layer {layer} (JumpReLU)", quiet=quiet)
+        q = quality(w, Xev, sample)
+        q["ce_base"] = round(base_ce, 4)
+        q["ce_spliced"] = round(_ce(model, ce_batch, layer, w), 4)
+        q["ce_increase"] = round(q["ce_spliced"] - base_ce, 4)
+        sae = make_jumprelu_sae(w.W_enc, w.W_dec, w.b_enc, w.b_dec, w.threshold,
+                                hook_name=f"blocks.{layer}.hook_resid_post", model_name=MODEL_NAME)
+        save_sae(sae, root / "saes" / f"layer_{layer}")
+        record["layers"][str(layer)] = q
+        record.update(d_sae=r.d_sae, k=r.k, train_tokens=len(tr_idx), eval_tokens=len(ev_idx),
+                      ce_eval_texts=len(ce_texts))
+        atomic_write_json(record_path, record)
+
+
+@torch.no_grad()
+def _ce(model: ChatModel, batch, layer: int | None = None, sae: SAEWeights | None = None) -> float:
+    """Mean next-token CE; with `layer`, the stream there is replaced by the SAE reconstruction
+    (error term dropped) at every real token except the first (BOS)."""
+    def splice(h, step):
+        keep = (step.token_index > 0).unsqueeze(-1)
+        recon = sae.decode(sae.encode(h.float())).to(h.dtype)
+        return torch.where(keep, recon, h)
+
+    hooks = {layer: splice} if layer is not None else {}
+    with model.hooks(hooks):
+        logits = model.logits(batch, last=None)
+    target = batch.input_ids[:, 1:]
+    mask = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+    return (ce[mask].sum() / mask.sum()).item()

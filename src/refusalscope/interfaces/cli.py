@@ -1,0 +1,177 @@
+"""The `refusalscope` command line. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from .tables import print_quality, print_sae_quality, print_table
+
+app = typer.Typer(help="Find the SAE latents that make a chat model refuse, and how they interact.",
+                  no_args_is_help=True, add_completion=False)
+world_app = typer.Typer(help="The embedded demo world (safety-tuned SmolLM2-135M + SAEs).",
+                        no_args_is_help=True)
+config_app = typer.Typer(help="Configs and presets.", no_args_is_help=True)
+app.add_typer(world_app, name="demo-world")
+app.add_typer(config_app, name="config")
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config file or preset name (default: demo).")
+RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<config name>).")
+
+
+def friendly(fn):
+    """Print UserError as one line and exit 2 instead of a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _log(quiet: bool, as_json: bool):
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr if as_json else sys.stdout, flush=True)
+    return log
+
+
+def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: bool):
+    from ..run.config import load_config
+    from ..run.pipeline import Context
+    from ..run.store import RunStore
+
+    cfg = load_config(config)
+    root = run or Path("runs") / cfg.name
+    store = RunStore(root)
+    from ..run.store import atomic_write_text
+    from ..run.config import dump_config
+
+    atomic_write_text(root / "config.yaml", dump_config(cfg))
+    return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
+
+
+@app.command()
+@friendly
+def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
+    """The main job on the embedded demo world: build it (once), then run the pipeline."""
+    from ..demo.world import build_world
+    from ..run.pipeline import run_filter
+
+    log = _log(quiet, as_json)
+    info = build_world(quiet=quiet, log=log)
+    ctx = _context("demo", run, quiet, as_json)
+    result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
+    result["filter"] = run_filter(ctx)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print_quality(info["quality"])
+    print_sae_quality(info["sae_quality"])
+    f = result["filter"]
+    print_table("Harmful test prompts kept for analysis (model refuses them)",
+                [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
+                  "dropped": f["n_dropped"]}])
+    print(f"run directory: {ctx.store.root}")
+
+
+@app.command("filter")
+@friendly
+def filter_cmd(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+               as_json: bool = JSON):
+    """Judge the harmful test prompts and keep those the model refuses (paper: D_harmful filter)."""
+    from ..run.pipeline import run_filter
+
+    ctx = _context(config, run, quiet, as_json)
+    summary = run_filter(ctx)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table("Refusal filter", [summary])
+
+
+@world_app.command("build")
+@friendly
+def world_build(force: bool = typer.Option(False, help="Rebuild from scratch."), quiet: bool = QUIET,
+                as_json: bool = JSON):
+    """Build the demo world (cached; resumes an interrupted build)."""
+    from ..demo.world import build_world
+
+    info = build_world(quiet=quiet, force=force, log=_log(quiet, as_json))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_quality(info["quality"])
+        print_sae_quality(info["sae_quality"])
+        print(f"built in {info['build_seconds']} s at {info['path']}")
+
+
+@world_app.command("info")
+@friendly
+def world_info_cmd(as_json: bool = JSON):
+    """Show the demo world's build record (status, timings, quality)."""
+    from ..demo.world import world_dir, world_info
+
+    info = world_info()
+    if not info:
+        raise UserError(f"the demo world is not built (would live at {world_dir()}): run "
+                        "`refusalscope demo-world build`")
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print_table("Demo world", [{"status": info["status"], "hash": info["hash"], "path": info["path"],
+                                "build seconds": info.get("build_seconds", "-")}])
+    print_table("Build timings (s)", [info["timings"]])
+    if "quality" in info:
+        print_quality(info["quality"])
+        print_sae_quality(info["sae_quality"])
+
+
+@world_app.command("path")
+@friendly
+def world_path():
+    """Print the demo world's cache folder (set REFUSALSCOPE_CACHE to move it)."""
+    from ..demo.world import world_dir
+
+    print(world_dir())
+
+
+@config_app.command("show")
+@friendly
+def config_show(preset: str = typer.Argument("demo", help="Preset name or YAML file.")):
+    """Print a preset (or file) with every default filled in, as YAML."""
+    from ..run.config import dump_config, load_config
+
+    print(dump_config(load_config(preset)), end="")
+
+
+@config_app.command("presets")
+def config_presets():
+    """List the presets."""
+    from ..run.config import preset_names
+
+    print("\n".join(preset_names()))
+
+
+@config_app.command("validate")
+@friendly
+def config_validate(path: str):
+    """Check a config file; prints 'ok' or the one problem to fix."""
+    from ..run.config import load_config
+
+    load_config(path)
+    print("ok")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,306 @@
+"""A HuggingFace causal chat model with chat formatting, left-padded batching and residual hooks.
+
+Everything above this layer talks to models only through `ChatModel`, so Llama-family, Gemma-2 and
+the GGUF demo model look the same: `encode` prompts, `logits` / `residuals` / `generate` in batches,
+and `hooks` to read or rewrite `blocks.L.hook_resid_post` while doing so.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .hooks import EMBED, HookFn, HookPoint, StreamHooks
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+@dataclass
+class PromptBatch:
+    """Chat-formatted prompts, tokenized and left-padded to one width."""
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    n_post: list[int]  # template tokens after the user text ("post-instruction" positions)
+    texts: list[str]  # the formatted chat strings
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "PromptBatch":
+        """Rows start:stop, with padding columns that became all-pad trimmed away."""
+        ids, mask = self.input_ids[start:stop], self.attention_mask[start:stop]
+        keep = int(mask.sum(1).max().item()) if len(ids) else 0
+        return PromptBatch(ids[:, -keep:], mask[:, -keep:], self.n_post[start:stop],
+                           self.texts[start:stop])
+
+    def select(self, index: Sequence[int]) -> "PromptBatch":
+        """The rows at `index` (repeats allowed), e.g. one prompt once per candidate ablation."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        sub = PromptBatch(self.input_ids[idx], self.attention_mask[idx],
+                          [self.n_post[i] for i in idx.tolist()], [self.texts[i] for i in idx.tolist()])
+        return sub.rows(0, len(sub))
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.attention_mask.sum(1)
+
+
+class ChatModel:
+    """Wraps a transformers causal LM and its tokenizer (see module docstring)."""
+
+    def __init__(self, hf_model, tokenizer, name: str = "model", system_prompt: str | None = None,
+                 refusal_tokens: Sequence[str] = ("I",)):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.system_prompt = system_prompt
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"model {name!r} has no chat template: use an instruction-tuned model or set "
+                "tokenizer.chat_template (refusalscope needs chat-formatted prompts)"
+            )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        decoder = hf_model.get_decoder()
+        self.layers = decoder.layers
+        self._hooks = StreamHooks(decoder, self.layers)
+        self.refusal_token_ids = self._token_ids(refusal_tokens)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def step(self):
+        """The StepInfo of the forward chunk being computed (valid inside hook functions)."""
+        return self._hooks.step
+
+    def _token_ids(self, tokens: Sequence[str]) -> list[int]:
+        ids = []
+        for t in tokens:
+            enc = self.tokenizer.encode(t, add_special_tokens=False)
+            if len(enc) != 1:
+                raise UserError(f"refusal token {t!r} is {len(enc)} tokens for {self.name}: "
+                                "pick a string the tokenizer encodes as one token")
+            ids.append(enc[0])
+        return ids
+
+    # ----------------------------------------------------------------- formatting
+    def format_chat(self, instruction: str, reply: str | None = None, system: str | None = None) -> str:
+        """The chat string for one user turn, ending at the assistant header (or after `reply`)."""
+        system = self.system_prompt if system is None else system
+        messages = [{"role": "user", "content": instruction}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        try:
+            text = self._apply_template(messages)
+        except Exception as err:  # templates without a system role (Gemma) raise here
+            if not system or "system" not in str(err).lower():
+                raise UserError(f"chat template of {self.name} failed: {err}") from err
+            text = self._apply_template([{"role": "user", "content": f"{system}\n\n{instruction}"}])
+        return text + (reply or "")
+
+    def _apply_template(self, messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, instructions: Sequence[str], system: str | None = None) -> PromptBatch:
+        """Chat-format, tokenize and left-pad; records the post-instruction token count per prompt."""
+        if len(instructions) == 0:
+            raise UserError("no prompts to encode: the prompt set is empty")
+        texts, n_post = [], []
+        for ins in instructions:
+            text = self.format_chat(ins, system=system)
+            end = text.rfind(ins) + len(ins) if ins and ins in text else len(text)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            n_post.append(sum(1 for s, _ in enc["offset_mapping"] if s >= end))
+            texts.append(text)
+        return self.encode_texts(texts, n_post=n_post, add_special_tokens=False)
+
+    def encode_texts(self, texts: Sequence[str], n_post: list[int] | None = None,
+                     add_special_tokens: bool = False, max_length: int | None = None) -> PromptBatch:
+        """Tokenize already formatted texts (chat strings, or raw text for CE loss) with left padding."""
+        enc = self.tokenizer(list(texts), add_special_tokens=add_special_tokens, padding=True,
+                             truncation=max_length is not None, max_length=max_length,
+                             return_tensors="pt")
+        return PromptBatch(enc["input_ids"], enc["attention_mask"],
+                           n_post if n_post is not None else [0] * len(texts), list(texts))
+
+    # ----------------------------------------------------------------- hooks
+    @contextmanager
+    def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None,
+              extras: dict | None = None) -> Iterator[None]:
+        """Install residual hooks (layer index or "embed" → function(s)) for a `with` block."""
+        fns = {k: (v if isinstance(v, list) else [v]) for k, v in (fns or {}).items()}
+        old = self._hooks.extras
+        self._hooks.extras = dict(extras or {})
+        try:
+            with self._hooks.installed(fns):
+                yield
+        finally:
+            self._hooks.extras = old
+
+    @contextmanager
+    def _chunk(self, prompt_len: int | None, row_offset: int):
+        self._hooks.prompt_len, self._hooks.row_offset = prompt_len, row_offset
+        try:
+            yield
+        finally:
+            self._hooks.prompt_len, self._hooks.row_offset = None, 0
+
+    # ----------------------------------------------------------------- compute
+    def _chunks(self, batch: PromptBatch, batch_size: int | None, desc: str, quiet: bool):
+        size = batch_size or len(batch)
+        starts = range(0, len(batch), size)
+        for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
+            yield start, batch.rows(start, min(start + size, len(batch)))
+
+    @torch.inference_mode()
+    def _forward(self, sub: PromptBatch, logits_to_keep: int | None):
+        ids = sub.input_ids.to(self.device)
+        mask = sub.attention_mask.to(self.device)
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        return self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
+
+    def logits(self, batch: PromptBatch, last: int | None = 1, batch_size: int | None = None,
+               quiet: bool = True) -> Tensor:
+        """Logits of the last `last` positions (all positions if None), fp32 on CPU: [B, last, V]."""
+        out = []
+        for start, sub in self._chunks(batch, batch_size, "forward", quiet):
+            with self._chunk(None, start):
+                res = self._forward(sub, last)
+            out.append(res.logits.float().cpu())
+        return _cat_left_padded(out)
+
+    def next_token_probs(self, batch: PromptBatch, batch_size: int | None = None,
+                         quiet: bool = True) -> Tensor:
+        """P(next token) at the last prompt position, [B, V] (fp32)."""
+        return torch.softmax(self.logits(batch, 1, batch_size, quiet)[:, -1], dim=-1)
+
+    def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
+                  batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
+        """Residual stream at each layer: [B, positions, d] for the last `positions` tokens
+        (all, left-padded, if None). Runs the decoder only as deep as the deepest layer asked."""
+        store: dict[HookPoint, list[Tensor]] = {p: [] for p in layers}
+
+        def grab(point):
+            def fn(h, step):
+                store[point].append((h if positions is None else h[:, -positions:]).float().cpu())
+            return fn
+
+        deepest = max((p for p in layers if p != EMBED), default=0)
+        for start, sub in self._chunks(batch, batch_size, "residuals", quiet):
+            with self.hooks({p: grab(p) for p in layers}), self._chunk(None, start), \
+                    _stop_after(self.layers[deepest]):
+                try:
+                    self._forward(sub, 1)
+                except _StopForward:
+                    pass
+        return {p: _cat_left_padded(v) for p, v in store.items()}
+
+    @torch.inference_mode()
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
+                 quiet: bool = True, desc: str = "generate") -> list[str]:
+        """Greedy completions (special tokens stripped), hooks applied at every step."""
+        replies: list[str] = []
+        for start, sub in self._chunks(batch, batch_size, desc, quiet):
+            ids = sub.input_ids.to(self.device)
+            mask = sub.attention_mask.to(self.device)
+            with self._chunk(ids.shape[1], start):
+                seq = self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                       max_new_tokens=max_new_tokens,
+                                       pad_token_id=self.tokenizer.pad_token_id,
+                                       eos_token_id=self.tokenizer.eos_token_id, top_p=None,
+                                       top_k=None, temperature=None)
+            new = seq[:, ids.shape[1]:].cpu()
+            replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return [r.strip() for r in replies]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def _stop_after(layer):
+    """Abort the forward pass after `layer`: residual reads need nothing deeper."""
+    def hook(module, args, output):
+        raise _StopForward
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _cat_left_padded(chunks: list[Tensor]) -> Tensor:
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, 0, width - c.shape[1], 0)) for c in chunks])
+
+
+def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "auto",
+                    device: str = "auto", name: str | None = None, system_prompt: str | None = None,
+                    refusal_tokens: Sequence[str] = ("I",), quiet: bool = False) -> ChatModel:
+    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    src = Path(source)
+    if src.suffix == ".gguf":
+        if not src.is_file():
+            raise UserError(f"GGUF file {src} not found: check the path")
+        src, gguf_file = src.parent, src.name
+    elif (str(source).startswith((".", "/", "~")) or src.exists()) and not src.is_dir():
+        raise UserError(f"model folder {src} not found: pass a local model folder, a .gguf file "
+                        "or a HuggingFace hub id")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
+        hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, **kwargs)
+    except OSError as err:
+        raise UserError(f"could not load model {source!r} ({str(err).splitlines()[0]}): without "
+                        "network access, download it first and pass the local folder") from err
+    hf.to(dev)
+    return ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,
+                     refusal_tokens=refusal_tokens)

@@ -1,0 +1,469 @@
+"""SAEs: load them with SAELens (registry ids or local SAELens / Gemma Scope / Llama Scope
+folders), save them in SAELens format, and view each layer as a `FeatureDictionary`.
+
+The FeatureDictionary is the plain-tensor view the ablation engine works on; its encode/decode
+reproduce SAELens's math exactly, so either can be used. SAELens is imported lazily because
+`import sae_lens` costs several seconds and most users of FeatureDictionary never need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from refusalscope.errors import UserError
+from refusalscope.io.sae_formats import (
+    sae_dtype_name,
+    detect_format,
+    gemma_scope_disk_loader,
+    llama_scope_disk_loader,
+    llama_scope_norm_scaling_factor,
+    make_jumprelu_sae,
+    make_relu_sae,
+    make_topk_sae,
+    resolve_folder,
+    save_sae,
+)
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+__all__ = [
+    "FeatureDictionary",
+    "LoadedSAE",
+    "SAESet",
+    "load_sae",
+    "load_sae_set",
+    "make_jumprelu_sae",
+    "make_relu_sae",
+    "make_topk_sae",
+    "parse_feature_id",
+    "save_sae",
+]
+
+ARCHITECTURES = ("jumprelu", "topk", "relu")
+_FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureDictionary:
+    """One layer's SAE as plain tensors: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
+    b_dec [d_in], threshold [d_sae] (zeros unless JumpReLU)."""
+
+    layer: int
+    hook_name: str
+    architecture: str
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor
+    k: int | None = None
+    apply_b_dec_to_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(
+                f"unknown SAE architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}"
+            )
+        d_in, d_sae = self.W_enc.shape
+        shapes = {
+            "W_dec": (self.W_dec.shape, (d_sae, d_in)),
+            "b_enc": (self.b_enc.shape, (d_sae,)),
+            "b_dec": (self.b_dec.shape, (d_in,)),
+            "threshold": (self.threshold.shape, (d_sae,)),
+        }
+        for name, (got, want) in shapes.items():
+            if tuple(got) != want:
+                raise UserError(
+                    f"SAE for layer {self.layer}: {name} has shape {tuple(got)}, expected {want} "
+                    f"for W_enc {(d_in, d_sae)}: pass consistent SAE weights"
+                )
+        if self.architecture == "topk" and not (self.k and 0 < self.k <= d_sae):
+            raise UserError(
+                f"TopK SAE for layer {self.layer} has k={self.k}: pass 1 <= k <= d_sae ({d_sae})"
+            )
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def pre_activations(self, h: torch.Tensor, indices: Any = None) -> torch.Tensor:
+        """(h - b_dec·[apply_b_dec_to_input]) · W_enc + b_enc, for all latents or only `indices`."""
+        x = h.to(self.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        if indices is None:
+            return x @ self.W_enc + self.b_enc
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        return x @ self.W_enc[:, idx] + self.b_enc[idx]
+
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """Latent activations [..., d_sae], exactly as SAELens's `sae.encode`."""
+        pre = self.pre_activations(h)
+        if self.architecture == "topk":
+            values, idx = torch.topk(pre, k=self.k, dim=-1, sorted=False)
+            out = torch.zeros_like(pre)
+            return out.scatter_(-1, idx, values.relu())
+        acts = torch.relu(pre)
+        if self.architecture == "jumprelu":
+            acts = acts * (pre > self.threshold).to(acts.dtype)
+        return acts
+
+    def encode_subset(self, h: torch.Tensor, indices: Any) -> torch.Tensor:
+        """Activations of only the latents in `indices` (O(d_in·|S|)); exact for JumpReLU/ReLU.
+
+        TopK membership depends on all latents, so it has no per-latent shortcut.
+        """
+        if self.architecture == "topk":
+            raise ValueError("encode_subset needs the full encode for TopK SAEs: use encode()")
+        pre = self.pre_activations(h, indices)
+        acts = torch.relu(pre)
+        if self.architecture == "jumprelu":
+            idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+            acts = acts * (pre > self.threshold[idx]).to(acts.dtype)
+        return acts
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """x̂ = f · W_dec + b_dec."""
+        return f.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> FeatureDictionary:
+        """A copy on `device` / in `dtype` (self when nothing changes)."""
+        names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+        moved = {n: getattr(self, n).to(device=device, dtype=dtype) for n in names}
+        if all(moved[n] is getattr(self, n) for n in names):
+            return self
+        return dataclasses.replace(self, **moved)
+
+    def feature_id(self, i: int) -> str:
+        """The paper's "layer-index" label, e.g. "12-1234"."""
+        return f"{self.layer}-{int(i)}"
+
+    def unit_decoder(self) -> torch.Tensor:
+        """W_dec with rows scaled to unit norm (for cosine similarities with directions)."""
+        return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @classmethod
+    def from_sae(cls, sae: SAE, layer: int | None = None) -> FeatureDictionary:
+        """The view of a SAELens JumpReLUSAE / TopKSAE / StandardSAE; reads hook and layer from cfg.
+
+        A TopK SAE with `rescale_acts_by_decoder_norm` is folded (W_enc, b_enc times the decoder
+        row norms, W_dec divided by them): same activations and reconstruction as SAELens.
+        """
+        from sae_lens.saes.transcoder import Transcoder
+        from sae_lens.util import extract_layer_from_tlens_hook_name
+
+        cfg = sae.cfg
+        sl_arch = cfg.architecture()
+        if isinstance(sae, Transcoder) or sl_arch not in _FROM_SAELENS:
+            raise UserError(
+                f"SAE architecture {sl_arch!r} is not supported: pass a JumpReLU, TopK or "
+                "standard (ReLU) SAE"
+            )
+        if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            raise UserError(
+                f"SAE normalises its input at run time ({cfg.normalize_activations}), which a "
+                "FeatureDictionary cannot express: pass an SAE with normalize_activations='none'"
+            )
+        if cfg.normalize_activations == "expected_average_only_in":
+            warnings.warn(
+                "SAE has normalize_activations='expected_average_only_in' but no norm scaling "
+                "factor folded in; SAELens ignores it at run time, and so does refusalscope",
+                stacklevel=2,
+            )
+        hook_name = cfg.metadata.hook_name
+        hook_layer = extract_layer_from_tlens_hook_name(hook_name) if hook_name else None
+        if layer is None:
+            if hook_layer is None:
+                raise UserError(
+                    f"cannot tell which layer the SAE reads (hook {hook_name!r}): pass its layer"
+                )
+            layer = hook_layer
+        elif hook_layer is not None and hook_layer != int(layer):
+            raise UserError(
+                f"SAE reads {hook_name} (layer {hook_layer}) but was given for layer {layer}: "
+                f"pass it for layer {hook_layer}"
+            )
+        layer = int(layer)
+        if not hook_name:
+            hook_name = f"blocks.{layer}.hook_resid_post"
+        arch = _FROM_SAELENS[sl_arch]
+        W_enc, W_dec = sae.W_enc.detach(), sae.W_dec.detach()
+        b_enc, b_dec = sae.b_enc.detach(), sae.b_dec.detach()
+        if arch == "jumprelu":
+            threshold = sae.threshold.detach()
+        else:
+            threshold = torch.zeros_like(b_enc)
+        k = int(cfg.k) if arch == "topk" else None
+        if arch == "topk" and getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            norms = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+        return cls(
+            layer=layer,
+            hook_name=hook_name,
+            architecture=arch,
+            W_enc=W_enc,
+            W_dec=W_dec,
+            b_enc=b_enc,
+            b_dec=b_dec,
+            threshold=threshold,
+            k=k,
+            apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
+        )
+
+
+def parse_feature_id(feature_id: str) -> tuple[int, int]:
+    """"12-1234" -> (12, 1234)."""
+    try:
+        layer, index = str(feature_id).split("-")
+        return int(layer), int(index)
+    except ValueError:
+        raise UserError(
+            f"bad feature id {feature_id!r}: write it as layer-index, e.g. 12-1234"
+        ) from None
+
+
+class SAESet(Mapping[int, FeatureDictionary]):
+    """SAEs of several layers: layer -> FeatureDictionary, plus the SAELens objects when loaded."""
+
+    def __init__(
+        self,
+        dictionaries: Mapping[int, FeatureDictionary],
+        saes: Mapping[int, SAE] | None = None,
+    ):
+        for layer, fd in dictionaries.items():
+            if int(layer) != fd.layer:
+                raise UserError(
+                    f"SAE for layer {fd.layer} was filed under layer {layer}: pass it under {fd.layer}"
+                )
+        self._dicts = {int(k): v for k, v in sorted(dictionaries.items())}
+        self.saes: dict[int, SAE] = {int(k): v for k, v in (saes or {}).items()}
+
+    def __getitem__(self, layer: int) -> FeatureDictionary:
+        return self._dicts[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._dicts)
+
+    def __len__(self) -> int:
+        return len(self._dicts)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._dicts)
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> SAESet:
+        """A set whose dictionaries are on `device`/`dtype` (the SAELens objects are moved in place)."""
+        for sae in self.saes.values():
+            sae.to(device=device, dtype=dtype)
+        return SAESet({k: v.to(device, dtype) for k, v in self._dicts.items()}, self.saes)
+
+    def check_against(self, d_model: int, n_layers: int) -> None:
+        """Raise UserError unless every SAE reads a d_model-wide stream of an existing layer."""
+        for layer, fd in self._dicts.items():
+            if not 0 <= layer < n_layers:
+                raise UserError(
+                    f"SAE for layer {layer} is outside the model, which has {n_layers} layers "
+                    f"(0-{n_layers - 1}): pass SAEs for layers 0-{n_layers - 1} only"
+                )
+            if fd.d_in != d_model:
+                raise UserError(
+                    f"SAE for layer {layer} has d_in {fd.d_in} but model has d_model {d_model}: "
+                    "pass SAEs trained on this model's residual stream"
+                )
+
+
+class LoadedSAE(NamedTuple):
+    sae: SAE
+    features: FeatureDictionary
+
+
+def _spec_fields(spec: Any) -> dict[str, Any] | None:
+    """release/sae_id or path of a dict-like or attribute-carrying spec (e.g. a config model)."""
+    if isinstance(spec, Mapping):
+        get = spec.get
+    else:
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(spec, name, default)
+    if get("release") is not None:
+        if get("sae_id") is None:
+            raise UserError(f"SAE spec {spec!r} has a release but no sae_id: pass both")
+        return {"release": str(get("release")), "sae_id": str(get("sae_id"))}
+    for key in ("path", "folder"):
+        if get(key) is not None:
+            return {"path": get(key)}
+    return None
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    kinds: list[type] = [ConnectionError, TimeoutError]
+    for mod, names in (
+        ("huggingface_hub.errors", ("LocalEntryNotFoundError", "OfflineModeIsEnabled")),
+        ("httpx", ("TransportError",)),
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            module = __import__(mod, fromlist=list(names))
+            kinds += [getattr(module, n) for n in names if hasattr(module, n)]
+        except ImportError:
+            pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, tuple(kinds)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _from_pretrained(release: str, sae_id: str, device: str, dtype: str) -> SAE:
+    from sae_lens import SAE
+
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    except Exception as exc:
+        if _is_offline_error(exc):
+            raise UserError(
+                f"could not download SAE {release} / {sae_id} from the Hugging Face hub "
+                f"({type(exc).__name__}): download it where there is network (e.g. "
+                "SAE.from_pretrained(...).save_model(folder), or the Gemma Scope / Llama Scope "
+                "files) and pass the local folder"
+            ) from exc
+        if isinstance(exc, ValueError) and "not found" in str(exc):
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(
+                f"unknown SAE {release} / {sae_id} ({first}): pass a release and sae_id from "
+                "the SAELens registry"
+            ) from exc
+        raise
+
+
+def _from_folder(
+    path: Any, layer: int | None, hook_name: str | None, device: str, dtype: str
+) -> SAE:
+    from sae_lens import SAE
+
+    folder = resolve_folder(path)
+    fmt = detect_format(folder)
+    if fmt == "saelens":
+        return SAE.load_from_disk(folder, device=device, dtype=dtype)
+    if fmt == "gemma_scope":
+        converter = partial(gemma_scope_disk_loader, layer=layer, hook_name=hook_name)
+        return SAE.load_from_disk(folder, device=device, dtype=dtype, converter=converter)
+    sae = SAE.load_from_disk(folder, device=device, dtype=dtype, converter=llama_scope_disk_loader)
+    sae.fold_activation_norm_scaling_factor(llama_scope_norm_scaling_factor(folder))
+    return sae
+
+
+def load_sae(
+    spec: Any,
+    layer: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    hook_name: str | None = None,
+) -> LoadedSAE:
+    """Load one SAE and its FeatureDictionary.
+
+    `spec` is {release, sae_id} (dict or object, SAELens registry; needs network), a local
+    folder (SAELens, Gemma Scope or Llama Scope layout, detected from its files), {path: ...},
+    or an SAELens SAE object. `hook_name` overrides the hook the SAE is said to read.
+    """
+    from sae_lens import SAE
+
+    dtype_s = sae_dtype_name(dtype)
+    if isinstance(spec, SAE):
+        sae = spec.to(device=device, dtype=getattr(torch, dtype_s))
+    elif isinstance(spec, (str, os.PathLike)):
+        sae = _from_folder(spec, layer, hook_name, device, dtype_s)
+    else:
+        fields = _spec_fields(spec)
+        if fields is None:
+            raise UserError(
+                f"cannot load an SAE from {spec!r}: pass a local folder or a release and sae_id"
+            )
+        if "release" in fields:
+            sae = _from_pretrained(fields["release"], fields["sae_id"], device, dtype_s)
+        else:
+            sae = _from_folder(fields["path"], layer, hook_name, device, dtype_s)
+    if hook_name is not None:
+        sae.cfg.metadata.hook_name = hook_name
+    return LoadedSAE(sae, FeatureDictionary.from_sae(sae, layer))
+
+
+def _fill(template: Any, layer: int) -> Any:
+    if isinstance(template, (str, os.PathLike)):
+        return str(template).replace("{layer}", str(layer))
+    fields = _spec_fields(template)
+    if fields is None:
+        raise UserError(
+            f"cannot load SAEs from {template!r}: pass a folder template with {{layer}}, a "
+            "release and sae_id template, or a mapping layer -> spec"
+        )
+    return {k: str(v).replace("{layer}", str(layer)) for k, v in fields.items()}
+
+
+def _expand(specs: Any, layers: Any) -> dict[int, Any]:
+    is_table = isinstance(specs, Mapping) and _spec_fields(specs) is None and all(
+        isinstance(k, int) or str(k).isdigit() for k in specs
+    )
+    if is_table:
+        table = {int(k): v for k, v in specs.items()}
+        if layers is None:
+            return dict(sorted(table.items()))
+        missing = [L for L in layers if int(L) not in table]
+        if missing:
+            raise UserError(
+                f"no SAE given for layer(s) {', '.join(map(str, missing))}: add them or drop "
+                "them from layers"
+            )
+        return {int(L): table[int(L)] for L in sorted(set(map(int, layers)))}
+    if layers is None:
+        raise UserError("an SAE template needs the layers to load: pass layers=[...]")
+    layers = sorted(set(map(int, layers)))
+    text = str(specs) if isinstance(specs, (str, os.PathLike)) else str(_spec_fields(specs) or {})
+    if "{layer}" not in text and len(layers) > 1:
+        raise UserError(
+            f"SAE spec {specs!r} has no {{layer}} placeholder but {len(layers)} layers were asked "
+            "for: put {layer} where the layer number goes"
+        )
+    return {L: _fill(specs, L) for L in layers}
+
+
+def load_sae_set(
+    specs: Any,
+    layers: Any = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    quiet: bool = False,
+) -> SAESet:
+    """Load SAEs for many layers: `specs` is {layer: spec}, a folder template with "{layer}", or
+    {release, sae_id} with "{layer}" in sae_id (e.g. "layer_{layer}/width_16k/canonical")."""
+    per_layer = _expand(specs, layers)
+    dicts: dict[int, FeatureDictionary] = {}
+    saes: dict[int, SAE] = {}
+    for layer, spec in tqdm(per_layer.items(), desc="Loading SAEs", unit="layer", disable=quiet):
+        sae, fd = load_sae(spec, layer=layer, device=device, dtype=dtype)
+        dicts[layer], saes[layer] = fd, sae
+    return SAESet(dicts, saes)

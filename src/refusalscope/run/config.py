@@ -1,0 +1,144 @@
+"""One YAML config per run, validated by pydantic; unknown keys are rejected with the key named.
+
+Presets (`run/presets/*.yaml`) hold the paper's setups and the demo world; a user file may name
+a preset under `preset:` and override any field.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    source: str = Field("demo", description="'demo', a HuggingFace hub id, a local folder or a .gguf file")
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    system_prompt: str | None = Field(None, description="None keeps the chat template's default")
+    refusal_tokens: list[str] = ["I"]
+    batch_size: int = Field(16, ge=1)
+
+
+class SAEConfig(Section):
+    source: Literal["demo", "release", "local"] = "demo"
+    release: str | None = None
+    sae_id: str | None = Field(None, description="template with {layer}, e.g. layer_{layer}/width_16k/canonical")
+    path: str | None = Field(None, description="local folder template with {layer}")
+    layers: list[int] | Literal["all"] = "all"
+    neuronpedia_id: str | None = Field(None, description="template, e.g. gemma-2-2b/{layer}-gemmascope-res-16k")
+
+
+class DataConfig(Section):
+    harmful_train: str = "bundled:harmful:train"
+    harmful_val: str = "bundled:harmful:val"
+    harmful_test: str = "bundled:harmful:test"
+    harmless_train: str = "bundled:harmless:train"
+    harmless_val: str = "bundled:harmless:val"
+    harmless_test: str = "bundled:harmless:test"
+    text_field: str | None = None
+    max_prompts: int | None = Field(None, ge=1, description="cap on harmful test prompts analysed")
+
+
+class JudgeConfig(Section):
+    name: str = "substring"
+    options: dict[str, Any] = {}
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Config(Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    saes: SAEConfig = SAEConfig()
+    data: DataConfig = DataConfig()
+    judge: JudgeConfig = JudgeConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("name must be a non-empty string without '/'")
+        return v
+
+    def section(self, *names: str) -> dict:
+        """The named sections as plain data, for stage config hashes."""
+        return {n: getattr(self, n).model_dump() if isinstance(getattr(self, n), BaseModel)
+                else getattr(self, n) for n in names}
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("refusalscope") / "run" / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
+    return (resources.files("refusalscope") / "run" / "presets" / f"{name}.yaml").read_text()
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{where}': remove it or check its spelling"
+    return f"{origin}: '{where}': {e['msg']}: fix this value"
+
+
+def config_from_dict(data: dict, origin: str = "config") -> Config:
+    data = dict(data or {})
+    preset = data.pop("preset", None)
+    if preset:
+        data = _merge(yaml.safe_load(preset_text(preset)) or {}, data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_describe(err, origin)) from None
+
+
+def load_config(path_or_preset: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """A config from a YAML file, a preset name, or the demo preset when None."""
+    if path_or_preset is None:
+        path_or_preset = "demo"
+    p = Path(path_or_preset)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"config file {p} not found: pass a YAML file or one of the presets "
+                            f"({', '.join(preset_names())})")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{p}: not valid YAML ({str(err).splitlines()[0]}): fix the syntax") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections: fix the file")
+        origin = str(p)
+    else:
+        data, origin = {"preset": str(path_or_preset)}, f"preset {path_or_preset}"
+    return config_from_dict(_merge(data, overrides or {}), origin)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

@@ -1,0 +1,86 @@
+"""Stages chained over one run store. Each stage hashes the config sections it reads (plus the
+hashes of the stages it depends on), skips itself when that hash is already done, and otherwise
+recomputes, resuming per-prompt work from its checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..io.model import ChatModel
+from ..io.prompts import filter_refused
+from ..measures.judges import make_judge
+from .config import Config
+from .resolve import load_model, load_prompt_set
+from .store import RunStore, config_hash
+
+
+@dataclass
+class Context:
+    """What stages share within one process: config, store, and lazily loaded heavy objects."""
+
+    cfg: Config
+    store: RunStore
+    quiet: bool = False
+    log: Callable = print
+    _model: ChatModel | None = None
+    _saes: object = None
+    hashes: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> ChatModel:
+        if self._model is None:
+            self._model = load_model(self.cfg, quiet=self.quiet, log=self.log)
+        return self._model
+
+    @property
+    def saes(self):
+        if self._saes is None:
+            from .resolve import load_saes
+
+            self._saes = load_saes(self.cfg, self.model, quiet=self.quiet)
+        return self._saes
+
+
+def stage_hash(ctx: Context, name: str, sections: tuple[str, ...], depends: tuple[str, ...] = (),
+               extra: dict | None = None) -> str:
+    h = config_hash({"stage": name, "cfg": ctx.cfg.section(*sections), "extra": extra or {},
+                     "deps": {d: ctx.hashes[d] for d in depends}})
+    ctx.hashes[name] = h
+    return h
+
+
+def run_filter(ctx: Context) -> dict:
+    """Generate on the harmful test prompts, judge, and keep the ones the model refuses."""
+    name = "filter"
+    h = stage_hash(ctx, name, ("model", "data", "judge", "generation", "seed"))
+    if ctx.store.is_done(name, h):
+        return ctx.store.status(name)["summary"]
+    cfg = ctx.cfg
+    prompts = load_prompt_set(cfg.data.harmful_test, cfg.data.text_field, label="harmful")
+    if cfg.data.max_prompts:
+        prompts = prompts[: cfg.data.max_prompts]
+    with ctx.store.stage(name, h) as st:
+        model = ctx.model
+        ck = st.checkpoint("completions", key="id")
+        todo = [p for p in prompts if p.id not in ck]
+        size = cfg.generation.batch_size
+        judge = make_judge(cfg.judge.name, **cfg.judge.options)
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(todo), size), desc="judge harmful prompts", disable=ctx.quiet):
+            chunk = todo[start:start + size]
+            texts = [p.text for p in chunk]
+            replies = model.generate(model.encode(texts), max_new_tokens=cfg.generation.max_new_tokens)
+            v = judge.judge(texts, replies if judge.needs_completions else None,
+                            model=model if judge.needs_model else None)
+            for p, rec in zip(chunk, v.to_records(texts)):
+                ck.add({"id": p.id, "category": p.category, **rec})
+        records = [ck.records[p.id] for p in prompts]
+        kept, report = filter_refused(prompts, [r["refused"] for r in records])
+        st.jsonl("completions.jsonl", records)
+        st.json("kept.json", [{"id": p.id, "text": p.text, "category": p.category} for p in kept])
+        st.summary = {**report, "judge": cfg.judge.name}
+    ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
+            f"({report['n_dropped']} dropped, judge {cfg.judge.name})")
+    return st.summary

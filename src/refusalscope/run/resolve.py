@@ -1,0 +1,72 @@
+"""Turn a config into live objects: the chat model, its SAEs, and the prompt sets."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ..io.model import ChatModel, load_chat_model
+from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts
+from ..io.saes import SAESet, load_sae_set
+from .config import Config
+
+
+def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
+    m = cfg.model
+    if m.source == "demo":
+        from ..demo.world import build_world, is_built, load_demo_model
+
+        if not is_built():
+            log("the demo world is not built yet: building it now (one time, about 20 minutes)")
+            build_world(quiet=quiet, log=log)
+        model = load_demo_model(device=m.device, system_prompt=m.system_prompt,
+                                refusal_tokens=m.refusal_tokens)
+    else:
+        model = load_chat_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device,
+                                system_prompt=m.system_prompt, refusal_tokens=m.refusal_tokens,
+                                quiet=quiet)
+    return model
+
+
+def sae_layers(cfg: Config, model: ChatModel) -> list[int]:
+    layers = cfg.saes.layers
+    if layers == "all":
+        if cfg.saes.source == "demo":
+            from ..demo.world import demo_layers
+
+            return demo_layers(n_layers=model.n_layers)
+        return list(range(model.n_layers))
+    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    if bad:
+        raise UserError(f"saes.layers has {bad}, but {model.name} has layers 0..{model.n_layers - 1}: "
+                        "fix saes.layers in the config")
+    return list(layers)
+
+
+def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
+    s = cfg.saes
+    layers = sae_layers(cfg, model)
+    if s.source == "demo":
+        from ..demo.world import sae_dir
+
+        specs = {l: str(sae_dir(l)) for l in layers}
+    elif s.source == "release":
+        if not s.release or not s.sae_id:
+            raise UserError("saes.source is 'release' but saes.release or saes.sae_id is empty: set both")
+        specs = {"release": s.release, "sae_id": s.sae_id}
+    else:
+        if not s.path:
+            raise UserError("saes.source is 'local' but saes.path is empty: set a folder template with {layer}")
+        specs = s.path
+    saes = load_sae_set(specs, layers, device=str(model.device), dtype=model.dtype, quiet=quiet)
+    saes.check_against(model.d_model, model.n_layers)
+    return saes
+
+
+def load_prompt_set(spec: str, text_field: str | None = None, label: str | None = None) -> list[Prompt]:
+    """`bundled:NAME[:SPLIT]` or a file path (any format `load_prompts` reads)."""
+    if spec.startswith("bundled:"):
+        parts = spec.split(":")
+        name = parts[1] if len(parts) > 1 else ""
+        if name not in bundled_names():
+            raise UserError(f"unknown bundled set {name!r} in {spec!r}: use one of {', '.join(bundled_names())}")
+        return load_bundled(name, split=parts[2] if len(parts) > 2 else None)
+    return load_prompts(spec, text_field=text_field, label=label)

@@ -1,0 +1,221 @@
+"""The run store: a directory of artifacts plus a manifest of which stage produced what.
+
+Every write goes to a temporary name in the same folder and is renamed into place, so a killed
+process never leaves a half-written artifact. The manifest records, per stage, the hash of the
+config it ran with, its status and timings; a stage whose hash matches and whose status is
+"done" is skipped on the next run, anything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return _atomic(path, write)
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def atomic_write_jsonl(path: Path, records: Iterable[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
+
+
+def atomic_write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: json.dumps(v, default=_jsonable) for k, v in (metadata or {}).items()}
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def atomic_write_table(path: Path, frame: pd.DataFrame) -> Path:
+    return _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (process killed mid-append) is ignored."""
+    out = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able config section."""
+    text = json.dumps(obj, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """Append-only JSONL of finished work items (one record per prompt), for resumable stages."""
+
+    def __init__(self, path: Path, key: str = "key"):
+        self.path = Path(path)
+        self.key = key
+        self.records: dict[Any, dict] = {}
+        if self.path.exists():
+            for r in read_jsonl(self.path):
+                self.records[r[key]] = r
+            atomic_write_jsonl(self.path, self.records.values())  # drop a torn tail
+
+    def __contains__(self, item) -> bool:
+        return item in self.records
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record[self.key]] = record
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class RunStore:
+    """A run directory: `manifest.json` plus artifacts in per-stage subfolders."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        self.root = Path(root)
+        if not create and not (self.root / "manifest.json").exists():
+            raise UserError(f"no run found at {self.root}: run `refusalscope run` first or pass --run")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
+
+    def path(self, stage: str, name: str) -> Path:
+        return self.root / stage / name
+
+    def status(self, stage: str) -> dict | None:
+        return self.manifest["stages"].get(stage)
+
+    def is_done(self, stage: str, chash: str) -> bool:
+        s = self.status(stage)
+        return bool(s and s.get("status") == "done" and s.get("config_hash") == chash
+                    and all((self.root / a).exists() for a in s.get("artifacts", [])))
+
+    def _save(self) -> None:
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    @contextmanager
+    def stage(self, name: str, chash: str, depends: dict[str, str] | None = None) -> Iterator["StageRecord"]:
+        """Record a stage run: status running → done (or failed), timings and artifacts."""
+        prev = self.status(name) or {}
+        if prev.get("config_hash") not in (None, chash):  # config changed: old partial work is stale
+            for partial in (self.root / name).glob("*.partial.jsonl"):
+                partial.unlink()
+        rec = StageRecord(self, name)
+        entry = {"config_hash": chash, "status": "running", "started": time.time(),
+                 "depends": depends or {}, "artifacts": []}
+        self.manifest["stages"][name] = entry
+        self._save()
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        except BaseException:
+            entry["status"] = "failed"
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            self._save()
+            raise
+        entry.update(status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
+                     artifacts=sorted(set(rec.artifacts)), summary=rec.summary)
+        self._save()
+
+
+class StageRecord:
+    """What a running stage writes: artifacts registered in the manifest, plus a summary dict."""
+
+    def __init__(self, store: RunStore, stage: str):
+        self.store, self.stage = store, stage
+        self.artifacts: list[str] = []
+        self.summary: dict = {}
+
+    def _reg(self, path: Path) -> Path:
+        self.artifacts.append(str(path.relative_to(self.store.root)))
+        return path
+
+    def json(self, name: str, obj: Any) -> Path:
+        return self._reg(atomic_write_json(self.store.path(self.stage, name), obj))
+
+    def jsonl(self, name: str, records: Iterable[dict]) -> Path:
+        return self._reg(atomic_write_jsonl(self.store.path(self.stage, name), records))
+
+    def tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+        return self._reg(atomic_write_tensors(self.store.path(self.stage, name), tensors, metadata))
+
+    def table(self, name: str, frame: pd.DataFrame) -> Path:
+        return self._reg(atomic_write_table(self.store.path(self.stage, name), frame))
+
+    def file(self, name: str) -> Path:
+        """Register a file the stage writes itself (e.g. a plot saved through a temp name)."""
+        return self._reg(self.store.path(self.stage, name))
+
+    def checkpoint(self, name: str = "items", key: str = "key") -> Checkpoint:
+        return Checkpoint(self.store.path(self.stage, f"{name}.partial.jsonl"), key)

@@ -1,0 +1,32 @@
+"""The CLI: help, presets, and one-line errors (typer's runner, real files)."""
+
+from typer.testing import CliRunner
+
+from refusalscope.interfaces.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    out = runner.invoke(app, ["--help"]).output
+    for cmd in ("demo", "demo-world", "config", "filter"):
+        assert cmd in out
+
+
+def test_config_show_and_validate(tmp_path):
+    res = runner.invoke(app, ["config", "show", "llama-3.1-8b-it"])
+    assert res.exit_code == 0 and "llama_scope_lxr_8x" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge:\n  nmae: substring\n")
+    res = runner.invoke(app, ["config", "validate", str(bad)])
+    assert res.exit_code == 2
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "unknown key 'judge.nmae'" in lines[0]
+
+
+def test_demo_world_path_honours_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSALSCOPE_CACHE", str(tmp_path))
+    res = runner.invoke(app, ["demo-world", "path"])
+    assert res.exit_code == 0 and res.output.strip().startswith(str(tmp_path))
+    res = runner.invoke(app, ["demo-world", "info"])
+    assert res.exit_code == 2 and "not built" in res.output
