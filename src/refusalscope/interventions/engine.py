@@ -1,0 +1,255 @@
+"""The one hook manager: applies interventions (shared, or one list per batch row) to a ChatModel.
+
+Feature ablation uses the exact sparse identity (DESIGN.md): with the error term kept,
+h̃ = h − Σ_{i∈S} f_i(h)·W_dec[i], and for JumpReLU/ReLU SAEs f_i needs only encoder column i.
+So a layer's hook costs O(d·|U|) for the union U of latents any row ablates there, instead of a
+full O(d·d_sae) encode. TopK SAEs need every pre-activation to decide membership: the sparse
+path computes them all but still decodes only U. `mode="reference"` runs the full SAELens
+encode/decode with the error term, the hook an SAELens user would write, for tests and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..io.hooks import EMBED
+from ..io.model import ChatModel
+from ..io.saes import FeatureDictionary
+from .spec import (ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Intervention,
+                   Positions, Recording)
+
+
+def position_mask(step, positions: Positions) -> Tensor:
+    """[B, T] bool: which tokens of the current chunk an intervention applies to."""
+    if positions == "all":
+        return ~step.is_pad
+    if positions == "prompt":
+        return step.is_prompt
+    if positions == "generated":
+        return ~step.is_prompt & ~step.is_pad
+    idx = torch.as_tensor(positions, device=step.token_index.device)
+    return torch.isin(step.token_index, idx)
+
+
+class _LayerFeatures:
+    """Per layer: the union of latents any row ablates or clamps, gathered once, and per-row masks."""
+
+    def __init__(self, fd: FeatureDictionary, n_rows: int, device, dtype):
+        self.fd = fd
+        self.n_rows = n_rows
+        self.ids: list[int] = []
+        self.ablate: list[tuple[int | None, int, Positions]] = []  # (row or None=all, col, positions)
+        self.clamp: list[tuple[int | None, int, float, Positions]] = []
+        self.device, self.dtype = device, dtype
+        self._index: dict[int, int] = {}
+
+    def col(self, i: int) -> int:
+        if not 0 <= i < self.fd.d_sae:
+            raise UserError(f"feature {self.fd.layer}-{i} does not exist: layer {self.fd.layer}'s SAE "
+                            f"has {self.fd.d_sae} latents")
+        if i not in self._index:
+            self._index[i] = len(self.ids)
+            self.ids.append(i)
+        return self._index[i]
+
+    def finalize(self):
+        """Gather encoder columns and decoder rows of the union, and build per-row masks."""
+        fd = self.fd.to(self.device, self.dtype)
+        idx = torch.tensor(self.ids, dtype=torch.long, device=self.device)
+        self.W_enc, self.b_enc = fd.W_enc[:, idx].contiguous(), fd.b_enc[idx]
+        self.theta, self.W_dec = fd.threshold[idx], fd.W_dec[idx].contiguous()
+        self.b_dec, self.fd_dev = fd.b_dec, fd
+        self.groups: dict[Positions, tuple[Tensor, Tensor, Tensor | None]] = {}
+        by_pos = defaultdict(list)
+        for row, col, pos in self.ablate:
+            by_pos[pos].append((row, col, None))
+        for row, col, val, pos in self.clamp:
+            by_pos[pos].append((row, col, val))
+        for pos, entries in by_pos.items():
+            mask = torch.zeros(self.n_rows, len(self.ids), dtype=self.dtype, device=self.device)
+            target = torch.zeros_like(mask)
+            clamped = torch.zeros_like(mask)
+            for row, col, val in entries:
+                rows = slice(None) if row is None else slice(row, row + 1)
+                mask[rows, col] = 1.0
+                if val is not None:
+                    target[rows, col], clamped[rows, col] = val, 1.0
+            self.groups[pos] = (mask, target, clamped if clamped.any() else None)
+
+    def activations(self, h: Tensor) -> Tensor:
+        """f_U(h) for the union U, exact for every architecture."""
+        x = h.to(self.dtype)
+        if self.fd.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc + self.b_enc
+        if self.fd.architecture == "topk":
+            kth = self.fd_dev.pre_activations(h).topk(self.fd.k, dim=-1).values[..., -1:]
+            return pre.relu() * (pre >= kth)
+        f = pre.relu()
+        return f * (pre > self.theta) if self.fd.architecture == "jumprelu" else f
+
+
+class Intervener:
+    """Compiles interventions into per-layer hook functions (see `intervene`)."""
+
+    def __init__(self, model: ChatModel, saes, shared: Sequence[Intervention], rows, mode: str,
+                 record: Recording | None):
+        if mode not in ("sparse", "reference"):
+            raise UserError(f"unknown ablation mode {mode!r}: use sparse or reference")
+        self.model, self.saes, self.mode, self.record = model, saes, mode, record
+        self.per_row = rows is not None
+        self.n_rows = len(rows) if rows is not None else 1
+        for layer in (record.features if record is not None else {}):
+            if saes is None or layer not in saes:
+                raise UserError(f"cannot record layer {layer}: no SAE loaded there")
+        self.device, self.dtype = model.device, model.dtype
+        self.directions: dict = defaultdict(list)  # point -> [(row|None, unit dir)]
+        self.adds: dict = defaultdict(list)  # layer -> [(row|None, vector)]
+        self.features: dict[int, _LayerFeatures] = {}
+        for iv in shared:
+            self._add(iv, None)
+        for r, ivs in enumerate(rows or []):
+            for iv in ivs:
+                self._add(iv, r)
+        for lf in self.features.values():
+            lf.finalize()
+
+    def _layer(self, layer: int) -> _LayerFeatures:
+        if layer not in self.features:
+            if self.saes is None or layer not in self.saes:
+                have = sorted(self.saes.keys()) if self.saes is not None else []
+                raise UserError(f"no SAE loaded for layer {layer} (SAE layers: {have}): add it to "
+                                "saes.layers or drop those features")
+            self.features[layer] = _LayerFeatures(self.saes[layer], self.n_rows, self.device, self.dtype)
+        return self.features[layer]
+
+    def _add(self, iv: Intervention, row: int | None) -> None:
+        if isinstance(iv, DirectionAblation):
+            points = [EMBED] + list(range(self.model.n_layers)) if iv.layers is None else list(iv.layers)
+            for p in points:
+                self.directions[p].append((row, iv.direction.to(self.device, self.dtype)))
+        elif isinstance(iv, ActAdd):
+            self.adds[iv.layer].append((row, iv.vector.to(self.device, self.dtype)))
+        elif isinstance(iv, FeatureAblation):
+            for layer, ids in iv.features.items():
+                lf = self._layer(layer)
+                lf.ablate += [(row, lf.col(i), iv.positions) for i in ids]
+        elif isinstance(iv, FeatureClamp):
+            for layer, vals in iv.values.items():
+                lf = self._layer(layer)
+                lf.clamp += [(row, lf.col(i), v, iv.positions) for i, v in vals.items()]
+        else:
+            raise TypeError(f"not an intervention: {iv!r}")
+
+    def _rows(self, step, table: Tensor) -> Tensor:
+        """The slice of a per-row table for the rows of the current chunk."""
+        if not self.per_row:
+            return table[:1].expand(step.batch_size, -1)
+        stop = step.row_offset + step.batch_size
+        if stop > self.n_rows:
+            raise UserError(f"batch has {stop} rows but interventions were given for {self.n_rows}: "
+                            "pass one intervention list per row")
+        return table[step.row_offset:stop]
+
+    def _row_weight(self, step, row: int | None, like: Tensor) -> Tensor:
+        """[B, 1, 1]: 1 for the rows an intervention applies to."""
+        w = torch.zeros(step.batch_size, 1, 1, dtype=like.dtype, device=like.device)
+        if row is None:
+            w += 1
+        elif step.row_offset <= row < step.row_offset + step.batch_size:
+            w[row - step.row_offset] = 1
+        return w
+
+    def hook_for(self, point):
+        def hook(h: Tensor, step) -> Tensor:
+            if self.record is not None and point in self.record.features:
+                self._record(point, h, step)
+            for row, vec in self.adds.get(point, []):
+                h = h + self._row_weight(step, row, h) * vec
+            if point in self.features:
+                h = self._features(self.features[point], h, step)
+            for row, d in self.directions.get(point, []):
+                h = h - self._row_weight(step, row, h) * (h @ d).unsqueeze(-1) * d
+            return h
+        return hook
+
+    def _features(self, lf: _LayerFeatures, h: Tensor, step) -> Tensor:
+        if self.mode == "reference":
+            return self._reference(lf, h, step)
+        f = lf.activations(h)
+        delta = torch.zeros_like(f)
+        for pos, (mask, target, clamped) in lf.groups.items():
+            pm = position_mask(step, pos).unsqueeze(-1).to(f.dtype)
+            m = self._rows(step, mask).unsqueeze(1) * pm
+            if clamped is None:
+                delta = delta + f * m
+            else:
+                c = self._rows(step, clamped).unsqueeze(1)
+                t = self._rows(step, target).unsqueeze(1)
+                delta = delta + m * (f * (1 - c) + (f - t) * c)
+        return h - (delta @ lf.W_dec).to(h.dtype)
+
+    def _reference(self, lf: _LayerFeatures, h: Tensor, step) -> Tensor:
+        """Full SAELens encode → edit latents → decode, plus the error term."""
+        sae = self.saes.saes.get(lf.fd.layer) if getattr(self.saes, "saes", None) else None
+        x = h.to(lf.dtype)
+        full = sae.encode(x) if sae is not None else lf.fd_dev.encode(x)
+        recon = sae.decode(full) if sae is not None else lf.fd_dev.decode(full)
+        edited = full.clone()
+        cols = torch.tensor(lf.ids, device=h.device)
+        sub = edited[..., cols]
+        for pos, (mask, target, clamped) in lf.groups.items():
+            pm = position_mask(step, pos).unsqueeze(-1).to(sub.dtype)
+            m = self._rows(step, mask).unsqueeze(1) * pm
+            new = torch.zeros_like(sub) if clamped is None else \
+                self._rows(step, target).unsqueeze(1) * self._rows(step, clamped).unsqueeze(1)
+            sub = sub * (1 - m) + new * m
+        edited[..., cols] = sub
+        out = (sae.decode(edited) if sae is not None else lf.fd_dev.decode(edited)) + (x - recon)
+        return out.to(h.dtype)
+
+    def _record(self, layer: int, h: Tensor, step) -> None:
+        ids = list(self.record.features[layer])
+        fd = self.saes[layer].to(self.device, self.dtype)
+        if fd.architecture == "topk":
+            acts = fd.encode(h)[..., torch.tensor(ids, device=h.device)]
+        else:
+            acts = fd.encode_subset(h, ids)
+        entry = self._entry(step)
+        entry["acts"][layer] = acts.float().cpu()
+
+    def _entry(self, step) -> dict:
+        steps = self.record.steps
+        if not steps or steps[-1]["_step"] is not step:
+            steps.append({"_step": step, "row_offset": step.row_offset,
+                          "prompt": bool(step.is_prompt.any()) or step.prompt_len is None,
+                          "token_index": step.token_index.cpu(), "acts": {}})
+        return steps[-1]
+
+    def points(self) -> set:
+        pts = set(self.directions) | set(self.adds) | set(self.features)
+        if self.record is not None:
+            pts |= set(self.record.features)
+        return pts
+
+
+@contextmanager
+def intervene(model: ChatModel, saes=None, shared: Sequence[Intervention] = (),
+              rows: Sequence[Sequence[Intervention]] | None = None, mode: str = "sparse",
+              record: Recording | None = None) -> Iterator[Intervener]:
+    """Apply `shared` interventions to every row, and `rows[r]` to row r of the caller's batch
+    (rows are counted across batch chunks), for every forward pass and generation step inside
+    the block. `record` collects SAE activations of the named latents."""
+    iv = Intervener(model, saes, list(shared), rows, mode, record)
+    with model.hooks({p: iv.hook_for(p) for p in iv.points()}):
+        yield iv
+    if record is not None:
+        for st in record.steps:
+            st.pop("_step", None)
