@@ -127,10 +127,11 @@ def test_harmful_counts_and_categories(harmful):
 
 def test_harmless_counts_and_contrast(harmless):
     _check_prompt_fields(harmless, extra=("contrast",))
-    assert len(harmless) >= 420
+    assert len(harmless) >= 720
     assert {r["category"] for r in harmless} == {"harmless"}
     assert all(isinstance(r["contrast"], bool) for r in harmless)
-    assert sum(r["contrast"] for r in harmless) >= 180
+    assert sum(r["contrast"] for r in harmless) >= 400
+    assert sum(not r["contrast"] for r in harmless) >= 300
     for r in harmless:
         assert 3 <= len(r["instruction"].split()) <= 40, r["id"]
 
@@ -146,12 +147,16 @@ def test_harmful_splits_stratified_by_category(harmful):
 
 
 def test_harmless_splits_stratified_by_contrast(harmless):
+    # The first 439 rows were split 50/15/35; the 320 added later went 80/20 to train/test
+    # only, so each group is now train-heavy and val is thinner (30 of 419 contrast rows).
     for flag in (True, False):
         rows = [r for r in harmless if r["contrast"] is flag]
         splits = Counter(r["split"] for r in rows)
         assert set(splits) == SPLITS, (flag, splits)
-        assert abs(splits["train"] / len(rows) - 0.50) < 0.06, (flag, splits)
-        assert abs(splits["test"] / len(rows) - 0.35) < 0.06, (flag, splits)
+        assert splits["train"] / len(rows) >= 0.50, (flag, splits)
+        assert splits["val"] / len(rows) >= 0.07, (flag, splits)
+        assert splits["val"] >= 30, (flag, splits)
+        assert splits["test"] / len(rows) >= 0.25, (flag, splits)
 
 
 def test_ood_composition(ood):

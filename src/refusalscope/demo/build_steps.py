@@ -17,7 +17,8 @@ from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, read_
 from .corpus import collect, continuations, corpus_texts
 from .finetune import build_examples, finetune
 from .recipe import DemoRecipe
-from .sae_train import SAEWeights, finetune_jumprelu, quality, to_jumprelu, train_topk
+from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
+                        train_topk)
 from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 
 
@@ -52,11 +53,18 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
     work.mkdir(exist_ok=True)
     stats = finetune(base, examples, recipe.finetune, recipe.seed, work, quiet=quiet)
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=root))
-    base.hf.config.name_or_path = MODEL_NAME
-    base.hf.save_pretrained(tmp)
-    base.tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / "refusalscope_finetune.json", stats)
-    tmp.rename(root / "model")
+    try:
+        base.hf.config.name_or_path = MODEL_NAME
+        base.hf.hf_quantizer = None  # GGUF weights were dequantised on load: save them plainly
+        if hasattr(base.hf.config, "quantization_config"):
+            del base.hf.config.quantization_config
+        base.hf.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "refusalscope_finetune.json", stats)
+        tmp.rename(root / "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(work)
 
 
@@ -107,8 +115,8 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log)
     examples = read_jsonl(root / "finetune_examples.jsonl")
     prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
     log("building the SAE corpus (continuations of bundled openings)")
-    cont = continuations(model, [p.text for p in load_bundled("openings")], r.continuation_tokens,
-                         recipe.eval.batch_size, quiet)
+    cont = continuations(model, [p.text for p in load_bundled("openings")][: r.openings],
+                         r.continuation_tokens, recipe.eval.batch_size, quiet)
     texts = corpus_texts(model, [(e["prompt"], e["reply"]) for e in examples], prompts, passages, cont)
     acts = collect(model, texts, todo, r.tokens + r.eval_tokens, recipe.seed, quiet=quiet)
     n = next(iter(acts.values())).shape[0]
@@ -121,6 +129,7 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log)
     for layer in tqdm(todo, desc="train SAEs", disable=quiet):
         X = acts.pop(layer)
         Xtr, Xev = X[tr_idx], X[ev_idx]
+        Xtr, Xev = Xtr[ordinary_tokens(Xtr)], Xev[ordinary_tokens(Xev)]
         topk, freq = train_topk(Xtr, r.d_sae, r.k, r.topk_epochs, r.topk_lr, r.batch_size,
                                 recipe.seed + layer, desc=f"SAE layer {layer} (TopK)", quiet=quiet)
         sample = Xtr[: min(len(Xtr), 10_000)]
@@ -143,9 +152,12 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log)
 @torch.no_grad()
 def _ce(model: ChatModel, batch, layer: int | None = None, sae: SAEWeights | None = None) -> float:
     """Mean next-token CE; with `layer`, the stream there is replaced by the SAE reconstruction
-    (error term dropped) at every real token except the first (BOS)."""
+    (error term dropped) at every ordinary token: not BOS, not padding, not another attention
+    sink (norm > 4x the median), the tokens the SAEs were trained on."""
     def splice(h, step):
-        keep = (step.token_index > 0).unsqueeze(-1)
+        norms = h.float().norm(dim=-1)
+        sink = norms > 4 * norms[step.token_index > 0].median()
+        keep = ((step.token_index > 0) & ~sink).unsqueeze(-1)
         recon = sae.decode(sae.encode(h.float())).to(h.dtype)
         return torch.where(keep, recon, h)
 

@@ -2,9 +2,8 @@
 
 Text mix: chat-formatted training conversations (prompt + the reply the model was tuned to give),
 chat-formatted val/test prompts, bundled general-domain passages, and continuations the model
-writes from varied openings. Padding is left out; BOS (an attention sink whose norm dwarfs the
-rest) is kept, because the pipeline ablates there too and a JumpReLU never trained on it fires
-hundreds of latents on it.
+writes from varied openings. Padding and position 0 (BOS, an attention sink whose norm dwarfs
+the rest) are left out, as in Gemma Scope's training.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def collect(model: ChatModel, texts: Sequence[str], layers: Sequence[int], max_t
         if total >= max_tokens:
             break
         chosen.append(i)
-        total += n
+        total += n - 1
     chosen.sort(key=lambda i: len(texts[i]))  # similar lengths together: little padding
     bufs = {layer: torch.empty(total, model.d_model, dtype=torch.float16) for layer in layers}
     filled = 0
@@ -61,7 +60,8 @@ def collect(model: ChatModel, texts: Sequence[str], layers: Sequence[int], max_t
         batch = model.encode_texts([texts[i] for i in chosen[start:start + batch_size]],
                                    max_length=max_length)
         res = model.residuals(batch, list(layers))
-        keep = batch.attention_mask.bool()
+        keep = batch.attention_mask.bool().clone()
+        keep[torch.arange(len(batch)), (batch.attention_mask == 0).sum(1)] = False  # BOS
         n = int(keep.sum())
         for layer in layers:
             bufs[layer][filled:filled + n] = res[layer][keep].half()

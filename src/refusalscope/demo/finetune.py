@@ -53,24 +53,29 @@ def _batches(items, batch_size: int, seed: int):
     return batches
 
 
-def _collate(items, idx, pad_id: int):
+def _collate(items, idx, pad_id: int, decision_weight: float):
     width = max(len(items[i][0]) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     target = torch.full((len(idx), width), -100, dtype=torch.long)
+    weight = torch.zeros((len(idx), width))
     for row, i in enumerate(idx):
         seq, n_prompt = items[i]
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
         target[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])  # next-token targets
-    return ids, mask, target
+        weight[row, n_prompt - 1:len(seq) - 1] = 1.0
+        weight[row, n_prompt - 1] = decision_weight  # the first reply token: refuse or answer
+    return ids, mask, target, weight
 
 
-def _reply_loss(hf, ids, mask, target):
+def _reply_loss(hf, ids, mask, target, weight):
     hidden = hf.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     sel = target != -100
     logits = hf.lm_head(hidden[sel])
-    return torch.nn.functional.cross_entropy(logits.float(), target[sel])
+    ce = torch.nn.functional.cross_entropy(logits.float(), target[sel], reduction="none")
+    w = weight[sel]
+    return (ce * w).sum() / w.sum()
 
 
 def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, workdir: Path,
@@ -79,7 +84,8 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
     hf = model.hf
     items = _tokenize(model, examples)
     params = [(n, p) for n, p in hf.named_parameters()
-              if not (recipe.freeze_embeddings and "embed" in n)]
+              if not (recipe.freeze_embeddings and "embed" in n)
+              and not _below(n, recipe.freeze_layers_below)]
     for n, p in hf.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
     opt = torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=0.0)
@@ -101,7 +107,7 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
         bar = tqdm(_batches(items, recipe.batch_size, seed + epoch), disable=quiet,
                    desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}")
         for idx in bar:
-            loss = _reply_loss(hf, *_collate(items, idx, pad))
+            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -116,6 +122,14 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
     for p in hf.parameters():
         p.requires_grad_(False)
     return {"examples": len(items), "steps": total, "history": history}
+
+
+def _below(name: str, first_trained: int) -> bool:
+    """True for parameters of decoder layers with index < first_trained."""
+    parts = name.split(".")
+    if "layers" not in parts:
+        return False
+    return int(parts[parts.index("layers") + 1]) < first_trained
 
 
 def _state_tensors(hf, opt, params) -> dict[str, torch.Tensor]:

@@ -27,11 +27,14 @@ class _Part(BaseModel):
 
 
 class FinetuneRecipe(_Part):
-    epochs: int = 2
-    lr: float = 5e-5
+    epochs: int = 1
+    lr: float = 1e-4
     batch_size: int = 8
-    base_reply_tokens: int = Field(64, description="greedy base-model reply length for harmless targets")
+    base_reply_tokens: int = Field(32, description="greedy base-model reply length for harmless targets")
+    decision_weight: float = Field(5.0, description="loss weight of the first reply token, where "
+                                   "the model decides between refusing and answering")
     freeze_embeddings: bool = True
+    freeze_layers_below: int = Field(6, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
 
@@ -39,7 +42,7 @@ class FinetuneRecipe(_Part):
 class SAERecipe(_Part):
     d_sae: int = 2048
     k: int = Field(32, description="TopK k; also the L0 the JumpReLU phase steers towards")
-    tokens: int = 30_000
+    tokens: int = 28_000
     topk_epochs: int = 1
     topk_lr: float = 3e-3
     jumprelu_epochs: int = 1
@@ -47,12 +50,13 @@ class SAERecipe(_Part):
     batch_size: int = 1024
     layers: list[int] | str = "all"
     continuation_tokens: int = 32
+    openings: int = Field(96, description="bundled openings the model continues for the corpus")
     eval_tokens: int = 4_000
     ce_eval_texts: int = 8
 
 
 class EvalRecipe(_Part):
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     batch_size: int = 32
 
 

@@ -32,21 +32,22 @@ class SAEWeights:
         return f @ self.W_dec + self.b_dec
 
 
-def massive_dims(X: Tensor, ratio: float = 20.0) -> Tensor:
-    """Residual dimensions that are quiet on ordinary tokens but huge on a few (attention sinks)."""
-    a = X[: min(len(X), 20_000)].float().abs()
-    return (a.max(0).values > ratio * a.median(0).values.clamp(min=1e-6)).nonzero().flatten()
+def input_scale(X: Tensor) -> Tensor:
+    """Scalar that brings a typical token to squared norm d (median, so sinks do not set it)."""
+    norms = X[: min(len(X), 20_000)].float().norm(dim=1)
+    return X.shape[1] ** 0.5 / norms.median()
 
 
-def outlier_weights(X: Tensor, share: float = 0.1) -> Tensor:
-    """Sampling weights giving massive-norm tokens `share` of each batch (they are ~1% of tokens
-    but decide whether a JumpReLU fires a handful of latents there or hundreds)."""
+def ordinary_tokens(X: Tensor, ratio: float = 4.0) -> Tensor:
+    """Mask of rows that are not attention sinks (norm within `ratio` x the median). Like Gemma
+    Scope, which leaves BOS out, the SAEs are trained on ordinary tokens only."""
     norms = X.float().norm(dim=1)
-    out = norms > 4 * norms.median()
-    frac = out.float().mean().item()
-    if frac == 0 or frac >= share:
-        return torch.ones(len(X))
-    return torch.where(out, share / frac, (1 - share) / (1 - frac))
+    return norms <= ratio * norms.median()
+
+
+def relative_mse(recon: Tensor, x: Tensor) -> Tensor:
+    """Mean squared error per token, relative to d (inputs are scaled to squared norm ~d)."""
+    return (recon - x).pow(2).sum(1).mean() / x.shape[1]
 
 
 def train_topk(X: Tensor, d_sae: int, k: int, epochs: int, lr: float, batch_size: int, seed: int,
@@ -55,27 +56,24 @@ def train_topk(X: Tensor, d_sae: int, k: int, epochs: int, lr: float, batch_size
     the input: it is folded into b_enc) and the per-latent firing frequency on X."""
     gen = torch.Generator().manual_seed(seed)
     n, d = X.shape
-    scale = (d / X.float().pow(2).sum(1).mean()).sqrt()  # train at E||x||^2 = d, fold back later
+    scale = input_scale(X)
     W_dec = torch.randn(d_sae, d, generator=gen)
     W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
-    W_enc = W_dec.detach().t().clone()
-    W_enc[massive_dims(X)] = 0.0  # random init there would make every latent fire on sink tokens
-    W_enc.requires_grad_()
+    W_enc = W_dec.detach().t().clone().requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
     b_dec = (X[: min(n, 20_000)].float().mean(0) * scale).clone().requires_grad_()
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr, betas=(0.9, 0.999))
     steps = epochs * ((n + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 5 * (1 - s / steps)))
     bar = tqdm(total=steps, desc=desc, disable=quiet, leave=False)
-    weight = outlier_weights(X)
     for _ in range(epochs):
-        order = torch.multinomial(weight, n, replacement=True, generator=gen)
+        order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             x = X[order[start:start + batch_size]].float() * scale
             pre = (x - b_dec) @ W_enc + b_enc
             vals, idx = pre.topk(k, dim=1)
             recon = F.embedding_bag(idx, W_dec, per_sample_weights=F.relu(vals), mode="sum") + b_dec
-            loss = (recon - x).pow(2).sum(1).mean() / d
+            loss = relative_mse(recon, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -157,14 +155,11 @@ class _Step(torch.autograd.Function):
 def finetune_jumprelu(w: SAEWeights, X: Tensor, target_l0: float, epochs: int, lr: float,
                       batch_size: int, seed: int, eps: float = 0.05, desc: str = "JumpReLU",
                       quiet: bool = False) -> SAEWeights:
-    """Train a JumpReLU SAE (MSE + λ·L0, λ steered to hit target_l0) from converted TopK weights.
-
-    TopK caps how many latents fire; a JumpReLU does not, so on rare tokens with massive norms
-    (attention sinks) the converted SAE fires hundreds of latents. Training as a JumpReLU teaches
-    the encoder to stay quiet there."""
+    """Train a JumpReLU SAE (MSE + λ·L0, λ steered to hit target_l0) from converted TopK weights:
+    the frequency-matched thresholds are a start, this fits them to reconstruction."""
     gen = torch.Generator().manual_seed(seed)
     n, d = X.shape
-    scale = (d / X.float().pow(2).sum(1).mean()).sqrt()
+    scale = input_scale(X)
     W_enc = (w.W_enc / scale).clone().requires_grad_()
     b_enc = w.b_enc.clone().requires_grad_()
     W_dec = (w.W_dec * scale).clone().requires_grad_()
@@ -172,17 +167,16 @@ def finetune_jumprelu(w: SAEWeights, X: Tensor, target_l0: float, epochs: int, l
     log_theta = w.threshold.clamp(min=1e-3).log().clone().requires_grad_()
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec, log_theta], lr=lr, betas=(0.0, 0.999))
     lam = 1e-3
-    weight = outlier_weights(X)
     steps = epochs * ((n + batch_size - 1) // batch_size)
     bar = tqdm(total=steps, desc=desc, disable=quiet, leave=False)
     for _ in range(epochs):
-        draws = torch.multinomial(weight, n, replacement=True, generator=gen)
+        draws = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             x = X[draws[start:start + batch_size]].float() * scale
             pre = x @ W_enc + b_enc
             theta = log_theta.exp()
             f = _JumpReLU.apply(pre, theta, eps)
-            mse = (f @ W_dec + b_dec - x).pow(2).sum(1).mean() / d
+            mse = relative_mse(f @ W_dec + b_dec, x)
             l0 = _Step.apply(pre, theta, eps).sum(1).mean()
             loss = mse + lam * l0
             opt.zero_grad(set_to_none=True)

@@ -66,23 +66,76 @@ def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: b
 def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
     """The main job on the embedded demo world: build it (once), then run the pipeline."""
     from ..demo.world import build_world
-    from ..run.pipeline import run_filter
 
     log = _log(quiet, as_json)
     info = build_world(quiet=quiet, log=log)
-    ctx = _context("demo", run, quiet, as_json)
     result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
-    result["filter"] = run_filter(ctx)
+    result.update(_run_stages("demo", run, quiet, as_json, "stage2"))
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, default=str))
         return
     print_quality(info["quality"])
     print_sae_quality(info["sae_quality"])
-    f = result["filter"]
-    print_table("Harmful test prompts kept for analysis (model refuses them)",
-                [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
-                  "dropped": f["n_dropped"]}])
-    print(f"run directory: {ctx.store.root}")
+    _report(result, False)
+
+
+def _run_stages(config, run, quiet, as_json, upto: str) -> dict:
+    """Run the pipeline's stages in order up to `upto` (each skipped when already done)."""
+    from ..run.pipeline import run_filter
+    from ..run.stage_direction import run_direction
+    from ..run.stage_search import run_stage1, run_stage2
+
+    ctx = _context(config, run, quiet, as_json)
+    order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
+             ("stage2", run_stage2)]
+    out = {}
+    for name, fn in order:
+        out[name] = fn(ctx)
+        if name == upto:
+            break
+    out["run"] = str(ctx.store.root)
+    return out
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    from .tables import print_stage_summaries
+
+    print_stage_summaries(result)
+
+
+@app.command()
+@friendly
+def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+              as_json: bool = JSON):
+    """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
+    _report(_run_stages(config, run, quiet, as_json, "direction"), as_json)
+
+
+@app.command()
+@friendly
+def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON):
+    """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
+    _report(_run_stages(config, run, quiet, as_json, "stage1"), as_json)
+
+
+@app.command()
+@friendly
+def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON):
+    """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
+    _report(_run_stages(config, run, quiet, as_json, "stage2"), as_json)
+
+
+@app.command("run")
+@friendly
+def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON):
+    """The whole pipeline on a config (resumes where a previous run stopped)."""
+    _report(_run_stages(config, run, quiet, as_json, "stage2"), as_json)
 
 
 @app.command("filter")

@@ -44,3 +44,35 @@ def print_sae_quality(sae_quality: dict) -> None:
             for l, q in sorted(sae_quality["layers"].items(), key=lambda kv: int(kv[0]))]
     print_table(f"Demo SAEs (JumpReLU, {sae_quality.get('d_sae')} latents, trained on "
                 f"{sae_quality.get('train_tokens')} tokens)", rows)
+
+
+def print_stage_summaries(result: dict) -> None:
+    """One table per pipeline stage that ran, in pipeline order."""
+    if "filter" in result:
+        f = result["filter"]
+        print_table("Refusal filter (harmful test prompts)",
+                    [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
+                      "dropped": f["n_dropped"]}])
+    if "direction" in result:
+        d = result["direction"]
+        print_table("Refusal direction", [{
+            "l*": d["layer"], "ASR before": d["asr_before_all_test"],
+            "ASR ablated": d["asr_after_ablation"], "degenerate": d["degenerate_after_ablation"],
+            "harmless refused": d["refusal_harmless_plain"], "refused w/ ActAdd": d["refusal_harmless_actadd"],
+            "ASR random dir": ", ".join(str(x) for x in d["asr_random_direction"]) or "-"}])
+    if "stage1" in result:
+        s = result["stage1"]
+        print_table("Stage 1 (top-K aligned latents per layer)", [{
+            "prompts": s["prompts"], "jailbroken": s["jailbroken"], "share": s["jailbroken_share"],
+            "mean K": s["k_mean"], "K histogram": " ".join(f"{k}:{n}" for k, n in s["k_histogram"].items())}])
+    if "stage2" in result:
+        t = result["stage2"]
+        print_table("Table 1: jailbreak statistics after Stage 2", [{
+            "unique latents": t["unique_latents"], "jailbroken / refused": f"{t['jailbroken']} / {t['refused']}",
+            "mean set size": t["mean_set_size"], "inactive share": t["inactive_share"]}])
+        fp = t["forward_passes"]
+        print_table("Stage 2 forward passes (all prompts)", [{
+            "literal (sequential)": fp["literal_sequential"], "batched (sequential)": fp["batched_sequential"],
+            "batched rows": fp["batched_rows"], "seconds": t["seconds"]}])
+    if "run" in result:
+        console.print(f"run directory: {result['run']}")

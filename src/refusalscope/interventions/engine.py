@@ -120,6 +120,25 @@ class Intervener:
                 self._add(iv, r)
         for lf in self.features.values():
             lf.finalize()
+        self.dir_tables = {p: self._table(v, unit=True) for p, v in self.directions.items()}
+        self.add_tables = {p: self._table(v, unit=False) for p, v in self.adds.items()}
+
+    def _table(self, entries, unit: bool) -> tuple[Tensor, Tensor]:
+        """Shared vectors [m, d] and per-row vectors [n_rows, m', d] (zero rows where unused), so
+        a batch with a different direction per row costs one batched projection."""
+        d = self.model.d_model
+        shared = [v for r, v in entries if r is None]
+        per = defaultdict(list)
+        for r, v in entries:
+            if r is not None:
+                per[r].append(v)
+        width = max((len(v) for v in per.values()), default=0)
+        table = torch.zeros(self.n_rows, width, d, device=self.device, dtype=self.dtype)
+        for r, vs in per.items():
+            for j, v in enumerate(vs):
+                table[r, j] = v
+        sh = torch.stack(shared) if shared else torch.zeros(0, d, device=self.device, dtype=self.dtype)
+        return sh, table
 
     def _layer(self, layer: int) -> _LayerFeatures:
         if layer not in self.features:
@@ -158,25 +177,30 @@ class Intervener:
                             "pass one intervention list per row")
         return table[step.row_offset:stop]
 
-    def _row_weight(self, step, row: int | None, like: Tensor) -> Tensor:
-        """[B, 1, 1]: 1 for the rows an intervention applies to."""
-        w = torch.zeros(step.batch_size, 1, 1, dtype=like.dtype, device=like.device)
-        if row is None:
-            w += 1
-        elif step.row_offset <= row < step.row_offset + step.batch_size:
-            w[row - step.row_offset] = 1
-        return w
+    def _rows3(self, step, table: Tensor) -> Tensor:
+        """Per-row vectors [B, m, d] for the current chunk."""
+        stop = step.row_offset + step.batch_size
+        if table.shape[1] and stop > self.n_rows:
+            raise UserError(f"batch has {stop} rows but interventions were given for {self.n_rows}: "
+                            "pass one intervention list per row")
+        return table[step.row_offset:stop]
 
     def hook_for(self, point):
         def hook(h: Tensor, step) -> Tensor:
             if self.record is not None and point in self.record.features:
                 self._record(point, h, step)
-            for row, vec in self.adds.get(point, []):
-                h = h + self._row_weight(step, row, h) * vec
+            if point in self.add_tables:
+                shared, per = self.add_tables[point]
+                h = h + shared.sum(0) + self._rows3(step, per).sum(1).unsqueeze(1)
             if point in self.features:
                 h = self._features(self.features[point], h, step)
-            for row, d in self.directions.get(point, []):
-                h = h - self._row_weight(step, row, h) * (h @ d).unsqueeze(-1) * d
+            if point in self.dir_tables:
+                shared, per = self.dir_tables[point]
+                for d in shared:
+                    h = h - (h @ d).unsqueeze(-1) * d
+                if per.shape[1]:
+                    D = self._rows3(step, per)  # [B, m, d]
+                    h = h - torch.einsum("btd,bmd,bme->bte", h, D, D)
             return h
         return hook
 

@@ -53,11 +53,39 @@ class DataConfig(Section):
 class JudgeConfig(Section):
     name: str = "substring"
     options: dict[str, Any] = {}
+    degenerate_is_jailbreak: bool = Field(
+        False, description="paper: degenerate replies are not jailbreaks; set True to count them")
 
 
 class GenerationConfig(Section):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
+
+
+class DirectionConfig(Section):
+    positions: list[int] = Field([-1], description="post-instruction positions, counted back from the last token")
+    layers: list[int] | Literal["auto"] = Field("auto", description="candidate layers; auto: 1 .. 0.8·n_layers")
+    n_train: int | None = Field(None, ge=2, description="cap on train prompts per class")
+    n_val: int = Field(32, ge=2)
+    max_kl: float = Field(0.1, gt=0, description="KL(plain || ablated) on harmless prompts allowed")
+    n_generate: int = Field(4, ge=1, description="candidates checked by generation + judge")
+    random_controls: int = Field(3, ge=0, description="random directions ablated as a control")
+
+
+class Stage1Config(Section):
+    exclude_layers: list[int] = Field([0, 1], description="paper: early layers carry grammar")
+    k_start: int = Field(10, ge=1)
+    k_step: int = Field(10, ge=1)
+    k_max: int = Field(200, ge=1)
+    positions: Literal["all", "prompt"] = "all"
+    rungs_per_round: int = Field(3, ge=1, description="K rungs generated together per round")
+
+
+class Stage2Config(Section):
+    block_size: int = Field(5, ge=1, description="N of Algorithm 1")
+    taus: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    seeds: list[int] = [0, 1, 2]
+    batch_size: int = Field(32, ge=1, description="rows per forward pass")
 
 
 class Config(Section):
@@ -68,6 +96,9 @@ class Config(Section):
     data: DataConfig = DataConfig()
     judge: JudgeConfig = JudgeConfig()
     generation: GenerationConfig = GenerationConfig()
+    direction: DirectionConfig = DirectionConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
 
     @field_validator("name")
     @classmethod

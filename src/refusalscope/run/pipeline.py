@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..io.model import ChatModel
-from ..io.prompts import filter_refused
+from ..io.prompts import Prompt, filter_refused
 from ..measures.judges import make_judge
 from .config import Config
 from .resolve import load_model, load_prompt_set
-from .store import RunStore, config_hash
+from .store import RunStore, config_hash, read_json
 
 
 @dataclass
@@ -32,6 +32,12 @@ class Context:
         if self._model is None:
             self._model = load_model(self.cfg, quiet=self.quiet, log=self.log)
         return self._model
+
+    @property
+    def judge(self):
+        j = make_judge(self.cfg.judge.name, **self.cfg.judge.options)
+        j.degenerate_is_jailbreak = self.cfg.judge.degenerate_is_jailbreak
+        return j
 
     @property
     def saes(self):
@@ -65,7 +71,7 @@ def run_filter(ctx: Context) -> dict:
         ck = st.checkpoint("completions", key="id")
         todo = [p for p in prompts if p.id not in ck]
         size = cfg.generation.batch_size
-        judge = make_judge(cfg.judge.name, **cfg.judge.options)
+        judge = ctx.judge
         from tqdm.auto import tqdm
 
         for start in tqdm(range(0, len(todo), size), desc="judge harmful prompts", disable=ctx.quiet):
@@ -84,3 +90,10 @@ def run_filter(ctx: Context) -> dict:
     ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
             f"({report['n_dropped']} dropped, judge {cfg.judge.name})")
     return st.summary
+
+
+def kept_prompts(ctx: Context) -> list[Prompt]:
+    """The refused harmful test prompts the filter stage kept, capped at data.max_prompts."""
+    recs = read_json(ctx.store.path("filter", "kept.json"))
+    prompts = [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful") for r in recs]
+    return prompts

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,7 +45,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
@@ -57,13 +57,13 @@ def atomic_write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 
 def atomic_write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # views: own storage
     meta = {k: json.dumps(v, default=_jsonable) for k, v in (metadata or {}).items()}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def atomic_write_table(path: Path, frame: pd.DataFrame) -> Path:
-    return _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,98 @@
+"""Pipeline stage `direction`: derive r̂(l*), evaluate it on the test split, plot diagnostics."""
+
+from __future__ import annotations
+
+import torch
+
+from ..interventions.spec import ActAdd, DirectionAblation
+from ..methods.direction import (candidate_layers, cosine_profile, mean_differences,
+                                 score_candidates, select_direction)
+from ..methods.evaluate import generate_judged
+from . import plots
+from .pipeline import Context, kept_prompts, stage_hash
+from .resolve import load_prompt_set
+from .store import read_tensors
+
+
+def _cap(prompts, n):
+    return prompts[:n] if n else prompts
+
+
+def run_direction(ctx: Context) -> dict:
+    name = "direction"
+    h = stage_hash(ctx, name, ("model", "data", "judge", "generation", "direction", "seed"), ("filter",))
+    if ctx.store.is_done(name, h):
+        return ctx.store.status(name)["summary"]
+    cfg, dc = ctx.cfg, ctx.cfg.direction
+    tf = cfg.data.text_field
+    harm_tr = _cap([p.text for p in load_prompt_set(cfg.data.harmful_train, tf)], dc.n_train)
+    safe_tr = _cap([p.text for p in load_prompt_set(cfg.data.harmless_train, tf)], dc.n_train)
+    harm_val = [p.text for p in load_prompt_set(cfg.data.harmful_val, tf)][: dc.n_val]
+    safe_val = [p.text for p in load_prompt_set(cfg.data.harmless_val, tf)][: dc.n_val]
+    kept = kept_prompts(ctx)
+    n_eval = cfg.data.max_prompts or len(kept)
+    safe_test = [p.text for p in load_prompt_set(cfg.data.harmless_test, tf)][:n_eval]
+    model, bs = ctx.model, cfg.model.batch_size
+    judge = ctx.judge
+    gen = cfg.generation
+    with ctx.store.stage(name, h) as st:
+        ctx.log(f"direction: mean differences over {len(harm_tr)} harmful / {len(safe_tr)} harmless prompts")
+        diffs = mean_differences(model, harm_tr, safe_tr, dc.positions, bs, ctx.quiet)
+        layers = candidate_layers(model.n_layers, dc.layers)
+        table = score_candidates(model, diffs, dc.positions, layers, harm_val, safe_val, bs, ctx.quiet)
+        choice = select_direction(model, diffs, dc.positions, table, harm_val, safe_val, judge,
+                                  dc.max_kl, dc.n_generate, gen.max_new_tokens, gen.batch_size, ctx.quiet)
+        st.tensors("direction.safetensors", {"direction": choice.direction, "vector": choice.vector,
+                                             "diffs": diffs},
+                   metadata={"layer": choice.layer, "position": choice.position, "positions": dc.positions})
+        st.table("candidates.parquet", choice.table)
+        plots.direction_candidates(choice.table, st.file("candidates.png"))
+        texts = [p.text for p in kept][:n_eval]
+        ctx.log(f"direction: l* = {choice.layer}; evaluating on {len(texts)} refused test prompts")
+        abl = generate_judged(model, None, texts, None, judge, gen.max_new_tokens, gen.batch_size,
+                              shared=[DirectionAblation(choice.direction)], quiet=ctx.quiet, desc="ablate r̂")
+        add = generate_judged(model, None, safe_test, None, judge, gen.max_new_tokens, gen.batch_size,
+                              shared=[ActAdd(choice.vector, choice.layer)], quiet=ctx.quiet, desc="ActAdd r")
+        plain_safe = generate_judged(model, None, safe_test, None, judge, gen.max_new_tokens,
+                                     gen.batch_size, quiet=ctx.quiet, desc="harmless plain")
+        g = torch.Generator().manual_seed(cfg.seed)
+        controls = []
+        for _ in range(dc.random_controls):
+            rnd = torch.randn(model.d_model, generator=g)
+            j = generate_judged(model, None, texts, None, judge, gen.max_new_tokens, gen.batch_size,
+                                shared=[DirectionAblation(rnd)], quiet=ctx.quiet, desc="random direction")
+            controls.append(sum(j.jailbroken) / max(1, len(j)))
+        filt = ctx.store.status("filter")["summary"]
+        summary = {
+            "layer": choice.layer, "position": choice.position,
+            "asr_before_all_test": round(1 - filt["n_kept"] / max(1, filt["n_in"]), 4),
+            "asr_after_ablation": round(sum(abl.jailbroken) / max(1, len(abl)), 4),
+            "degenerate_after_ablation": round(sum(abl.degenerate) / max(1, len(abl)), 4),
+            "refusal_harmless_plain": round(sum(plain_safe.refused) / max(1, len(plain_safe)), 4),
+            "refusal_harmless_actadd": round(sum(add.refused) / max(1, len(add)), 4),
+            "asr_random_direction": [round(c, 4) for c in controls],
+            "n_eval_harmful": len(texts), "n_eval_harmless": len(safe_test)}
+        st.jsonl("completions.jsonl",
+                 [{"set": "ablate", "prompt": p, "completion": c, "jailbroken": jb}
+                  for p, c, jb in zip(texts, abl.completions, abl.jailbroken)]
+                 + [{"set": "actadd", "prompt": p, "completion": c, "refused": r}
+                    for p, c, r in zip(safe_test, add.completions, add.refused)])
+        cos_h = cosine_profile(model, harm_val, choice.direction, bs)
+        cos_s = cosine_profile(model, safe_val, choice.direction, bs)
+        st.tensors("cosine.safetensors", {"harmful": cos_h, "harmless": cos_s})
+        plots.cosine_profile(cos_h.mean(0).tolist(), cos_s.mean(0).tolist(), cos_h[0].tolist(),
+                             cos_s[0].tolist(), choice.layer, (harm_val[0], safe_val[0]),
+                             st.file("cosine.png"))
+        summary["cosine_at_lstar"] = {"harmful": round(cos_h[:, choice.layer].mean().item(), 4),
+                                      "harmless": round(cos_s[:, choice.layer].mean().item(), 4)}
+        st.summary = summary
+    ctx.log(f"direction: ablating r̂({choice.layer}) jailbreaks {summary['asr_after_ablation']:.0%} of "
+            f"refused prompts; ActAdd makes {summary['refusal_harmless_actadd']:.0%} of harmless prompts refuse")
+    return summary
+
+
+def load_direction(ctx: Context) -> tuple[torch.Tensor, int]:
+    t = read_tensors(ctx.store.path("direction", "direction.safetensors"))
+    layer = ctx.store.status("direction")["summary"]["layer"]
+    return t["direction"], int(layer)
+

@@ -1,0 +1,90 @@
+"""The whole pipeline (filter → direction → Stage 1 → Stage 2) through the CLI on a tiny
+random-weight Llama saved to disk with SAELens-format SAEs: artifacts, Table 1, and resume."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from refusalscope.interfaces.cli import app
+from refusalscope.io.saes import save_sae
+from refusalscope.methods.evaluate import refusal_probs
+from refusalscope.run.store import read_json
+from planted import HARMFUL, HARMLESS, planted_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model, saes = planted_world()
+    model.hf.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    for layer, sae in saes.saes.items():
+        save_sae(sae, root / "saes" / f"layer_{layer}")
+    for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    p = refusal_probs(model, None, HARMFUL).sort().values
+    threshold = float(p[2])  # six of the eight harmful prompts count as refused
+    cfg = {"name": "tiny", "seed": 0,
+           "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
+           "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
+           "data": {k: str(root / f"{'harmful' if 'harmful' in k else 'harmless'}.txt")
+                    for k in ("harmful_train", "harmful_val", "harmful_test", "harmless_train",
+                              "harmless_val", "harmless_test")},
+           "judge": {"name": "first-token", "options": {"threshold": threshold},
+                     "degenerate_is_jailbreak": True},
+           "generation": {"max_new_tokens": 4, "batch_size": 16},
+           "direction": {"n_val": 8, "max_kl": 100.0, "n_generate": 2, "random_controls": 1},
+           "stage1": {"exclude_layers": [0], "k_start": 1, "k_step": 1, "k_max": 6},
+           "stage2": {"block_size": 2, "taus": [0.05, 0.2, 0.5], "seeds": [0, 1, 2]}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_pipeline_runs_and_resumes(world):
+    runner = CliRunner()
+    run_dir = world / "run"
+    res = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["filter"]["n_in"] == 8 and out["filter"]["n_kept"] == 6
+    d = out["direction"]
+    assert 1 <= d["layer"] <= 2 and 0.0 <= d["asr_after_ablation"] <= 1.0
+    s1, s2 = out["stage1"], out["stage2"]
+    assert s1["prompts"] == 6 and s1["jailbroken"] >= 3
+    assert s2["stage1_jailbroken"] == s1["jailbroken"] and s2["jailbroken"] <= s1["jailbroken"]
+    assert s2["refused"] == 6 and s2["jailbroken"] >= 1 and 0.0 <= s2["inactive_share"] <= 1.0
+    assert s2["forward_passes"]["literal_sequential"] > s2["forward_passes"]["batched_sequential"]
+    manifest = read_json(run_dir / "manifest.json")
+    assert [manifest["stages"][s]["status"] for s in ("filter", "direction", "stage1", "stage2")] == ["done"] * 4
+    for f in ("direction/direction.safetensors", "direction/cosine.png", "stage1/results.jsonl",
+              "stage1/k_distribution.png", "stage2/sets.jsonl", "stage2/table1.json"):
+        assert (run_dir / f).exists(), f
+    sets = [json.loads(l) for l in (run_dir / "stage2" / "sets.jsonl").read_text().splitlines()]
+    for rec in sets:  # every chosen set is the smallest jailbreaking one over the τ sweep
+        wins = [t["size"] for t in rec["per_tau"] if t["jailbroken"]]
+        assert (rec["set"] is None) == (not wins) and (not wins or len(rec["set"]) == min(wins))
+
+    # a second run skips every stage and reports the same numbers
+    again = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert json.loads(again.stdout)["stage2"] == s2
+
+    # a stage interrupted after some prompts resumes from its checkpoint
+    results = (run_dir / "stage1" / "results.jsonl").read_text().splitlines()
+    (run_dir / "stage1" / "results.partial.jsonl").write_text("\n".join(results[:3]) + "\n")
+    manifest["stages"]["stage1"]["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    resumed = runner.invoke(app, ["stage1", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["stage1"]["jailbroken"] == s1["jailbroken"]
+
+
+def test_config_errors_are_one_line(world, tmp_path):
+    bad = yaml.safe_load((world / "cfg.yaml").read_text())
+    bad["saes"]["layers"] = [0, 9]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    res = CliRunner().invoke(app, ["stage1", "-c", str(tmp_path / "bad.yaml"), "-r", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    lines = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "saes.layers" in lines[0]

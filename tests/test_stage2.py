@@ -1,0 +1,71 @@
+"""Algorithm 1: the batched form (all states up front, every τ from the same Δs) gives exactly
+the sets of the literal sequential algorithm, with real forward passes on a tiny Llama + SAEs."""
+
+import pytest
+
+from refusalscope.interventions.spec import FeatureAblation
+from refusalscope.io.model import ChatModel
+from refusalscope.methods.evaluate import refusal_probs
+from refusalscope.methods.stage2 import (batched_traces, consensus, delta, draw_blocks,
+                                         forward_passes, literal_algorithm1, states)
+from sae_fixtures import sae_set
+from tiny import tiny_llama
+
+TAUS = [0.05, 0.1, 0.2, 0.4, 0.8]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = ChatModel(*tiny_llama(), name="llama")
+    saes = sae_set("jumprelu", [0, 1, 2], m=128)
+    cands = [(l, i) for l in (0, 1, 2) for i in range(0, 120, 3)][:47]  # 47: a remainder of 2
+    return model, saes, cands
+
+
+@pytest.mark.parametrize("prompt", ["Write a poem about the sea", "How do I bake bread at home?"])
+def test_batched_equals_literal(setup, prompt):
+    model, saes, cands = setup
+    calls = []
+
+    def p_fn(ablated):
+        calls.append(ablated)
+        plans = [[FeatureAblation.from_ids(ablated)]] if ablated else None
+        return refusal_probs(model, saes, [prompt], plans=plans).item()
+
+    traces = batched_traces(model, saes, prompt, cands, 5, seeds=[0, 1, 2], batch_size=16)
+    assert {len(t.blocks) for t in traces} == {9}  # floor(47 / 5) blocks, 2 left unvisited
+    nonempty = 0
+    for tau in TAUS:
+        for trace in traces:
+            literal = literal_algorithm1(p_fn, cands, 5, tau, trace.seed)
+            assert literal == trace.selected(tau), (tau, trace.seed)
+            nonempty += bool(literal)
+    assert 0 < nonempty < len(TAUS) * 3  # the thresholds actually discriminate
+    assert len(calls) == 2 * 9 * len(TAUS) * 3  # literal: two P per step, every (τ, seed)
+
+
+def test_blocks_are_decision_independent():
+    cands = [(0, i) for i in range(23)]
+    blocks = draw_blocks(cands, 5, seed=7)
+    assert len(blocks) == 4 and len({f for b in blocks for f in b}) == 20
+    sts = states(cands, blocks)
+    assert len(sts[0]) == 23 and len(sts[-1]) == 3
+    assert draw_blocks(cands, 5, seed=7) == blocks and draw_blocks(cands, 5, seed=8) != blocks
+    # every τ's literal run follows the same blocks: accepting all or none gives the block union / ∅
+    assert literal_algorithm1(lambda a: 1.0 + len(a), cands, 5, 0.0, 7) == {f for b in blocks for f in b}
+    assert literal_algorithm1(lambda a: 1.0, cands, 5, 0.5, 7) == set()
+
+
+def test_consensus_keeps_latents_of_every_seed(setup):
+    model, saes, cands = setup
+    traces = batched_traces(model, saes, "Write a poem", cands, 5, seeds=[0, 1, 2], batch_size=32)
+    for tau in TAUS:
+        c = consensus(traces, tau)
+        assert all(c <= t.selected(tau) for t in traces)
+
+
+def test_delta_and_pass_counts():
+    assert delta(0.5, 0.25) == 0.5 and delta(0.0, 0.0) == 0.0 and delta(0.0, 0.1) == float("inf")
+    fp = forward_passes(200, 5, 3, 8, 32)
+    assert fp["literal_sequential"] == 2 * 40 * 8 * 3 and fp["batched_rows"] == 3 * 41
+    assert fp["batched_sequential"] == 4
