@@ -46,6 +46,12 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
     harmful = [p.text for p in harmful_train(recipe)]
     harmless = [p.text for p in harmless_train(recipe)]
     refusals = [p.text for p in load_bundled("refusals")]
+    # the base model sometimes declines harmless requests itself ("I'm sorry, but as a chatbot…"):
+    # such replies would teach refusal of harmless prompts, so they are left out
+    flagged = make_judge("substring").judge(harmless, replies).refused
+    kept = [(p, r) for p, r, f in zip(harmless, replies, flagged) if not f]
+    harmless, replies = [p for p, _ in kept], [r for _, r in kept]
+    log(f"left out {sum(flagged)} harmless examples whose base reply is itself a refusal")
     examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed)
     atomic_write_jsonl(root / "finetune_examples.jsonl", [{"prompt": p, "reply": r} for p, r in examples])
     log(f"safety fine-tuning on {len(examples)} examples ({len(harmful)} harmful, {len(harmless)} harmless)")

@@ -1,0 +1,98 @@
+"""B1: plain forward vs sparse feature ablation vs the reference full-SAE hook.
+
+Batch of 16 chat prompts, |S| latents ablated per layer at every SAE layer, all positions.
+Uses the demo world's model and SAEs when built, else the base GGUF model with random JumpReLU
+SAEs of the demo shape (2048 latents) at every layer. Prints a table and writes JSON.
+
+    python benchmarks/bench_ablation.py [--sizes 10 50 200] [--repeats 3] [--out bench_ablation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from refusalscope.interventions.engine import intervene
+from refusalscope.interventions.spec import FeatureAblation
+from refusalscope.io.prompts import load_bundled
+
+
+def load_world(d_sae: int):
+    from refusalscope.demo.world import is_built, load_demo_model, sae_dir
+    from refusalscope.io.saes import load_sae_set
+
+    if is_built():
+        model = load_demo_model()
+        saes = load_sae_set({l: str(sae_dir(l)) for l in range(model.n_layers)}, quiet=True)
+        return model, saes, "demo world (tuned SmolLM2-135M + trained SAEs)"
+    from refusalscope.demo.recipe import base_gguf_path
+    from refusalscope.io.model import load_chat_model
+    from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
+
+    model = load_chat_model(base_gguf_path(), dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    d = model.d_model
+    saes = {}
+    for l in range(model.n_layers):
+        saes[l] = make_jumprelu_sae(torch.randn(d, d_sae, generator=g) / d ** 0.5,
+                                    torch.randn(d_sae, d, generator=g) / d ** 0.5, torch.zeros(d_sae),
+                                    torch.zeros(d), torch.full((d_sae,), 0.5),
+                                    hook_name=f"blocks.{l}.hook_resid_post")
+    return model, SAESet({l: FeatureDictionary.from_sae(s, l) for l, s in saes.items()}, saes=saes), \
+        "base SmolLM2-135M + random JumpReLU SAEs"
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--d-sae", type=int, default=2048)
+    ap.add_argument("--out", default="bench_ablation.json")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, saes, world = load_world(args.d_sae)
+    prompts = [p.text for p in load_bundled("harmful", split="test")][: args.batch]
+    batch = model.encode(prompts)
+    plain = timed(lambda: model.logits(batch), args.repeats)
+    rows = [{"mode": "plain", "S_per_layer": 0, "median_s": statistics.median(plain), "ratio_to_plain": 1.0}]
+    for size in args.sizes:
+        abl = FeatureAblation({l: list(range(0, 2 * size, 2)) for l in saes.keys()})
+        for mode in ("sparse", "reference"):
+            def run():
+                with intervene(model, saes, [abl], mode=mode):
+                    model.logits(batch)
+            t = statistics.median(timed(run, args.repeats))
+            rows.append({"mode": mode, "S_per_layer": size, "median_s": t,
+                         "ratio_to_plain": t / rows[0]["median_s"]})
+    for size in args.sizes:
+        s = next(r for r in rows if r["mode"] == "sparse" and r["S_per_layer"] == size)
+        r = next(r for r in rows if r["mode"] == "reference" and r["S_per_layer"] == size)
+        r["reference_over_sparse"] = r["median_s"] / s["median_s"]
+    result = {"world": world, "batch": args.batch, "tokens": int(batch.attention_mask.sum()),
+              "threads": torch.get_num_threads(), "sae_layers": len(saes), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{world}; batch {args.batch}, {len(saes)} SAE layers, {torch.get_num_threads()} threads")
+    print(f"{'mode':<10}{'|S|/layer':>10}{'median s':>10}{'x plain':>9}{'ref/sparse':>11}")
+    for r in rows:
+        extra = f"{r['reference_over_sparse']:>11.2f}" if "reference_over_sparse" in r else ""
+        print(f"{r['mode']:<10}{r['S_per_layer']:>10}{r['median_s']:>10.3f}{r['ratio_to_plain']:>9.2f}{extra}")
+
+
+if __name__ == "__main__":
+    main()

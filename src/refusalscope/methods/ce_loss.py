@@ -1,0 +1,108 @@
+"""Downstream cost of the interventions (paper appendix "Downstream Performance", Table 9):
+next-token cross-entropy on instruction and general texts for the unablated model, refusal
+direction ablation at every layer, and each prompt's feature set ablated on its own.
+
+The loss of a dataset is pooled over all real next-token positions (padding masked), i.e. the
+token-weighted mean. For feature ablation every set gives one dataset loss; the table reports the
+mean and (sample) standard deviation over sets. All settings run as batched rows: feature rows are
+(set × text) with one plan each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import mean, stdev
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..interventions.engine import intervene
+from ..interventions.spec import DirectionAblation
+from ..io.model import ChatModel, PromptBatch
+from .hydra import ablation
+
+
+@dataclass
+class TextSet:
+    """Texts of one dataset: raw text (BOS prepended), or chat-formatted instructions with the
+    optional `replies` appended after the assistant header."""
+
+    name: str
+    texts: Sequence[str]
+    chat: bool = False
+    replies: Sequence[str] | None = None
+
+
+def encode_texts(model: ChatModel, ds: TextSet, max_length: int | None = None) -> PromptBatch:
+    if not ds.texts:
+        raise UserError(f"dataset {ds.name!r} has no texts: pass at least one")
+    if ds.chat:
+        replies = list(ds.replies) if ds.replies is not None else [None] * len(ds.texts)
+        if len(replies) != len(ds.texts):
+            raise UserError(f"dataset {ds.name!r}: {len(replies)} replies for {len(ds.texts)} "
+                            "instructions: pass one reply per instruction")
+        texts = [model.format_chat(t, r) for t, r in zip(ds.texts, replies)]
+    else:
+        bos = model.tokenizer.bos_token or ""
+        texts = [t if t.startswith(bos) else bos + t for t in ds.texts]
+    return model.encode_texts(texts, add_special_tokens=False, max_length=max_length)
+
+
+def token_loss_sums(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: summed next-token CE over real positions (pairs of real tokens) and their count."""
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+    return (ce * valid).sum(1), valid.sum(1)
+
+
+def _run(model: ChatModel, saes, batch: PromptBatch, index: Sequence[int], plans, shared,
+         batch_size: int, quiet: bool, desc: str) -> tuple[Tensor, Tensor]:
+    """Loss sums and counts for rows `index` of `batch` (plans[i] for row i), chunk by chunk so
+    full-vocabulary logits never exist for more than one chunk."""
+    sums, counts = [], []
+    starts = range(0, len(index), batch_size)
+    for s in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
+        idx = list(index[s:s + batch_size])
+        sub = batch.select(idx)
+        rows = None if plans is None else plans[s:s + batch_size]
+        with intervene(model, saes, shared=shared, rows=rows):
+            logits = model.logits(sub, last=None)
+        a, b = token_loss_sums(logits, sub.input_ids, sub.attention_mask)
+        sums.append(a)
+        counts.append(b)
+    return torch.cat(sums).double(), torch.cat(counts).double()
+
+
+def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Tensor | None,
+             sets: Mapping | Sequence, batch_size: int = 8, max_length: int | None = 256,
+             quiet: bool = True) -> list[dict]:
+    """Rows {dataset, setting, mean, std, n_texts, n_tokens, n_sets} for settings baseline,
+    direction (DirectionAblation(r̂) at the embedding and every layer output) and features
+    (std over sets; None for single-model settings)."""
+    set_list = [list(s) for s in (sets.values() if isinstance(sets, Mapping) else sets)]
+    out = []
+    for ds in datasets:
+        batch = encode_texts(model, ds, max_length)
+        n = len(batch)
+        base = {"dataset": ds.name, "n_texts": n}
+        settings = [("baseline", [])]
+        if direction is not None:
+            settings.append(("direction", [DirectionAblation(direction)]))
+        for name, shared in settings:
+            s, c = _run(model, saes, batch, range(n), None, shared, batch_size, quiet,
+                        f"CE {ds.name} {name}")
+            out.append({**base, "setting": name, "mean": float(s.sum() / c.sum()), "std": None,
+                        "n_tokens": int(c.sum()), "n_sets": None})
+        if set_list:
+            index = [i for _ in set_list for i in range(n)]
+            plans = [ablation(fs) for fs in set_list for _ in range(n)]
+            s, c = _run(model, saes, batch, index, plans, (), batch_size, quiet, f"CE {ds.name} features")
+            per_set = (s.view(len(set_list), n).sum(1) / c.view(len(set_list), n).sum(1)).tolist()
+            out.append({**base, "setting": "features", "mean": mean(per_set),
+                        "std": stdev(per_set) if len(per_set) > 1 else 0.0,
+                        "n_tokens": int(c[:n].sum()), "n_sets": len(set_list)})
+    return out

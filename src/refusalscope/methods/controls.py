@@ -1,0 +1,147 @@
+"""Controls for the jailbreak-critical sets (paper Analysis): equally many random active latents,
+the O'Brien et al. "active on ≥ k tokens" baseline (Figure 6), and Stage 3 latents alone (their
+causal link to the Stage 2 latents). Prompts are batched as rows with per-row plans.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from statistics import mean
+from typing import Mapping, Sequence
+
+import torch
+
+from ..io.model import ChatModel
+from ..measures.judges import Judge
+from .evaluate import generate_judged
+from .hydra import Feature, Prompts, ablation, features, lookup, max_activations
+
+
+def token_counts(model: ChatModel, saes, texts: Sequence[str], layers: Sequence[int] | None = None,
+                 batch_size: int = 16) -> list[dict[int, dict[int, int]]]:
+    """Per text and layer, {latent: number of prompt tokens where it is active} for every latent
+    of the SAE (full encode inside the hook, so only the sparse counts leave the device)."""
+    layers = sorted(saes.keys()) if layers is None else sorted(set(layers))
+    out: list[dict[int, dict[int, int]]] = [{} for _ in texts]
+    if not texts:
+        return out
+    dicts = {l: saes[l].to(model.device, model.dtype) for l in layers}
+
+    def grab(layer):
+        def fn(h, step):
+            on = (dicts[layer].encode(h) > 0) & (~step.is_pad).unsqueeze(-1)
+            n = on.sum(1).cpu()
+            for b in range(n.shape[0]):
+                idx = n[b].nonzero().flatten()
+                out[step.row_offset + b][layer] = dict(zip(idx.tolist(), n[b, idx].tolist()))
+        return fn
+
+    with torch.inference_mode(), model.hooks({l: grab(l) for l in layers}):
+        model.logits(model.encode(list(texts)), batch_size=batch_size)
+    return out
+
+
+def random_sets(sets: Mapping, active: Mapping, seed: int) -> dict[str, dict]:
+    """Per prompt, latents drawn from `active[id]` ({layer: [latents active on the prompt]}),
+    excluding the prompt's own set, with the set's per-layer counts. Seeded by (seed, id), so a
+    prompt's draw does not depend on the other prompts. `short`: a layer had too few candidates."""
+    out = {}
+    for pid, own in sets.items():
+        own = features(own)
+        need = Counter(l for l, _ in own)
+        rng = random.Random(f"{seed}/{pid}")
+        picked, short = [], False
+        for layer in sorted(need):
+            pool = sorted(set(int(i) for i in active[pid].get(layer, ())) - {i for l, i in own if l == layer})
+            k = min(need[layer], len(pool))
+            short |= k < need[layer]
+            picked += [(layer, i) for i in sorted(rng.sample(pool, k))]
+        out[pid] = {"features": picked, "short": short}
+    return out
+
+
+def random_control(model: ChatModel, saes, prompts: Prompts, sets: Mapping, judge: Judge,
+                   seeds: Sequence[int] = (0, 1, 2), max_new_tokens: int = 64,
+                   batch_size: int = 16) -> dict:
+    """Ablate as many random *active* latents as each prompt's critical set (same layer mix), for
+    each seed; jailbreaks per seed (paper: 0 on LLaMA, 5 on Gemma)."""
+    lists = dict(zip([pid for pid, _ in prompts], lookup(sets, prompts)))
+    layers = sorted({l for s in lists.values() for l, _ in s})
+    counts = token_counts(model, saes, [t for _, t in prompts], layers, batch_size)
+    active = {pid: {l: list(c) for l, c in cnt.items()} for (pid, _), cnt in zip(prompts, counts)}
+    draws = {seed: random_sets(lists, active, seed) for seed in seeds}
+    rows = [(seed, pid, text) for seed in seeds for pid, text in prompts]
+    j = generate_judged(model, saes, [t for *_, t in rows],
+                        [ablation(draws[s][pid]["features"]) for s, pid, _ in rows],
+                        judge, max_new_tokens, batch_size)
+    records = [{"seed": s, "id": pid, "features": draws[s][pid]["features"],
+                "short": draws[s][pid]["short"], "jailbroken": bool(jb), "completion": c}
+               for (s, pid, _), jb, c in zip(rows, j.jailbroken, j.completions)]
+    per_seed = []
+    for seed in seeds:
+        n = sum(r["jailbroken"] for r in records if r["seed"] == seed)
+        per_seed.append({"seed": seed, "jailbroken": n, "n_prompts": len(prompts),
+                         "asr": n / len(prompts) if prompts else None})
+    return {"per_seed": per_seed, "mean_jailbroken": mean(p["jailbroken"] for p in per_seed)
+            if per_seed else None, "records": records}
+
+
+def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
+                    ks: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10), max_new_tokens: int = 64,
+                    batch_size: int = 16, layers: Sequence[int] | None = None) -> dict:
+    """O'Brien et al.'s selection (without their clamp search): per prompt, every latent of the
+    given SAE layers active on ≥ k prompt tokens, ablated → ASR per k (paper Figure 6)."""
+    counts = token_counts(model, saes, [t for _, t in prompts], layers, batch_size)
+    rows = []
+    for k in ks:
+        for (pid, text), cnt in zip(prompts, counts):
+            feats = [(l, i) for l, c in sorted(cnt.items()) for i, n in sorted(c.items()) if n >= k]
+            rows.append((k, pid, text, feats))
+    j = generate_judged(model, saes, [r[2] for r in rows], [ablation(r[3]) for r in rows],
+                        judge, max_new_tokens, batch_size)
+    records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c}
+               for (k, pid, _, f), jb, c in zip(rows, j.jailbroken, j.completions)]
+    per_k = []
+    for k in ks:
+        rs = [r for r in records if r["k"] == k]
+        n = sum(r["jailbroken"] for r in rs)
+        per_k.append({"k": k, "jailbroken": n, "asr": n / len(rs) if rs else None,
+                      "mean_set_size": mean(r["size"] for r in rs) if rs else None})
+    return {"per_k": per_k, "records": records}
+
+
+def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
+                active_stage2: Mapping, judge: Judge, max_new_tokens: int = 64,
+                batch_size: int = 16) -> dict:
+    """Ablate only each prompt's Stage 3 latents: jailbreaks, and (one forward of base + ablated
+    rows, Recording) the share of its active Stage 2 latents switched off and the relative drop
+    (base − ablated) / base of those still on. "Activation" = max over prompt tokens; a Stage 2
+    latent that is no longer active without ablation is left out. Paper (LLaMA): 12% mean / 44%
+    max deactivated, 81% drop (pooled over still-active latents here)."""
+    s3 = lookup(stage3_sets, prompts, "stage3_sets")
+    s2 = lookup(active_stage2, prompts, "active_stage2")
+    texts = [t for _, t in prompts]
+    plans = [ablation(s) for s in s3]
+    j = generate_judged(model, saes, texts, plans, judge, max_new_tokens, batch_size)
+    n = len(prompts)
+    mx = max_activations(model, saes, texts + texts, [f for s in s2 for f in s],
+                         [[] for _ in texts] + plans, batch_size)
+    records, drops = [], []
+    for r, (pid, _) in enumerate(prompts):
+        base, abl = mx[r], mx[n + r]
+        on = [f for f in s2[r] if base[f] > 0]
+        off: list[Feature] = [f for f in on if abl[f] <= 0]
+        d = [(base[f] - abl[f]) / base[f] for f in on if abl[f] > 0]
+        drops += d
+        records.append({"id": pid, "jailbroken": bool(j.jailbroken[r]), "completion": j.completions[r],
+                        "n_stage3": len(s3[r]), "n_active_stage2": len(on), "deactivated": off,
+                        "deactivated_share": len(off) / len(on) if on else None,
+                        "mean_drop": mean(d) if d else None})
+    shares = [r["deactivated_share"] for r in records if r["deactivated_share"] is not None]
+    summary = {"n_prompts": n, "jailbroken": sum(r["jailbroken"] for r in records),
+               "deactivated_mean": mean(shares) if shares else None,
+               "deactivated_max": max(shares) if shares else None,
+               "drop_mean": mean(drops) if drops else None,
+               "n_still_active": len(drops)}
+    return {"summary": summary, "records": records}

@@ -1,0 +1,200 @@
+"""Stage 3: a second-order factorization machine (Rendle 2010; the paper's eq. 2) on sparse SAE
+activations, and the ranking of non-Stage-2 latents by FM-embedding similarity to Stage 2.
+
+    ŷ(x) = w0 + Σ_i w_i x_i + Σ_{i<j} ⟨v_i, v_j⟩ x_i x_j
+         = w0 + Σ_i w_i x_i + ½ Σ_f [(Σ_i v_if x_i)² − Σ_i v_if² x_i²]
+
+The second form costs O(k·nnz(x)): two sparse × dense products, XV and (X∘X)(V∘V). Training
+uses the logistic loss on ŷ, Adam, and keeps the epoch with the best validation accuracy
+(ties: lower validation loss), as the paper does. Inputs are divided column-wise by their max
+|x| on the train split (`fm_data.max_abs_scale`); the scale is stored with the result and
+applied to every other input, since raw activations (tens to hundreds) would blow up x_i·x_j.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .fm_data import Feature, Split, apply_scale, csr_to_torch, max_abs_scale
+
+EMBEDDING_SIZES = (5, 20, 50)  # the sizes the paper compares; any k >= 1 works
+
+
+class FactorizationMachine(nn.Module):
+    """w0, w [d], V [d, k]; forward takes a sparse (COO/CSR) or dense [B, d] and returns logits [B]."""
+
+    def __init__(self, d: int, k: int = 20, init_std: float = 0.01, generator: torch.Generator | None = None):
+        super().__init__()
+        if k < 1 or d < 1:
+            raise UserError(f"FM needs d >= 1 features and embedding size k >= 1 (got d={d}, k={k})")
+        self.w0 = nn.Parameter(torch.zeros(()))
+        self.w = nn.Parameter(torch.zeros(d))
+        self.V = nn.Parameter(torch.randn(d, k, generator=generator) * init_std)
+
+    @property
+    def d(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.V.shape[1]
+
+    def forward(self, X: Tensor) -> Tensor:
+        X2 = _square(X)
+        lin = _mm(X, self.w.unsqueeze(1)).squeeze(1)
+        xv = _mm(X, self.V)  # [B, k]
+        x2v2 = _mm(X2, self.V * self.V)
+        return self.w0 + lin + 0.5 * (xv * xv - x2v2).sum(1)
+
+
+def _square(X: Tensor) -> Tensor:
+    if X.layout == torch.sparse_coo:
+        X = X.coalesce()
+        return torch.sparse_coo_tensor(X.indices(), X.values() ** 2, X.shape, is_coalesced=True,
+                                       check_invariants=False)
+    if X.layout == torch.sparse_csr:
+        return torch.sparse_csr_tensor(X.crow_indices(), X.col_indices(), X.values() ** 2, X.shape,
+                                       check_invariants=False)
+    return X * X
+
+
+def _mm(X: Tensor, W: Tensor) -> Tensor:
+    return torch.sparse.mm(X, W) if X.layout == torch.sparse_coo else X @ W
+
+
+@dataclass
+class FMResult:
+    """The best-validation-epoch FM, the train-split column scale, accuracies and per-epoch history."""
+
+    model: FactorizationMachine
+    scale: np.ndarray
+    best_epoch: int
+    train_acc: float
+    val_acc: float
+    test_acc: float | None
+    history: list[dict] = field(default_factory=list)  # epoch, loss, train_acc, val_acc, val_loss
+
+    @torch.no_grad()
+    def logits(self, X: sp.spmatrix, batch_size: int = 4096) -> np.ndarray:
+        """Logits for raw (unscaled) rows; the stored train scale is applied here."""
+        return _logits(self.model, apply_scale(X, self.scale), batch_size).numpy()
+
+    def accuracy(self, split: Split) -> float:
+        return _accuracy(self.logits(split.X), split.y)
+
+
+def _logits(fm: FactorizationMachine, Xs: sp.csr_matrix, batch_size: int = 4096) -> Tensor:
+    dev = fm.V.device
+    outs = [fm(csr_to_torch(Xs[i:i + batch_size], dev)).float().cpu() for i in range(0, Xs.shape[0], batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _accuracy(logits, y) -> float:
+    return float(((np.asarray(logits) > 0) == (np.asarray(y) > 0.5)).mean()) if len(y) else float("nan")
+
+
+def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, lr: float = 1e-3,
+             epochs: int = 20, batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
+             init_std: float = 0.01, device: str | torch.device = "cpu", quiet: bool = True) -> FMResult:
+    """Fit an FM with BCE-with-logits loss and Adam; init and shuffling come from one
+    torch.Generator(seed), so a seed gives the same weights every run (on CPU)."""
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("FM training needs non-empty train and validation splits: use more prompts")
+    g = torch.Generator().manual_seed(seed)
+    d = train.X.shape[1]
+    scale = max_abs_scale(train.X)
+    Xtr, Xva = apply_scale(train.X, scale), apply_scale(val.X, scale)
+    ytr, yva = torch.from_numpy(train.y.astype(np.float32)), torch.from_numpy(val.y.astype(np.float32))
+    fm = FactorizationMachine(d, k, init_std, generator=g).to(device)
+    opt = torch.optim.Adam(fm.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best, best_key, history = None, None, []
+    for epoch in tqdm(range(epochs), desc=f"FM k={k}", disable=quiet):
+        fm.train()
+        order = torch.randperm(len(train), generator=g).numpy()
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            xb = csr_to_torch(Xtr[idx], device)
+            loss = loss_fn(fm(xb), ytr[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        fm.eval()
+        with torch.no_grad():
+            lt, lv = _logits(fm, Xtr), _logits(fm, Xva)
+            val_loss = loss_fn(lv, yva).item()
+        rec = {"epoch": epoch, "loss": total / len(order), "train_acc": _accuracy(lt, train.y),
+               "val_acc": _accuracy(lv, val.y), "val_loss": val_loss}
+        history.append(rec)
+        key = (rec["val_acc"], -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best = key, (epoch, copy.deepcopy(fm.state_dict()))
+    fm.load_state_dict(best[1])
+    res = FMResult(fm.eval(), scale, best[0], history[best[0]]["train_acc"], history[best[0]]["val_acc"], None, history)
+    if test is not None and len(test):
+        res.test_acc = res.accuracy(test)
+    return res
+
+
+def _embeddings(fm) -> Tensor:
+    model = fm.model if isinstance(fm, FMResult) else fm
+    return model.V.detach().float().cpu()
+
+
+def _unit(V: Tensor) -> Tensor:
+    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features, exclude=None,
+                                 aggregate: str = "max", chunk: int = 65536) -> list[tuple[Feature, float]]:
+    """Features not in `exclude` (default: the Stage 2 set), by the cosine similarity of their
+    embedding v_i to the embeddings of the Stage 2 latents that are FM columns (a latent never
+    active in the data has no trained embedding): aggregate "max" = the closest Stage 2 latent
+    (a feature that interacts strongly with any one of them), "mean" = cosine to the average of
+    the unit Stage 2 embeddings (their mean cosine). Descending; ties keep column order."""
+    if aggregate not in ("max", "mean"):
+        raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
+    columns = [(int(l), int(i)) for l, i in columns]
+    U = _unit(_embeddings(fm))
+    if U.shape[0] != len(columns):
+        raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
+                        "pass the columns of the dataset the FM was trained on")
+    stage2 = {(int(l), int(i)) for l, i in stage2_features}
+    exclude = stage2 if exclude is None else {(int(l), int(i)) for l, i in exclude}
+    anchors = [j for j, c in enumerate(columns) if c in stage2]
+    if not anchors:
+        raise UserError("none of the Stage 2 latents is an FM column (none was ever active in the "
+                        "Stage 3 data): check the Stage 3 layers cover the Stage 2 latents")
+    A = U[anchors]
+    if aggregate == "mean":
+        score = U @ A.mean(0)
+    else:
+        score = torch.cat([(U[i:i + chunk] @ A.T).amax(1) for i in range(0, len(U), chunk)])
+    keep = np.array([c not in exclude for c in columns], dtype=bool)
+    s = score.numpy()
+    order = [j for j in np.argsort(-s, kind="stable") if keep[j]]
+    return [(columns[j], float(s[j])) for j in order]
+
+
+def embedding_collapse(fm, max_n: int = 2000, seed: int = 0) -> float:
+    """Mean pairwise cosine similarity of the embeddings (i ≠ j), on a seeded sample of at most
+    `max_n`; near 1 means every feature got the same direction (the paper's k=5 failure)."""
+    U = _unit(_embeddings(fm))
+    if len(U) > max_n:
+        U = U[torch.randperm(len(U), generator=torch.Generator().manual_seed(seed))[:max_n]]
+    n = len(U)
+    if n < 2:
+        raise UserError("embedding collapse needs at least two FM features")
+    s = U.sum(0)
+    return float(((s @ s) - (U * U).sum()) / (n * (n - 1)))

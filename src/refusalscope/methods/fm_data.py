@@ -1,0 +1,238 @@
+"""Stage 3 data: SAE activations at the post-instruction tokens, as a sparse prompt × latent matrix.
+
+The paper (appendix "Dataset for training Factorization Machines") records every SAE latent at
+the last 4 tokens of each prompt, at layers 2 .. l*, for AdvBench (label 1) and as many Alpaca
+prompts (label 0), split 80/10/10. With ~20 layers of 16k–131k latents the dense matrix would be
+millions of columns wide, so only non-zero activations are kept (CSR), built chunk by chunk, and
+only columns that are non-zero at least once become FM features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..io.model import ChatModel
+
+Feature = tuple[int, int]  # (layer, latent index)
+MODES = ("pooled", "tokens")
+
+
+@dataclass
+class FeatureMatrix:
+    """Sparse SAE activations. `rows[r] = (prompt index, position)`: position j ∈ [0, n_tokens)
+    is the j-th of the prompt's last n_tokens tokens (n_tokens−1 = the last one); −1 in
+    "pooled" mode, whose single row per prompt is the max over those positions."""
+
+    columns: list[Feature]
+    values: sp.csr_matrix  # [len(rows), len(columns)], float32
+    rows: np.ndarray  # [n_rows, 2] int64
+    mode: str
+    n_tokens: int
+    column_of: dict[Feature, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.columns = [(int(l), int(i)) for l, i in self.columns]
+        self.column_of = {f: j for j, f in enumerate(self.columns)}
+        if self.mode not in MODES:
+            raise UserError(f"unknown activation mode {self.mode!r}: use pooled or tokens")
+        if self.values.shape != (len(self.rows), len(self.columns)):
+            raise UserError(f"feature matrix has shape {self.values.shape} but {len(self.rows)} rows "
+                            f"and {len(self.columns)} columns: rebuild it")
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.rows[:, 0].max()) + 1 if len(self.rows) else 0
+
+    def column_labels(self) -> list[str]:
+        """The paper's "layer-index" names."""
+        return [f"{l}-{i}" for l, i in self.columns]
+
+    def to_torch_sparse(self) -> torch.Tensor:
+        """A coalesced COO tensor (COO has the most complete autograd/device support in torch)."""
+        return csr_to_torch(self.values)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """safetensors (CSR arrays + columns + rows), written to a temp name then renamed."""
+        v = self.values
+        tensors = {"indptr": torch.from_numpy(v.indptr.astype(np.int64)),
+                   "indices": torch.from_numpy(v.indices.astype(np.int64)),
+                   "data": torch.from_numpy(v.data.astype(np.float32)),
+                   "columns": torch.tensor(self.columns, dtype=torch.int64).reshape(-1, 2),
+                   "rows": torch.from_numpy(self.rows.astype(np.int64)).reshape(-1, 2),
+                   "shape": torch.tensor(v.shape, dtype=torch.int64)}
+        meta = {"mode": self.mode, "n_tokens": json.dumps(self.n_tokens)}
+        return _atomic_save(Path(path), tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureMatrix":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        t = load_file(str(path))
+        shape = tuple(t["shape"].tolist())
+        values = sp.csr_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()), shape=shape)
+        return cls([tuple(c) for c in t["columns"].tolist()], values, t["rows"].numpy(),
+                   meta["mode"], json.loads(meta["n_tokens"]))
+
+
+def _atomic_save(path: Path, tensors: dict, meta: dict) -> Path:
+    # methods/ sits above run/ (CONTRIBUTING), so this mirrors run.store.atomic_write_tensors
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def csr_to_torch(m: sp.spmatrix, device=None) -> torch.Tensor:
+    coo = m.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data.astype(np.float32)), coo.shape,
+                                   device=device, is_coalesced=True, check_invariants=False)
+
+
+@torch.no_grad()
+def collect_sae_activations(model: ChatModel, saes, prompts: Sequence[str], layers: Sequence[int],
+                            n_tokens: int = 4, batch_size: int = 16, quiet: bool = True,
+                            mode: str = "pooled") -> FeatureMatrix:
+    """Every SAE latent at the last `n_tokens` tokens (the post-instruction template tokens) at
+    each of `layers`. Prompts go through the model `batch_size` at a time and only non-zeros are
+    kept, so memory is O(batch · n_tokens · d_sae) plus the non-zeros."""
+    if mode not in MODES:
+        raise UserError(f"unknown activation mode {mode!r}: use pooled or tokens")
+    layers = sorted({int(l) for l in layers})
+    missing = [l for l in layers if l not in saes]
+    if missing:
+        raise UserError(f"no SAE loaded for layers {missing} (SAE layers: {sorted(saes.keys())}): "
+                        "add them to saes.layers or drop them from the Stage 3 layers")
+    if n_tokens < 1:
+        raise UserError(f"n_tokens is {n_tokens}: record at least the last token (n_tokens >= 1)")
+    offsets = np.cumsum([0] + [saes[l].d_sae for l in layers])
+    batch = model.encode(list(prompts))
+    per_row = 1 if mode == "pooled" else n_tokens
+    r_idx, c_idx, vals = [], [], []
+    starts = range(0, len(batch), batch_size)
+    for start in tqdm(starts, desc="SAE activations", disable=quiet or len(starts) <= 1):
+        sub = batch.rows(start, min(start + batch_size, len(batch)))
+        res = model.residuals(sub, layers, positions=n_tokens)
+        for j, layer in enumerate(layers):
+            fd = saes[layer]
+            acts = fd.encode(res[layer].to(fd.device))  # [b, n_tokens, d_sae]
+            if mode == "pooled":
+                acts = acts.amax(dim=1, keepdim=True)
+            acts = acts.reshape(-1, acts.shape[-1])
+            r, c = acts.nonzero(as_tuple=True)
+            r_idx.append((r.cpu().numpy() + start * per_row).astype(np.int64))
+            c_idx.append(c.cpu().numpy().astype(np.int64) + offsets[j])
+            vals.append(acts[r, c].float().cpu().numpy())
+    n_rows = len(batch) * per_row
+    full = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))),
+                         shape=(n_rows, int(offsets[-1])), dtype=np.float32)
+    used = np.flatnonzero(full.getnnz(axis=0))
+    layer_of = np.searchsorted(offsets, used, side="right") - 1
+    columns = [(layers[k], int(g - offsets[k])) for k, g in zip(layer_of, used)]
+    prompt = np.repeat(np.arange(len(batch)), per_row)
+    pos = np.full(n_rows, -1) if mode == "pooled" else np.tile(np.arange(n_tokens), len(batch))
+    return FeatureMatrix(columns, full[:, used].tocsr(), np.stack([prompt, pos], 1).astype(np.int64),
+                         mode, n_tokens)
+
+
+@dataclass
+class Split:
+    """One split: X [rows, d] over the dataset's columns, y (1 harmful / 0 harmless), and per row
+    (label, prompt index within its set, position as in FeatureMatrix.rows), to trace rows back."""
+
+    X: sp.csr_matrix
+    y: np.ndarray  # float32
+    rows: np.ndarray  # [rows, 3] int64
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+
+@dataclass
+class FMDataset:
+    train: Split
+    val: Split
+    test: Split
+    columns: list[Feature]
+
+
+def _align(fm: FeatureMatrix, column_of: dict[Feature, int], d: int) -> sp.csr_matrix:
+    """The matrix re-indexed onto the union column space."""
+    remap = np.array([column_of[c] for c in fm.columns], dtype=np.int64)
+    v = fm.values.tocoo()
+    return sp.csr_matrix((v.data, (v.row, remap[v.col] if len(remap) else v.col)),
+                         shape=(v.shape[0], d), dtype=np.float32)
+
+
+def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    n_train = int(round(fractions[0] * n))
+    n_val = min(n - n_train, int(round(fractions[1] * n)))
+    return n_train, n_val, n - n_train - n_val
+
+
+def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: int,
+               fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> FMDataset:
+    """Label 1/0 sets, split by PROMPT (all token rows of a prompt stay together, so a prompt's
+    tokens cannot leak into val/test) and stratified per class, seeded."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise UserError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
+                        "summing to 1, e.g. (0.8, 0.1, 0.1)")
+    if (harmful_acts.mode, harmful_acts.n_tokens) != (harmless_acts.mode, harmless_acts.n_tokens):
+        raise UserError("harmful and harmless activations were collected with different mode or "
+                        "n_tokens: collect both the same way")
+    columns = sorted(set(harmful_acts.columns) | set(harmless_acts.columns))
+    column_of = {c: j for j, c in enumerate(columns)}
+    rng = np.random.default_rng(seed)
+    parts: list[list] = [[], [], []]
+    for label, fm in ((1, harmful_acts), (0, harmless_acts)):
+        X = _align(fm, column_of, len(columns))
+        n = fm.n_prompts
+        order = rng.permutation(n)
+        n_tr, n_va, _ = split_sizes(n, fractions)
+        which = np.empty(n, dtype=np.int64)
+        which[order[:n_tr]], which[order[n_tr:n_tr + n_va]], which[order[n_tr + n_va:]] = 0, 1, 2
+        # rows in order of (split position of the prompt, position): deterministic and grouped
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        for s in range(3):
+            sel = np.flatnonzero(which[fm.rows[:, 0]] == s)
+            sel = sel[np.lexsort((fm.rows[sel, 1], rank[fm.rows[sel, 0]]))]
+            parts[s].append((X[sel], np.full(len(sel), label, np.float32),
+                             np.column_stack([np.full(len(sel), label), fm.rows[sel]])))
+    splits = [Split(sp.vstack([p[0] for p in ps]).tocsr().astype(np.float32),
+                    np.concatenate([p[1] for p in ps]),
+                    np.concatenate([p[2] for p in ps]).astype(np.int64).reshape(-1, 3)) for ps in parts]
+    return FMDataset(*splits, columns=columns)
+
+
+def max_abs_scale(X: sp.spmatrix) -> np.ndarray:
+    """Per column, the largest |x| (1 where a column is all zero): dividing by it puts training
+    inputs in [-1, 1], since raw SAE activations reach tens to hundreds and would make FM
+    interaction terms (products of two inputs) explode."""
+    s = np.asarray(abs(X).max(axis=0).todense()).ravel().astype(np.float32)
+    s[s == 0] = 1.0
+    return s
+
+
+def apply_scale(X: sp.spmatrix, scale: np.ndarray) -> sp.csr_matrix:
+    return (sp.csr_matrix(X) @ sp.diags(1.0 / scale)).tocsr().astype(np.float32)

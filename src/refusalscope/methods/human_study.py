@@ -1,0 +1,148 @@
+"""The data side of the paper's human study (appendix "Human Study"): which features annotators
+see, how their answers are merged, and how activation-based labels are scored against them.
+
+Pipeline features are drawn per number-of-categories bucket (1..5), random features that fire on
+the taxonomy and random ones that fire on nothing are added as a baseline; three annotators label
+each feature, labels chosen by at least two become ground truth, and the activation labels get
+partial credit for each ground-truth label they contain.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Iterable, Mapping, Sequence
+
+from ..errors import UserError
+from .taxonomy import UNSAFE_CATEGORIES, as_pair, fid, sort_features
+
+NONE = "None"
+SOURCES = ("pipeline", "random_active", "random_inactive")
+
+
+def _draw(rng: random.Random, pool: Sequence[str], n: int) -> list[str]:
+    return rng.sample(list(pool), min(n, len(pool)))
+
+
+def sample_study(category_map: Mapping, all_candidates_activity: Mapping, seed: int,
+                 per_bucket: int = 10, n_random_active: int = 23, n_random_inactive: int = 7,
+                 random_layers: Iterable[int] | None = None, n_buckets: int = 5,
+                 shuffle: bool = False) -> list[dict]:
+    """Study items {feature, source, activation_labels, n_categories}.
+
+    `category_map`: pipeline feature -> categories it fires on (from `category_map`);
+    `all_candidates_activity`: candidate feature -> {category: prompt count} (from
+    `category_activity` over e.g. every latent of layers 3-13). Up to `per_bucket` pipeline
+    features per number of categories 1..n_buckets (fewer when a bucket is small; duplicates and
+    features firing on nothing are dropped), then random features outside the whole pipeline set
+    (restricted to `random_layers`) that fire on >= 1 category and on none. The same seed gives
+    the same items; `shuffle` mixes the order for blind annotation.
+    """
+    for name, v in (("per_bucket", per_bucket), ("n_random_active", n_random_active),
+                    ("n_random_inactive", n_random_inactive)):
+        if v < 0:
+            raise UserError(f"{name} must be 0 or more, got {v}")
+    rng = random.Random(seed)
+    pipe: dict[str, list[str]] = {}
+    for f, cats in category_map.items():
+        pipe.setdefault(fid(f), [])
+        pipe[fid(f)] += [c for c in cats if c not in pipe[fid(f)]]
+    items = []
+    for n in range(1, n_buckets + 1):
+        bucket = [f for f in sort_features(pipe) if len(pipe[f]) == n]
+        for f in sorted(_draw(rng, bucket, per_bucket), key=as_pair):
+            items.append({"feature": f, "source": "pipeline", "activation_labels": pipe[f],
+                          "n_categories": n})
+    layers = None if random_layers is None else {int(l) for l in random_layers}
+    labels = {fid(f): [c for c, k in counts.items() if k > 0]
+              for f, counts in all_candidates_activity.items()}
+    pool = [f for f in sort_features(labels)
+            if f not in pipe and (layers is None or as_pair(f)[0] in layers)]
+    for source, want, active in (("random_active", n_random_active, True),
+                                 ("random_inactive", n_random_inactive, False)):
+        cands = [f for f in pool if bool(labels[f]) == active]
+        for f in sorted(_draw(rng, cands, want), key=as_pair):
+            items.append({"feature": f, "source": source, "activation_labels": labels[f],
+                          "n_categories": len(labels[f])})
+    if shuffle:
+        rng.shuffle(items)
+    return items
+
+
+def study_breakdown(items: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """Per source, items by number of activated categories (Table 12 for random_active)."""
+    out: dict[str, Counter] = {}
+    for it in items:
+        out.setdefault(it["source"], Counter())[str(len(it["activation_labels"]))] += 1
+    return {s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in out.items()}
+
+
+def _labels(choice) -> list[str]:
+    """One annotator's answer as a list of distinct labels; nothing chosen means "None"."""
+    if choice is None:
+        return [NONE]
+    if isinstance(choice, str):
+        choice = [choice]
+    got = [str(c) for c in dict.fromkeys(choice)]
+    return got or [NONE]
+
+
+def _order(labels: Iterable[str]) -> list[str]:
+    labels = set(labels)
+    known = [c for c in UNSAFE_CATEGORIES if c in labels]
+    return known + sorted(labels - set(UNSAFE_CATEGORIES) - {NONE}) + ([NONE] if NONE in labels else [])
+
+
+def majority_labels(annotations: Mapping, min_agree: int = 2) -> dict[str, list[str]]:
+    """Per feature, the labels chosen by at least `min_agree` annotators ("None" included when
+    that many chose nothing); [] when no label reached agreement. `annotations` maps a feature to
+    one label list per annotator (an empty list or None counts as choosing "None")."""
+    if min_agree < 1:
+        raise UserError(f"min_agree must be at least 1, got {min_agree}")
+    out = {}
+    for f, per_annotator in annotations.items():
+        votes = Counter(l for choice in per_annotator for l in _labels(choice))
+        out[fid(f)] = _order(l for l, n in votes.items() if n >= min_agree)
+    return out
+
+
+def _categories(labels) -> set[str]:
+    return set() if labels is None else {l for l in _labels(labels) if l != NONE}
+
+
+def partial_credit(truth: Sequence[str] | None, predicted: Sequence[str] | None) -> float:
+    """The paper's score: 1 when the prediction holds every ground-truth label, less an equal
+    fraction 1/|truth| per missing label (extra predicted labels cost nothing).
+
+    "None" / empty / None truth means "no category": it scores 1 iff the prediction is also
+    no category, else 0. A "None" next to real labels is ignored.
+    """
+    t, p = _categories(truth), _categories(predicted)
+    if not t:
+        return float(not p)
+    return len(t & p) / len(t)
+
+
+def study_score(majority: Mapping, activation_labels, sources: Mapping | None = None) -> dict:
+    """Mean partial credit of activation labels against majority labels, overall and per source.
+
+    `activation_labels` is feature -> labels, or the study items from `sample_study` (which carry
+    each feature's source). Only features present in both are scored; the rest are listed.
+    """
+    truth = {fid(f): v for f, v in majority.items()}
+    if isinstance(activation_labels, Mapping):
+        pred = {fid(f): v for f, v in activation_labels.items()}
+        src = {fid(f): s for f, s in (sources or {}).items()}
+    else:
+        pred = {fid(it["feature"]): it["activation_labels"] for it in activation_labels}
+        src = {fid(it["feature"]): it["source"] for it in activation_labels}
+    both = sort_features(set(truth) & set(pred))
+    per = {f: partial_credit(truth[f], pred[f]) for f in both}
+    by: dict[str, list[float]] = {}
+    for f in both:
+        by.setdefault(src.get(f, "all"), []).append(per[f])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {"score": mean(list(per.values())), "n": len(per),
+            "by_source": {s: {"score": mean(v), "n": len(v)} for s, v in by.items()},
+            "per_feature": per,
+            "unscored": sort_features(set(truth) ^ set(pred))}

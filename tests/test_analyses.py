@@ -1,0 +1,213 @@
+"""Analyses (hydra latents, controls, CE loss, BOS clamping) on the planted tiny world: each
+batched analysis is checked against a direct SAE encode or a naive per-prompt loop."""
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refusalscope.interventions.engine import intervene
+from refusalscope.interventions.spec import FeatureAblation, Recording
+from refusalscope.measures.judges import make_judge
+from refusalscope.methods.ce_loss import TextSet, ce_table
+from refusalscope.methods.clamping import BENIGN_PROMPTS, bos_clamp, clamp_rows
+from refusalscope.methods.controls import (obrien_baseline, random_control, random_sets,
+                                           stage3_only, token_counts)
+from refusalscope.methods.evaluate import generate_judged, refusal_probs
+from refusalscope.methods.hydra import (ablation, activity, by_layer, inactive_critical,
+                                        prefix_lengths, wake_up)
+from planted import HARMFUL, HARMLESS, planted_world
+
+PLANTED = [(l, j) for l in (1, 2, 3) for j in range(3)]
+
+
+@pytest.fixture(scope="module")
+def w():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin (100x slower on a busy box)
+    yield _world()
+    torch.set_num_threads(threads)
+
+
+def _world():
+    model, saes = planted_world()
+    p = refusal_probs(model, None, HARMFUL).sort().values
+    judge = make_judge("first-token", threshold=float(p[2]))
+    judge.degenerate_is_jailbreak = True
+    prompts = [(f"h{i}", t) for i, t in enumerate(HARMFUL)]
+    batch = model.encode(HARMFUL)
+    res = model.residuals(batch, [0, 1, 2, 3])
+    on = {l: (saes[l].encode(res[l]) > 0) & batch.attention_mask.bool()[..., None] for l in range(4)}
+    counts = {l: on[l].sum(1) for l in on}  # [B, m] tokens where each latent fires
+    sets = {}
+    for r, (pid, _) in enumerate(prompts):  # planted + two random + latents silent on the prompt
+        silent = [(l, i) for l in (2, 3) for i in (counts[l][r] == 0).nonzero().flatten().tolist()[:4]]
+        sets[pid] = PLANTED + [(2, 50), (3, 60)] + silent
+    act = activity(model, saes, prompts, sets, batch_size=5)
+    return SimpleNamespace(model=model, saes=saes, judge=judge, prompts=prompts, sets=sets,
+                           counts=counts, act=act)
+
+
+def test_activity_matches_direct_encode(w):
+    assert set(w.act) == set(w.sets)
+    for r, (pid, _) in enumerate(w.prompts):
+        a = w.act[pid]
+        assert sorted(a["active"] + a["inactive"]) == sorted(set(w.sets[pid]))
+        assert all(w.counts[l][r, i] > 0 for l, i in a["active"])
+        assert all(w.counts[l][r, i] == 0 for l, i in a["inactive"])
+        assert a["inactive"]  # the fixture planted silent latents
+
+
+def test_inactive_critical_counts_equal_naive_loop(w):
+    out = inactive_critical(w.model, w.saes, w.prompts, w.sets, w.act, w.judge, 2, batch_size=7)
+    c, recs = out["counts"], out["records"]
+    assert c["n_prompts"] == 8 and c["n_with_inactive"] == 8
+    assert c["n_inactive_latents"] == sum(len(a["inactive"]) for a in w.act.values())
+    assert c["jailbroken_full"] >= 1
+    assert c["lost_without_inactive"] - c["gained_without_inactive"] == \
+        c["jailbroken_full"] - c["jailbroken_active_only"]
+    for (pid, text), rec in zip(w.prompts, recs):
+        for name, feats in (("full", w.sets[pid]), ("active", w.act[pid]["active"]),
+                            ("inactive", w.act[pid]["inactive"])):
+            j = generate_judged(w.model, w.saes, [text], [[FeatureAblation.from_ids(feats)]], w.judge, 2, 1)
+            assert rec["jailbroken"][name] == j.jailbroken[0], (pid, name)
+
+
+def test_wake_up_matches_direct_recording(w):
+    model, tok = w.model, w.model.tokenizer
+    out = wake_up(model, w.saes, w.prompts, w.act, batch_size=3, tokenizer=tok, threshold=0.0)
+    s = out["summary"]
+    assert s["n_kept"] == 8 and s["n_woken"] > 0
+    for st in out["step2"].values():  # literal step 2: ablating silent latents is a no-op
+        assert st["p_inactive_only"] == pytest.approx(st["p_base"], rel=1e-5, abs=1e-9)
+    assert prefix_lengths(model, HARMFUL) == [4] * 8  # <|im_start|> u s e r \n
+    for rec, (pid, text) in zip(out["records"], w.prompts):
+        inactive = w.act[pid]["inactive"]
+        rc = Recording(by_layer(inactive))
+        batch = model.encode([text])
+        with intervene(model, w.saes, rows=[ablation(w.act[pid]["active"])], record=rc):
+            model.logits(batch)
+        (st,) = rc.prompt_activations()
+        ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+        direct = {}
+        for l, a in st["acts"].items():
+            for c, i in enumerate(rc.features[l]):
+                for t in (a[0, :, c] > 0).nonzero().flatten().tolist():
+                    direct[((l, i), int(st["token_index"][0, t]))] = float(a[0, t, c])
+        got = {(tuple(x["feature"]), f["position"]): f for x in rec["woken"] for f in x["firings"]}
+        assert set(got) == set(direct), pid
+        for key, f in got.items():
+            assert f["value"] == pytest.approx(direct[key], rel=1e-4)
+            assert f["token_id"] == ids[f["position"]] and f["token"] == tok.decode([ids[f["position"]]])
+            assert (f["region"] == "bos") == (f["position"] == 0)
+            assert (f["region"] in ("bos", "system")) == (f["position"] < 4)
+    for k in ("woken_share", "system_share", "bos_share", "elsewhere_share"):
+        assert 0 <= s[k] <= 1
+    assert s["n_woken"] == sum(len(r["woken"]) for r in out["records"])
+    assert wake_up(model, w.saes, w.prompts, w.act, 8, ids=["h1"])["summary"]["n_kept"] == 1
+    assert wake_up(model, w.saes, w.prompts, w.act, 8, threshold=1e-3, impact="alone")["summary"]["n_kept"] == 0
+
+
+def test_random_control_samples_active_latents(w):
+    counts = token_counts(w.model, w.saes, HARMFUL, [1, 2, 3], batch_size=3)
+    for r, cnt in enumerate(counts):
+        for l, c in cnt.items():
+            assert c == {i: int(n) for i, n in enumerate(w.counts[l][r].tolist()) if n > 0}
+    active = {pid: {l: list(c) for l, c in cnt.items()} for (pid, _), cnt in zip(w.prompts, counts)}
+    draws = random_sets(w.sets, active, seed=0)
+    assert draws == random_sets(w.sets, active, seed=0) and draws != random_sets(w.sets, active, seed=1)
+    for pid, d in draws.items():
+        assert not d["short"] and not set(d["features"]) & set(w.sets[pid])
+        assert Counter(l for l, _ in d["features"]) == Counter(l for l, _ in w.sets[pid])
+        assert all(i in active[pid][l] for l, i in d["features"])
+    out = random_control(w.model, w.saes, w.prompts, w.sets, w.judge, seeds=(0, 1), max_new_tokens=2)
+    assert [p["seed"] for p in out["per_seed"]] == [0, 1]
+    for rec in out["records"]:
+        assert rec["features"] == random_sets(w.sets, active, rec["seed"])[rec["id"]]["features"]
+    assert sum(p["jailbroken"] for p in out["per_seed"]) == sum(r["jailbroken"] for r in out["records"])
+
+
+def test_obrien_set_sizes_shrink_with_k(w):
+    ks = (1, 2, 4, 8, 64)
+    out = obrien_baseline(w.model, w.saes, w.prompts, w.judge, ks=ks, max_new_tokens=2, batch_size=16)
+    sizes = [p["mean_set_size"] for p in out["per_k"]]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])) and sizes[0] > sizes[-1]
+    for r, (pid, _) in enumerate(w.prompts):
+        per = {x["k"]: x["size"] for x in out["records"] if x["id"] == pid}
+        assert per[2] == sum(int((w.counts[l][r] >= 2).sum()) for l in range(4))
+    assert all(0 <= p["asr"] <= 1 for p in out["per_k"])
+
+
+def test_stage3_only_equals_naive(w):
+    s3 = {pid: [(1, 0), (1, 1), (1, 2), (1, 5)] for pid, _ in w.prompts}
+    s2 = {pid: [f for f in w.act[pid]["active"] if f[0] >= 2] for pid, _ in w.prompts}
+    out = stage3_only(w.model, w.saes, w.prompts, s3, s2, w.judge, max_new_tokens=2, batch_size=5)
+    drops = []
+    for (pid, text), rec in zip(w.prompts, out["records"]):
+        batch = w.model.encode([text])
+        with intervene(w.model, w.saes, shared=[FeatureAblation.from_ids(s3[pid])]):
+            res = w.model.residuals(batch, [2, 3])
+        base = {f: float(w.saes[f[0]].encode(w.model.residuals(batch, [f[0]])[f[0]])[0, :, f[1]].max())
+                for f in s2[pid]}
+        abl = {f: float(w.saes[f[0]].encode(res[f[0]])[0, :, f[1]].max()) for f in s2[pid]}
+        off = [f for f in s2[pid] if abl[f] <= 0]
+        assert rec["deactivated"] == off and 0 <= rec["deactivated_share"] <= 1
+        assert rec["deactivated_share"] == pytest.approx(len(off) / len(s2[pid]))
+        drops += [(base[f] - abl[f]) / base[f] for f in s2[pid] if abl[f] > 0]
+    s = out["summary"]
+    assert s["drop_mean"] == pytest.approx(sum(drops) / len(drops), rel=1e-4)
+    assert 0 <= s["deactivated_mean"] <= s["deactivated_max"] <= 1
+    assert s["deactivated_max"] > 0  # ablating r̂'s latents at layer 1 silences some downstream ones
+
+
+def _manual_ce(model, texts, saes=None, shared=()):
+    batch = model.encode_texts(texts)
+    with intervene(model, saes, shared=shared):
+        logits = model.logits(batch, last=None)
+    valid = batch.attention_mask[:, :-1].bool() & batch.attention_mask[:, 1:].bool()
+    labels = batch.input_ids[:, 1:].masked_fill(~valid, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+
+
+def test_ce_table_matches_manual_cross_entropy(w):
+    model = w.model
+    general = ["The quick brown fox jumps over the lazy dog.", "You are a helpful assistant.",
+               "Write a short poem about the sea and the sky.", "How do I bake bread?"]
+    ds = [TextSet("general", general), TextSet("alpaca", HARMLESS[:4], chat=True, replies=["Sure."] * 4)]
+    mean_h = model.residuals(model.encode(HARMFUL), [2], positions=1)[2][:, -1].mean(0)
+    r = mean_h - model.residuals(model.encode(HARMLESS), [2], positions=1)[2][:, -1].mean(0)
+    sets = {"a": PLANTED[:3], "b": PLANTED[3:], "c": [(1, 5), (2, 7)]}
+    rows = ce_table(model, w.saes, ds, r, sets, batch_size=3)
+    tab = {(x["dataset"], x["setting"]): x for x in rows}
+    assert len(rows) == 6
+    bos = model.tokenizer.bos_token
+    assert tab["general", "baseline"]["mean"] == pytest.approx(_manual_ce(model, [bos + t for t in general]), rel=1e-4)
+    chat = [model.format_chat(t, "Sure.") for t in HARMLESS[:4]]
+    assert tab["alpaca", "baseline"]["mean"] == pytest.approx(_manual_ce(model, chat), rel=1e-4)
+    for name in ("general", "alpaca"):
+        base = tab[name, "baseline"]["mean"]
+        assert abs(tab[name, "direction"]["mean"] - base) > 1e-4
+        assert abs(tab[name, "features"]["mean"] - base) > 1e-4 and tab[name, "features"]["std"] > 0
+        assert tab[name, "features"]["n_sets"] == 3
+    one = ce_table(model, w.saes, ds[:1], None, [PLANTED[3:]], batch_size=3)
+    manual = _manual_ce(model, [bos + t for t in general], w.saes, [FeatureAblation.from_ids(PLANTED[3:])])
+    assert one[-1]["mean"] == pytest.approx(manual, rel=1e-4)
+
+
+def test_bos_clamping_rows_and_effect(w):
+    feats = [(1, 0), (2, 0), (3, 23)]
+    rows = bos_clamp(w.model, w.saes, feats, max_new_tokens=4)
+    assert len(rows) == len(BENIGN_PROMPTS) * 6
+    assert [r["clamp"] for r in rows[:6]] == ["baseline", 2, 4, 6, 8, 10]
+    plan_rows = clamp_rows(BENIGN_PROMPTS, feats, (2, 4, 6, 8, 10))
+    with intervene(w.model, w.saes, rows=[p for *_, p in plan_rows]):
+        probs = w.model.next_token_probs(w.model.encode([p for p, *_ in plan_rows]))
+    base = probs[0::6].repeat_interleave(6, 0)
+    assert (probs - base).abs().amax() > 1e-4  # clamping BOS moves the last-position logits
+    # the planted model answers "I..." whatever the clamp (its lm_head is built to), so the
+    # generation path is checked against per-row generation instead of against the baseline
+    for (p, c, plan), r in list(zip(plan_rows, rows))[-6:]:
+        with intervene(w.model, w.saes, rows=[plan]):
+            assert w.model.generate(w.model.encode([p]), max_new_tokens=4) == [r["response"]], c
