@@ -24,6 +24,9 @@ def world(tmp_path_factory):
         save_sae(sae, root / "saes" / f"layer_{layer}")
     for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    cats = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
+    (root / "harmful.jsonl").write_text("".join(
+        json.dumps({"instruction": t, "category": cats[i % 4]}) + "\n" for i, t in enumerate(HARMFUL)))
     p = refusal_probs(model, None, HARMFUL).sort().values
     threshold = float(p[2])  # six of the eight harmful prompts count as refused
     cfg = {"name": "tiny", "seed": 0,
@@ -37,7 +40,14 @@ def world(tmp_path_factory):
            "generation": {"max_new_tokens": 4, "batch_size": 16},
            "direction": {"n_val": 8, "max_kl": 100.0, "n_generate": 2, "random_controls": 1},
            "stage1": {"exclude_layers": [0], "k_start": 1, "k_step": 1, "k_max": 6},
-           "stage2": {"block_size": 2, "taus": [0.05, 0.2, 0.5], "seeds": [0, 1, 2]}}
+           "stage2": {"block_size": 2, "taus": [0.05, 0.2, 0.5], "seeds": [0, 1, 2]},
+           "stage3": {"harmful": [str(root / "harmful.jsonl")], "harmless": [str(root / "harmless.txt")],
+                      "layers": [1, 2, 3], "ks": [1, 2, 4, 8], "probe_ks": [1, 4], "epochs": 3, "embedding_size": 4,
+                      "collapse_sizes": [2], "batch_size": 4},
+           "analyses": {"random_seeds": [0, 1], "obrien_ks": [1, 3], "ce_texts": 8,
+                        "ce_instructions": str(root / "harmless.txt"), "ce_general": str(root / "harmless.txt"),
+                        "taxonomy_prompts": [str(root / "harmful.jsonl")], "clamp_values": [2, 4],
+                        "clamp_tokens": 2, "explain_texts": 12}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return root
 
@@ -56,10 +66,24 @@ def test_pipeline_runs_and_resumes(world):
     assert s2["stage1_jailbroken"] == s1["jailbroken"] and s2["jailbroken"] <= s1["jailbroken"]
     assert s2["refused"] == 6 and s2["jailbroken"] >= 1 and 0.0 <= s2["inactive_share"] <= 1.0
     assert s2["forward_passes"]["literal_sequential"] > s2["forward_passes"]["batched_sequential"]
+    s3 = out["stage3"]
+    assert s3["fm"]["columns"] > 0 and 0 <= s3["fm"]["test_acc"] <= 1 and set(s3["fm"]["collapse"]) == {"4", "2"}
+    assert s3["table2"]["refused"] == 6 and [r["k"] for r in s3["probe_vs_fm"]] == ["1", "4", "any"]
+    assert out["hydra"]["inactive_critical"]["n_prompts"] == s2["jailbroken"]
+    assert [r["seed"] for r in out["controls"]["random"]["per_seed"]] == [0, 1]
+    assert {(r["dataset"], r["setting"]) for r in out["ce_loss"]["rows"]} == {
+        (d, s) for d in ("instructions", "general") for s in ("baseline", "direction", "features")}
+    assert sum(out["taxonomy"]["histogram"]["by_count"].values()) + out["taxonomy"]["histogram"]["none"] \
+        == out["taxonomy"]["n_features"]
+    assert out["semantics"]["source"] == "activations" and out["semantics"]["n_features"] > 0
     manifest = read_json(run_dir / "manifest.json")
-    assert [manifest["stages"][s]["status"] for s in ("filter", "direction", "stage1", "stage2")] == ["done"] * 4
+    stages = ("filter", "direction", "stage1", "stage2", "stage3", "hydra", "stage3_only", "controls",
+              "ce_loss", "taxonomy", "clamping", "semantics")
+    assert [manifest["stages"][s]["status"] for s in stages] == ["done"] * len(stages)
     for f in ("direction/direction.safetensors", "direction/cosine.png", "stage1/results.jsonl",
-              "stage1/k_distribution.png", "stage2/sets.jsonl", "stage2/table1.json"):
+              "stage1/k_distribution.png", "stage2/sets.jsonl", "stage2/table1.json",
+              "stage3/fm.safetensors", "stage3/ranking.parquet", "controls/obrien.png",
+              "taxonomy/categories.png", "taxonomy/study_items.json", "semantics/explanations.json"):
         assert (run_dir / f).exists(), f
     sets = [json.loads(l) for l in (run_dir / "stage2" / "sets.jsonl").read_text().splitlines()]
     for rec in sets:  # every chosen set is the smallest jailbreaking one over the τ sweep

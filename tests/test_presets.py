@@ -1,7 +1,6 @@
 """The paper's presets on random-weight models built from the real configs at reduced size
 (the real weights cannot be downloaded here): architecture quirks, chat templates and hooks."""
 
-import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 

@@ -64,13 +64,13 @@ def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: b
 @app.command()
 @friendly
 def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
-    """The main job on the embedded demo world: build it (once), then run the pipeline."""
+    """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
     log = _log(quiet, as_json)
     info = build_world(quiet=quiet, log=log)
     result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
-    result.update(_run_stages("demo", run, quiet, as_json, "stage2"))
+    result.update(_run_stages("demo", run, quiet, as_json, "analyses"))
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -79,15 +79,24 @@ def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
     _report(result, False)
 
 
-def _run_stages(config, run, quiet, as_json, upto: str) -> dict:
-    """Run the pipeline's stages in order up to `upto` (each skipped when already done)."""
+def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None) -> dict:
+    """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
+    analyses are the ones `analyses.run` lists, or `only`."""
     from ..run.pipeline import run_filter
+    from ..run.stage_analyses import ANALYSIS_STAGES
     from ..run.stage_direction import run_direction
+    from ..run.stage_interactions import run_stage3
     from ..run.stage_search import run_stage1, run_stage2
 
     ctx = _context(config, run, quiet, as_json)
     order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
-             ("stage2", run_stage2)]
+             ("stage2", run_stage2), ("stage3", run_stage3)]
+    if upto == "analyses":
+        names = only or ctx.cfg.analyses.run
+        bad = [n for n in names if n not in ANALYSIS_STAGES]
+        if bad:
+            raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
+        order += [(n, ANALYSIS_STAGES[n]) for n in ANALYSIS_STAGES if n in names]
     out = {}
     for name, fn in order:
         out[name] = fn(ctx)
@@ -130,12 +139,30 @@ def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
     _report(_run_stages(config, run, quiet, as_json, "stage2"), as_json)
 
 
+@app.command()
+@friendly
+def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON):
+    """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
+    _report(_run_stages(config, run, quiet, as_json, "stage3"), as_json)
+
+
+@app.command()
+@friendly
+def analyze(names: Optional[list[str]] = typer.Argument(
+                None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
+            config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON):
+    """The paper's analyses (runs the earlier stages first when needed)."""
+    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None), as_json)
+
+
 @app.command("run")
 @friendly
 def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
             as_json: bool = JSON):
-    """The whole pipeline on a config (resumes where a previous run stopped)."""
-    _report(_run_stages(config, run, quiet, as_json, "stage2"), as_json)
+    """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
+    _report(_run_stages(config, run, quiet, as_json, "analyses"), as_json)
 
 
 @app.command("filter")

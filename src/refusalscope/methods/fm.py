@@ -175,7 +175,7 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
     anchors = [j for j, c in enumerate(columns) if c in stage2]
     if not anchors:
         raise UserError("none of the Stage 2 latents is an FM column (none was ever active in the "
-                        "Stage 3 data): check the Stage 3 layers cover the Stage 2 latents")
+                        "Stage 3 data): set stage3.layers to include layers of the Stage 2 latents")
     A = U[anchors]
     if aggregate == "mean":
         score = U @ A.mean(0)

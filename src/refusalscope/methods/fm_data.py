@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from ..io.model import ChatModel
 
@@ -73,7 +73,8 @@ class FeatureMatrix:
                    "rows": torch.from_numpy(self.rows.astype(np.int64)).reshape(-1, 2),
                    "shape": torch.tensor(v.shape, dtype=torch.int64)}
         meta = {"mode": self.mode, "n_tokens": json.dumps(self.n_tokens)}
-        return _atomic_save(Path(path), tensors, meta)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureMatrix":
@@ -86,20 +87,6 @@ class FeatureMatrix:
         values = sp.csr_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()), shape=shape)
         return cls([tuple(c) for c in t["columns"].tolist()], values, t["rows"].numpy(),
                    meta["mode"], json.loads(meta["n_tokens"]))
-
-
-def _atomic_save(path: Path, tensors: dict, meta: dict) -> Path:
-    # methods/ sits above run/ (CONTRIBUTING), so this mirrors run.store.atomic_write_tensors
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def csr_to_torch(m: sp.spmatrix, device=None) -> torch.Tensor:

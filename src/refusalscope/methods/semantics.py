@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..io.model import ChatModel
-from .taxonomy import Feature, as_pair, atomic_write, fid, group_by_layer, iter_feature_acts, sort_features
+from ..atomic import atomic_write
+from .taxonomy import Feature, as_pair, fid, group_by_layer, iter_feature_acts, sort_features
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 

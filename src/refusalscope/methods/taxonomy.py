@@ -12,14 +12,14 @@ Features go in as (layer, index) pairs or "layer-index" strings; results are key
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from ..io.model import ChatModel, PromptBatch
 from ..io.prompts import Prompt
@@ -162,23 +162,6 @@ def category_histogram(cmap: dict, categories: Sequence[str] | None = None) -> d
     return {"by_count": {str(k): n_by.get(k, 0) for k in range(1, top + 1)},
             "single": {c: single.get(c, 0) for c in cats + sorted(set(single) - set(cats))},
             "none": n_by.get(0, 0), "total": len(cmap)}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write through a temp file in the target folder and rename it into place, so a killed run
-    never leaves half a file (the methods layer cannot import the run store)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def plot_category_histogram(hist: dict, path: str | os.PathLike, title: str | None = None) -> Path:

@@ -88,6 +88,43 @@ class Stage2Config(Section):
     batch_size: int = Field(32, ge=1, description="rows per forward pass")
 
 
+class Stage3Config(Section):
+    harmful: list[str] = Field(["bundled:harmful"], description="prompt sets labelled 1 (paper: AdvBench)")
+    harmless: list[str] = Field(["bundled:harmless"], description="prompt sets labelled 0 (paper: Alpaca)")
+    n_per_class: int | None = Field(None, ge=4, description="cap per label (equal numbers are used)")
+    layers: list[int] | Literal["auto"] = Field("auto", description="auto: SAE layers from 2 to l*")
+    n_tokens: int = Field(4, ge=1, description="last tokens recorded (the post-instruction template)")
+    mode: Literal["pooled", "tokens"] = "pooled"
+    embedding_size: int = Field(20, ge=1)
+    collapse_sizes: list[int] = Field([5], description="extra FM sizes trained only for the collapse check")
+    lr: float = 1e-3
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    aggregate: Literal["max", "mean"] = "max"
+    ks: list[int] = list(range(100, 2001, 100))
+    probe_ks: list[int] = [100, 500, 1000, 2000]
+    rungs_per_round: int = Field(3, ge=1)
+
+
+ANALYSES = ("hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics")
+
+
+class AnalysesConfig(Section):
+    run: list[Literal[ANALYSES]] = list(ANALYSES)
+    wake_threshold: float = Field(0.1, ge=0, description="relative P(I) change that keeps a prompt (hydra step 2)")
+    random_seeds: list[int] = [0, 1, 2]
+    obrien_ks: list[int] = [1, 2, 3, 4, 5, 6, 8, 10]
+    ce_instructions: str = Field("bundled:harmless:test", description="paper: Alpaca")
+    ce_general: str = Field("bundled:general", description="paper: The Pile")
+    ce_texts: int = Field(100, ge=1)
+    taxonomy_prompts: list[str] = Field(["bundled:harmful"], description="prompts with unsafe categories (paper: CoCoNot)")
+    clamp_values: list[float] = [2, 4, 6, 8, 10]
+    clamp_prompts: list[str] | None = Field(None, description="None: the paper's five benign prompts")
+    clamp_tokens: int = Field(24, ge=1)
+    explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
+    neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
+
+
 class Config(Section):
     name: str = "run"
     seed: int = 0
@@ -99,6 +136,8 @@ class Config(Section):
     direction: DirectionConfig = DirectionConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
+    analyses: AnalysesConfig = AnalysesConfig()
 
     @field_validator("name")
     @classmethod

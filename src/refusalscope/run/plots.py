@@ -75,3 +75,14 @@ def stage2_sizes(table: pd.DataFrame, path: Path) -> Path:
     ax2.set_ylabel("jailbroken share")
     ax1.set_title("Stage 2 over the τ sweep")
     return save(fig, path)
+
+
+def obrien_curve(per_k: list[dict], path: Path) -> Path:
+    """Paper Fig 6: ASR of ablating latents active on ≥ k prompt tokens."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([r["k"] for r in per_k], [r["asr"] for r in per_k], marker="o", color="tab:orange")
+    ax.set_xlabel("k (latent active on at least k prompt tokens)")
+    ax.set_ylabel("ASR")
+    ax.set_ylim(0, 1)
+    ax.set_title("O'Brien-style baseline")
+    return save(fig, path)

@@ -1,0 +1,181 @@
+"""The paper's analyses as pipeline stages, one per analysis, each resumable and hashed:
+hydra (inactive critical latents and where they wake up), stage3_only, controls (random and
+O'Brien-style), ce_loss (Table 9), taxonomy (Fig 3 + human-study sample), clamping (Tables 5/6),
+semantics (explanations, top terms, concept groups)."""
+
+from __future__ import annotations
+
+from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
+from .pipeline import Context, kept_prompts, stage_hash
+from .resolve import load_prompt_set
+from .stage_direction import load_direction
+from .stage_interactions import active_stage2, stage2_sets, stage3_sets
+from .store import read_json
+
+
+def _fid(f) -> str:
+    return f if isinstance(f, str) else f"{f[0]}-{f[1]}"
+
+
+def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
+    return [(p.id, p.text) for p in kept_prompts(ctx) if p.id in ids]
+
+
+def _gen(ctx: Context) -> dict:
+    g = ctx.cfg.generation
+    return {"max_new_tokens": g.max_new_tokens, "batch_size": g.batch_size}
+
+
+def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
+    h = stage_hash(ctx, name, ("judge", "generation", "analyses", "seed"), deps)
+    if ctx.store.is_done(name, h):
+        return ctx.store.status(name)["summary"]
+    with ctx.store.stage(name, h) as st:
+        st.summary = compute(st)
+    ctx.log(f"{name}: done")
+    return st.summary
+
+
+def run_hydra(ctx: Context) -> dict:
+    def compute(st):
+        sets = stage2_sets(ctx)
+        prompts = _prompts(ctx, sets)
+        act = hydra.activity(ctx.model, ctx.saes, prompts, sets, ctx.cfg.model.batch_size)
+        crit = hydra.inactive_critical(ctx.model, ctx.saes, prompts, sets, act, ctx.judge, **_gen(ctx))
+        # the paper's step 2: prompts whose jailbreak fails once the inactive latents are left out
+        lost = [r["id"] for r in crit["records"]
+                if r["jailbroken"].get("full") and r["jailbroken"].get("active") is False]
+        wake = hydra.wake_up(ctx.model, ctx.saes, prompts, act, ctx.cfg.model.batch_size,
+                             threshold=ctx.cfg.analyses.wake_threshold, ids=lost or None)
+        st.json("activity.json", {pid: {k: [_fid(f) for f in v] for k, v in a.items()} for pid, a in act.items()})
+        st.json("inactive_critical.json", crit)
+        st.json("wake_up.json", wake)
+        return {"inactive_critical": crit["counts"], "wake_up": wake["summary"]}
+    return _stage(ctx, "hydra", ("stage2",), compute)
+
+
+def woken_at_bos(ctx: Context) -> list[str]:
+    wake = read_json(ctx.store.path("hydra", "wake_up.json"))
+    return sorted({_fid(w["feature"]) for r in wake["records"] for w in r["woken"]
+                   if any(h["region"] == "bos" for h in w["firings"])})
+
+
+def run_stage3_only(ctx: Context) -> dict:
+    def compute(st):
+        s3 = stage3_sets(ctx)
+        out = controls.stage3_only(ctx.model, ctx.saes, _prompts(ctx, s3), s3, active_stage2(ctx),
+                                   ctx.judge, **_gen(ctx))
+        st.json("stage3_only.json", out)
+        return out["summary"]
+    return _stage(ctx, "stage3_only", ("stage3",), compute)
+
+
+def run_controls(ctx: Context) -> dict:
+    def compute(st):
+        sets = stage2_sets(ctx)
+        a = ctx.cfg.analyses
+        rnd = controls.random_control(ctx.model, ctx.saes, _prompts(ctx, sets), sets, ctx.judge,
+                                      seeds=a.random_seeds, **_gen(ctx))
+        refused = [(p.id, p.text) for p in kept_prompts(ctx)]
+        obr = controls.obrien_baseline(ctx.model, ctx.saes, refused, ctx.judge, ks=a.obrien_ks, **_gen(ctx))
+        st.json("random_control.json", rnd)
+        st.json("obrien.json", obr)
+        from . import plots
+
+        plots.obrien_curve(obr["per_k"], st.file("obrien.png"))
+        return {"random": {"per_seed": [{k: r[k] for k in ("seed", "jailbroken", "asr")} for r in rnd["per_seed"]],
+                           "n_prompts": len(sets)},
+                "obrien": [{k: r[k] for k in ("k", "jailbroken", "asr", "mean_set_size")} for r in obr["per_k"]]}
+    return _stage(ctx, "controls", ("stage2",), compute)
+
+
+def run_ce_loss(ctx: Context) -> dict:
+    def compute(st):
+        a = ctx.cfg.analyses
+        tf = ctx.cfg.data.text_field
+        instr = [p.text for p in load_prompt_set(a.ce_instructions, tf)][: a.ce_texts]
+        general = [p.text for p in load_prompt_set(a.ce_general, tf)][: a.ce_texts]
+        direction, _ = load_direction(ctx)
+        rows = ce_loss.ce_table(ctx.model, ctx.saes, [ce_loss.TextSet("instructions", instr, chat=True),
+                                                      ce_loss.TextSet("general", general)],
+                                direction, stage2_sets(ctx), batch_size=ctx.cfg.model.batch_size,
+                                quiet=ctx.quiet)
+        st.json("table9.json", rows)
+        return {"rows": rows}
+    return _stage(ctx, "ce_loss", ("stage2", "direction"), compute)
+
+
+def critical_features(ctx: Context) -> list[str]:
+    feats = {_fid(f) for s in stage2_sets(ctx).values() for f in s}
+    feats |= {_fid(f) for s in stage3_sets(ctx).values() for f in s}
+    return sorted(feats, key=lambda f: tuple(int(x) for x in f.split("-")))
+
+
+def run_taxonomy(ctx: Context) -> dict:
+    def compute(st):
+        a = ctx.cfg.analyses
+        prompts = [p for s in a.taxonomy_prompts for p in load_prompt_set(s, ctx.cfg.data.text_field)
+                   if p.category]
+        feats = critical_features(ctx)
+        act = taxonomy.category_activity(ctx.model, ctx.saes, prompts, feats, ctx.cfg.model.batch_size)
+        cmap = taxonomy.category_map(act)
+        hist = taxonomy.category_histogram(cmap)
+        taxonomy.plot_category_histogram(hist, st.file("categories.png"))
+        import random
+
+        pool = [f for f in taxonomy.layer_features(ctx.saes) if f not in set(feats)]
+        extra = random.Random(ctx.cfg.seed).sample(pool, min(len(pool), 400))
+        cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, ctx.cfg.model.batch_size)
+        study = human_study.sample_study(cmap, cand, seed=ctx.cfg.seed)
+        st.json("category_activity.json", act)
+        st.json("study_items.json", study)
+        return {"histogram": hist, "study": human_study.study_breakdown(study), "n_features": len(feats)}
+    return _stage(ctx, "taxonomy", ("stage3",), compute)
+
+
+def run_clamping(ctx: Context) -> dict:
+    def compute(st):
+        a = ctx.cfg.analyses
+        feats = [tuple(int(x) for x in f.split("-")) for f in woken_at_bos(ctx)]
+        if not feats:
+            return {"features": [], "rows": [], "note": "no dormant latent woke up on BOS"}
+        rows = clamping.bos_clamp(ctx.model, ctx.saes, feats, a.clamp_prompts or clamping.BENIGN_PROMPTS,
+                                  a.clamp_values, a.clamp_tokens, ctx.cfg.generation.batch_size)
+        st.json("clamping.json", rows)
+        return {"features": [_fid(f) for f in feats], "rows": rows}
+    return _stage(ctx, "clamping", ("hydra",), compute)
+
+
+def run_semantics(ctx: Context) -> dict:
+    def compute(st):
+        a = ctx.cfg.analyses
+        feats = critical_features(ctx)
+        s2 = {_fid(f) for s in stage2_sets(ctx).values() for f in s}
+        expl, missing, source = {}, [], "activations"
+        if ctx.cfg.saes.neuronpedia_id:
+            from ..demo.recipe import cache_root
+
+            client = semantics.NeuronpediaClient(a.neuronpedia_cache or cache_root() / "neuronpedia",
+                                                 ctx.cfg.saes.neuronpedia_id)
+            expl, missing = client.explain(feats)
+            source = "neuronpedia"
+        texts = [p.text for p in load_prompt_set("bundled:general")]
+        texts += [ctx.model.format_chat(p.text) for p in kept_prompts(ctx)]
+        top = semantics.top_activations(ctx.model, ctx.saes, texts[: a.explain_texts], feats,
+                                        batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
+        for f in feats:
+            expl.setdefault(f, semantics.activation_explanation(top.get(f, [])))
+        st.json("explanations.json", {"source": source, "missing_from_neuronpedia": missing,
+                                      "explanations": expl, "top_activations": top})
+        groups = {name: semantics.group_by_concepts({f: expl[f] for f in fs})
+                  for name, fs in (("stage2", sorted(s2)), ("stage3", [f for f in feats if f not in s2]))}
+        terms = semantics.top_terms(expl)
+        st.json("concepts.json", {"groups": groups, "top_terms": terms})
+        return {"source": source, "n_features": len(feats), "missing": len(missing), "top_terms": terms[:15],
+                "groups": {k: {c: len(v) for c, v in g.items()} for k, g in groups.items()}}
+    return _stage(ctx, "semantics", ("stage3",), compute)
+
+
+ANALYSIS_STAGES = {"hydra": run_hydra, "stage3_only": run_stage3_only, "controls": run_controls,
+                   "ce_loss": run_ce_loss, "taxonomy": run_taxonomy, "clamping": run_clamping,
+                   "semantics": run_semantics}
