@@ -23,7 +23,7 @@ from refusalscope.io.prompts import load_bundled
 
 def load_world(d_sae: int):
     from refusalscope.demo.world import is_built, load_demo_model, sae_dir
-    from refusalscope.io.saes import load_sae_set
+    from refusalscope.io.sae_loading import load_sae_set
 
     if is_built():
         model = load_demo_model()

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from refusalscope.io.saes import FeatureDictionary, SAESet, load_sae, make_jumprelu_sae, make_relu_sae, make_topk_sae
+from refusalscope.io.sae_loading import load_sae
+from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae, make_relu_sae, make_topk_sae
 
 
 def _weights(d, m, seed):

@@ -19,11 +19,10 @@ from sae_lens.loading import pretrained_sae_loaders as sl_loaders
 from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
 
 from refusalscope.errors import UserError
+from refusalscope.io.sae_loading import load_sae, load_sae_set
 from refusalscope.io.saes import (
     FeatureDictionary,
     SAESet,
-    load_sae,
-    load_sae_set,
     make_jumprelu_sae,
     make_relu_sae,
     make_topk_sae,

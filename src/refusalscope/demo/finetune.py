@@ -88,7 +88,7 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
               and not _below(n, recipe.freeze_layers_below)]
     for n, p in hf.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
-    opt = torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=0.0, fused=True)
     steps_per_epoch = math.ceil(len(items) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -27,14 +27,14 @@ class _Part(BaseModel):
 
 
 class FinetuneRecipe(_Part):
-    epochs: int = 2
+    epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 8
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
-    decision_weight: float = Field(5.0, description="loss weight of the first reply token, where "
+    decision_weight: float = Field(10.0, description="loss weight of the first reply token, where "
                                    "the model decides between refusing and answering")
     freeze_embeddings: bool = True
-    freeze_layers_below: int = Field(6, description="layers below this index stay frozen (faster)")
+    freeze_layers_below: int = Field(12, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
 

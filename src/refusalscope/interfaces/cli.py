@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .tables import print_quality, print_sae_quality, print_table
+from .tables import print_examples, print_quality, print_sae_quality, print_table
 
 app = typer.Typer(help="Find the SAE latents that make a chat model refuse, and how they interact.",
                   no_args_is_help=True, add_completion=False)
@@ -61,6 +61,14 @@ def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: b
     return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
 
 
+def _print_examples(info: dict) -> None:
+    from ..run.store import read_jsonl
+
+    path = Path(info["path"]) / "quality_examples.jsonl"
+    if path.exists():
+        print_examples(read_jsonl(path))
+
+
 @app.command()
 @friendly
 def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
@@ -76,6 +84,7 @@ def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
         return
     print_quality(info["quality"])
     print_sae_quality(info["sae_quality"])
+    _print_examples(info)
     _report(result, False)
 
 
@@ -192,6 +201,7 @@ def world_build(force: bool = typer.Option(False, help="Rebuild from scratch."),
         print(json.dumps(info, indent=2))
     else:
         print_quality(info["quality"])
+        _print_examples(info)
         print_sae_quality(info["sae_quality"])
         print(f"built in {info['build_seconds']} s at {info['path']}")
 
@@ -214,6 +224,7 @@ def world_info_cmd(as_json: bool = JSON):
     print_table("Build timings (s)", [info["timings"]])
     if "quality" in info:
         print_quality(info["quality"])
+        _print_examples(info)
         print_sae_quality(info["sae_quality"])
 
 

@@ -37,6 +37,17 @@ def print_quality(quality: dict) -> None:
                 f"{quality['max_new_tokens']} tokens)", rows)
 
 
+def print_examples(examples: list[dict], per_set: int = 2) -> None:
+    """A few replies per quality set, so coherence can be judged by eye."""
+    rows, seen = [], {}
+    for e in examples:
+        if seen.get(e["set"], 0) < per_set:
+            seen[e["set"]] = seen.get(e["set"], 0) + 1
+            rows.append({"set": e["set"], "prompt": e["prompt"][:50], "reply": e["reply"][:90].replace("\n", " "),
+                         "refused": e["refused"]})
+    print_table("Example replies of the demo model", rows)
+
+
 def print_sae_quality(sae_quality: dict) -> None:
     rows = [{"layer": int(l), "explained var": q["explained_variance"], "L0": q["l0"],
              "dead %": round(100 * q["dead_fraction"], 2), "CE base": q["ce_base"],

@@ -117,6 +117,7 @@ class AnalysesConfig(Section):
     ce_instructions: str = Field("bundled:harmless:test", description="paper: Alpaca")
     ce_general: str = Field("bundled:general", description="paper: The Pile")
     ce_texts: int = Field(100, ge=1)
+    ce_sets: int | None = Field(None, ge=1, description="cap on per-prompt feature sets averaged (None: all)")
     taxonomy_prompts: list[str] = Field(["bundled:harmful"], description="prompts with unsafe categories (paper: CoCoNot)")
     clamp_values: list[float] = [2, 4, 6, 8, 10]
     clamp_prompts: list[str] | None = Field(None, description="None: the paper's five benign prompts")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts
-from ..io.saes import SAESet, load_sae_set
+from ..io.sae_loading import load_sae_set
+from ..io.saes import SAESet
 from .config import Config
 
 

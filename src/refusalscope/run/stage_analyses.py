@@ -96,10 +96,15 @@ def run_ce_loss(ctx: Context) -> dict:
         instr = [p.text for p in load_prompt_set(a.ce_instructions, tf)][: a.ce_texts]
         general = [p.text for p in load_prompt_set(a.ce_general, tf)][: a.ce_texts]
         direction, _ = load_direction(ctx)
+        sets = stage2_sets(ctx)
+        if a.ce_sets and len(sets) > a.ce_sets:  # a seeded sample of the per-prompt sets
+            import random
+
+            keep = random.Random(ctx.cfg.seed).sample(sorted(sets), a.ce_sets)
+            sets = {k: sets[k] for k in sorted(keep)}
         rows = ce_loss.ce_table(ctx.model, ctx.saes, [ce_loss.TextSet("instructions", instr, chat=True),
                                                       ce_loss.TextSet("general", general)],
-                                direction, stage2_sets(ctx), batch_size=ctx.cfg.model.batch_size,
-                                quiet=ctx.quiet)
+                                direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
         st.json("table9.json", rows)
         return {"rows": rows}
     return _stage(ctx, "ce_loss", ("stage2", "direction"), compute)
