@@ -13,10 +13,10 @@ from ..io.model import ChatModel
 from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
 from ..measures.judges import make_judge
-from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from .corpus import collect, continuations, corpus_texts
 from .finetune import build_examples, finetune
-from .recipe import DemoRecipe
+from .recipe import GGUF_FILE, DemoRecipe
 from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
                         train_topk)
 from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
@@ -25,7 +25,11 @@ from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 def base_replies_step(base: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool) -> list[str]:
     """Greedy replies of the untuned model to the harmless training prompts (checkpointed)."""
     prompts = harmless_train(recipe)
-    ck = Checkpoint(root / "base_replies.jsonl", key="id")
+    # keyed by what the replies depend on (not the whole recipe), so tuning the fine-tune or the
+    # SAEs reuses them
+    key = config_hash({"prompts": [p.text for p in prompts], "tokens": recipe.finetune.base_reply_tokens,
+                       "model": GGUF_FILE})
+    ck = Checkpoint(root.parent / f"base-replies-{key}.jsonl", key="id")
     todo = [p for p in prompts if p.id not in ck]
     size = recipe.eval.batch_size
     n_max = recipe.finetune.base_reply_tokens

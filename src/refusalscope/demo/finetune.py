@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -69,8 +70,55 @@ def _collate(items, idx, pad_id: int, decision_weight: float):
     return ids, mask, target, weight
 
 
-def _reply_loss(hf, ids, mask, target, weight):
-    hidden = hf.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+@contextmanager
+def _layers(decoder, keep: slice):
+    """Temporarily run the decoder with only `decoder.layers[keep]`."""
+    full = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(full)[keep])
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+class FrozenPrefix:
+    """Layers below `n` do not change during the fine-tune, so each example's stream after them
+    is computed once and every step runs only the trained layers from there (exact: training
+    batches are right-padded, so real tokens never see padding). Llama-only: Gemma-style models
+    rescale `inputs_embeds` inside their forward."""
+
+    def __init__(self, hf, items, n: int):
+        self.n, self.cache = n, []
+        dec = hf.get_decoder()
+        grab = {}
+        handle = dec.layers[n - 1].register_forward_hook(lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o))
+        try:
+            with torch.no_grad(), _layers(dec, slice(0, n)):
+                for seq, _ in items:
+                    dec(input_ids=torch.tensor([seq]), use_cache=False)
+                    self.cache.append(grab["h"][0].clone())
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def usable(hf, n: int) -> bool:
+        return n > 0 and hf.config.model_type == "llama"
+
+    def inputs(self, idx, width: int) -> torch.Tensor:
+        out = torch.zeros(len(idx), width, self.cache[0].shape[-1], dtype=self.cache[0].dtype)
+        for row, i in enumerate(idx):
+            out[row, :len(self.cache[i])] = self.cache[i]
+        return out
+
+
+def _reply_loss(hf, ids, mask, target, weight, prefix: FrozenPrefix | None = None, idx=None):
+    dec = hf.get_decoder()
+    if prefix is None:
+        hidden = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    else:
+        with _layers(dec, slice(prefix.n, None)):
+            hidden = dec(inputs_embeds=prefix.inputs(idx, ids.shape[1]), attention_mask=mask,
+                         use_cache=False).last_hidden_state
     sel = target != -100
     logits = hf.lm_head(hidden[sel])
     ce = torch.nn.functional.cross_entropy(logits.float(), target[sel], reduction="none")
@@ -99,6 +147,8 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
         state = read_json(state_path)
         start_epoch, history = state["epochs_done"], state["history"]
         _load_state(hf, opt, sched, load_file(str(ckpt)), params, start_epoch * steps_per_epoch)
+    prefix = FrozenPrefix(hf, items, recipe.freeze_layers_below) \
+        if FrozenPrefix.usable(hf, recipe.freeze_layers_below) and start_epoch < recipe.epochs else None
     hf.train()
     pad = model.tokenizer.pad_token_id
     torch.manual_seed(seed)
@@ -107,7 +157,7 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
         bar = tqdm(_batches(items, recipe.batch_size, seed + epoch), disable=quiet,
                    desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}")
         for idx in bar:
-            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight))
+            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight), prefix, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)

@@ -1,0 +1,62 @@
+"""The demo world's training code on small real inputs: the frozen-prefix fine-tune step is exact,
+and the SAE trainer recovers a planted sparse dictionary and converts to JumpReLU faithfully."""
+
+import torch
+
+from refusalscope.demo.finetune import FrozenPrefix, _below, _collate, _reply_loss, _tokenize
+from refusalscope.demo.sae_train import (finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
+                                         train_topk)
+from refusalscope.io.model import ChatModel
+from tiny import tiny_llama
+
+
+def test_frozen_prefix_gives_the_same_loss_and_gradients():
+    hf, tok = tiny_llama(layers=4)
+    model = ChatModel(hf, tok)
+    examples = [(model.format_chat("Write a poem"), "I cannot help with that."),
+                (model.format_chat("How do I bake bread at home? Explain the steps."), "Mix flour and water.")]
+    items = _tokenize(model, examples)
+    batch = _collate(items, [0, 1], tok.pad_token_id, 5.0)
+    w = hf.model.layers[3].mlp.down_proj.weight
+    full = _reply_loss(hf, *batch)
+    g_full, = torch.autograd.grad(full, w)
+    prefix = FrozenPrefix(hf, items, 2)
+    fast = _reply_loss(hf, *batch, prefix, [0, 1])
+    g_fast, = torch.autograd.grad(fast, w)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_fast, g_full, atol=1e-5, rtol=1e-4)
+    weighted = _reply_loss(hf, *_collate(items, [0, 1], tok.pad_token_id, 1.0))
+    assert abs(weighted.item() - full.item()) > 1e-4  # the decision-token weight changes the loss
+    assert _below("model.layers.1.mlp.up_proj.weight", 2) and not _below("model.layers.2.mlp.up_proj.weight", 2)
+    assert not _below("model.norm.weight", 2)
+
+
+def _planted(n=6000, d=32, m=64, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = torch.zeros(n, m)
+    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)])
+    codes.scatter_(1, idx, torch.rand(n, k, generator=g) * 3 + 1)
+    return codes @ D + 0.01 * torch.randn(n, d, generator=g)
+
+
+def test_sae_trainer_recovers_a_sparse_dictionary():
+    X = _planted()
+    Xtr, Xev = X[:5000], X[5000:]
+    topk, freq = train_topk(Xtr, d_sae=64, k=4, epochs=8, lr=3e-3, batch_size=256, seed=0, quiet=True)
+    assert abs(freq.sum().item() - 4) < 0.05  # TopK fires k latents per row
+    jr = to_jumprelu(topk, Xtr[:3000], freq)
+    fired = (jr.encode(Xtr[:3000]) > 0).float().mean(0)
+    assert (fired - freq).abs().max() < 0.02  # each latent fires as often as under TopK
+    q = quality(jr, Xev, Xtr[:2000])
+    assert q["explained_variance"] > 0.7 and 2 < q["l0"] < 8 and 0 <= q["dead_fraction"] < 0.5
+    tuned = finetune_jumprelu(jr, Xtr, target_l0=4, epochs=2, lr=1e-3, batch_size=256, seed=0, quiet=True)
+    assert quality(tuned, Xev, Xtr[:2000])["explained_variance"] >= q["explained_variance"] - 0.05
+
+
+def test_ordinary_tokens_drop_sinks():
+    X = torch.randn(100, 8)
+    X[3] *= 50
+    keep = ordinary_tokens(X)
+    assert not keep[3] and keep.sum() == 99
