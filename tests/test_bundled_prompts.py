@@ -116,10 +116,10 @@ def _check_prompt_fields(rows, extra=()):
 
 def test_harmful_counts_and_categories(harmful):
     _check_prompt_fields(harmful)
-    assert len(harmful) >= 400
+    assert len(harmful) >= 660
     cats = Counter(r["category"] for r in harmful)
     assert set(cats) == UNSAFE, cats
-    assert all(n >= 60 for n in cats.values()), cats
+    assert all(n >= 100 for n in cats.values()), cats
     assert cats.most_common(1)[0][0] == "dangerous_topics"
     for r in harmful:
         assert 3 <= len(r["instruction"].split()) <= 40, r["id"]
@@ -127,36 +127,49 @@ def test_harmful_counts_and_categories(harmful):
 
 def test_harmless_counts_and_contrast(harmless):
     _check_prompt_fields(harmless, extra=("contrast",))
-    assert len(harmless) >= 720
+    assert len(harmless) >= 1040
     assert {r["category"] for r in harmless} == {"harmless"}
     assert all(isinstance(r["contrast"], bool) for r in harmless)
-    assert sum(r["contrast"] for r in harmless) >= 400
+    assert sum(r["contrast"] for r in harmless) >= 700
     assert sum(not r["contrast"] for r in harmless) >= 300
     for r in harmless:
         assert 3 <= len(r["instruction"].split()) <= 40, r["id"]
 
 
+def _num(row: dict) -> int:
+    return int(row["id"].rsplit("-", 1)[1])
+
+
 def test_harmful_splits_stratified_by_category(harmful):
+    # harm-0001..0420 were split 50/15/35 within each category; the 260 added later all went
+    # to train, so each category is now train-heavy with a thinner val and test share.
     for cat in UNSAFE:
         rows = [r for r in harmful if r["category"] == cat]
         splits = Counter(r["split"] for r in rows)
         assert set(splits) == SPLITS, (cat, splits)
-        assert abs(splits["train"] / len(rows) - 0.50) < 0.06, (cat, splits)
-        assert abs(splits["val"] / len(rows) - 0.15) < 0.05, (cat, splits)
-        assert abs(splits["test"] / len(rows) - 0.35) < 0.06, (cat, splits)
+        assert splits["train"] / len(rows) >= 0.50, (cat, splits)
+        assert splits["val"] / len(rows) >= 0.07, (cat, splits)
+        assert splits["val"] >= 9, (cat, splits)
+        assert splits["test"] / len(rows) >= 0.15, (cat, splits)
+        first = [r for r in rows if _num(r) <= 420]
+        splits = Counter(r["split"] for r in first)
+        assert abs(splits["train"] / len(first) - 0.50) < 0.06, (cat, splits)
+        assert abs(splits["val"] / len(first) - 0.15) < 0.05, (cat, splits)
+        assert abs(splits["test"] / len(first) - 0.35) < 0.06, (cat, splits)
 
 
 def test_harmless_splits_stratified_by_contrast(harmless):
-    # The first 439 rows were split 50/15/35; the 320 added later went 80/20 to train/test
-    # only, so each group is now train-heavy and val is thinner (30 of 419 contrast rows).
+    # The first 439 rows were split 50/15/35; the 320 added next went 80/20 to train/test and
+    # the 300 contrast rows after them all went to train, so each group is train-heavy and
+    # contrast val is thin (30 of 719 rows).
     for flag in (True, False):
         rows = [r for r in harmless if r["contrast"] is flag]
         splits = Counter(r["split"] for r in rows)
         assert set(splits) == SPLITS, (flag, splits)
         assert splits["train"] / len(rows) >= 0.50, (flag, splits)
-        assert splits["val"] / len(rows) >= 0.07, (flag, splits)
+        assert splits["val"] / len(rows) >= 0.04, (flag, splits)
         assert splits["val"] >= 30, (flag, splits)
-        assert splits["test"] / len(rows) >= 0.25, (flag, splits)
+        assert splits["test"] / len(rows) >= 0.15, (flag, splits)
 
 
 def test_ood_composition(ood):

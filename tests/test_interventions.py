@@ -125,6 +125,10 @@ def test_direction_ablation_removes_component_and_actadd_adds(llama):
         added = llama.residuals(batch, [1])[1]
     torch.testing.assert_close(added[real] - base[real], (3 * r_hat).expand(int(real.sum()), -1),
                                atol=1e-4, rtol=1e-4)
+    with intervene(llama, None, [ActAdd(3 * r_hat, layer=1), DirectionAblation(r)]):  # several chunks
+        chunked = llama.logits(batch, batch_size=1)
+        whole = llama.logits(batch)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
 
 
 def test_recording_sees_upstream_ablation(llama):

@@ -94,6 +94,15 @@ def test_pipeline_runs_and_resumes(world):
     again = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
     assert json.loads(again.stdout)["stage2"] == s2
 
+    # an interrupted direction stage reuses its mean differences and scored candidates
+    assert (run_dir / "direction" / "candidates.partial.jsonl").exists()
+    manifest["stages"]["direction"]["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    redo = runner.invoke(app, ["direction", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert redo.exit_code == 0, redo.output
+    assert json.loads(redo.stdout)["direction"]["layer"] == d["layer"]
+    manifest = read_json(run_dir / "manifest.json")
+
     # a stage interrupted after some prompts resumes from its checkpoint
     results = (run_dir / "stage1" / "results.jsonl").read_text().splitlines()
     (run_dir / "stage1" / "results.partial.jsonl").write_text("\n".join(results[:3]) + "\n")

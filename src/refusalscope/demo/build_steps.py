@@ -25,12 +25,12 @@ from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 def base_replies_step(base: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool) -> list[str]:
     """Greedy replies of the untuned model to the harmless training prompts (checkpointed)."""
     prompts = harmless_train(recipe)
-    # keyed by what the replies depend on (not the whole recipe), so tuning the fine-tune or the
-    # SAEs reuses them
-    key = config_hash({"prompts": [p.text for p in prompts], "tokens": recipe.finetune.base_reply_tokens,
-                       "model": GGUF_FILE})
-    ck = Checkpoint(root.parent / f"base-replies-{key}.jsonl", key="id")
-    todo = [p for p in prompts if p.id not in ck]
+    # cached per prompt text (not per recipe), so changing the fine-tune, the SAEs or the prompt
+    # list reuses every reply already generated
+    ck = Checkpoint(root.parent / f"base-replies-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl",
+                    key="key")
+    keys = {p.id: config_hash(p.text) for p in prompts}
+    todo = [p for p in prompts if keys[p.id] not in ck]
     size = recipe.eval.batch_size
     n_max = recipe.finetune.base_reply_tokens
     eos = base.tokenizer.eos_token
@@ -41,8 +41,8 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, root: Path, quiet: bo
         outs = base.generate(base.encode([p.text for p in chunk]), max_new_tokens=n_max)
         for p, reply in zip(chunk, outs):
             n_tok = len(base.tokenizer(reply, add_special_tokens=False)["input_ids"])
-            ck.add({"id": p.id, "reply": reply + (eos if n_tok < n_max - 1 else "")})
-    return [ck.records[p.id]["reply"] for p in prompts]
+            ck.add({"key": keys[p.id], "reply": reply + (eos if n_tok < n_max - 1 else "")})
+    return [ck.records[keys[p.id]]["reply"] for p in prompts]
 
 
 def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,

@@ -27,9 +27,9 @@ class _Part(BaseModel):
 
 
 class FinetuneRecipe(_Part):
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 8
+    epochs: int = 2
+    lr: float = 1.5e-4
+    batch_size: int = 16
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
     decision_weight: float = Field(10.0, description="loss weight of the first reply token, where "
                                    "the model decides between refusing and answering")
@@ -42,7 +42,7 @@ class FinetuneRecipe(_Part):
 class SAERecipe(_Part):
     d_sae: int = 2048
     k: int = Field(32, description="TopK k; also the L0 the JumpReLU phase steers towards")
-    tokens: int = 20_000
+    tokens: int = 16_000
     topk_epochs: int = 1
     topk_lr: float = 3e-3
     jumprelu_epochs: int = 1
@@ -50,13 +50,13 @@ class SAERecipe(_Part):
     batch_size: int = 1024
     layers: list[int] | str = "all"
     continuation_tokens: int = 32
-    openings: int = Field(96, description="bundled openings the model continues for the corpus")
+    openings: int = Field(64, description="bundled openings the model continues for the corpus")
     eval_tokens: int = 4_000
     ce_eval_texts: int = 4
 
 
 class EvalRecipe(_Part):
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
     batch_size: int = 32
 
 

@@ -191,7 +191,9 @@ class Intervener:
                 self._record(point, h, step)
             if point in self.add_tables:
                 shared, per = self.add_tables[point]
-                h = h + shared.sum(0) + self._rows3(step, per).sum(1).unsqueeze(1)
+                h = h + shared.sum(0)
+                if per.shape[1]:
+                    h = h + self._rows3(step, per).sum(1).unsqueeze(1)
             if point in self.features:
                 h = self._features(self.features[point], h, step)
             if point in self.dir_tables:

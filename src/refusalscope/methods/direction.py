@@ -55,13 +55,16 @@ def candidate_layers(n_layers: int, layers: Sequence[int] | str) -> list[int]:
 
 def score_candidates(model: ChatModel, diffs: Tensor, positions: Sequence[int], layers: Sequence[int],
                      val_harmful: Sequence[str], val_harmless: Sequence[str], batch_size: int,
-                     quiet: bool = True) -> pd.DataFrame:
+                     quiet: bool = True, done: dict | None = None, on_row=None) -> pd.DataFrame:
     """Per candidate: mean P(refusal) on harmful prompts with r̂ ablated, and mean KL on harmless
-    prompts (next-token distribution, ablated vs plain)."""
+    prompts (next-token distribution, ablated vs plain). `done` maps (position, layer) to rows
+    already scored (a resumed run); `on_row(row)` is called as each new row is scored."""
+    done = done or {}
     cands = [(pi, p, l) for pi, p in enumerate(positions) for l in layers]
     base_h = refusal_probs(model, None, val_harmful, batch_size=batch_size)
     base_dist = refusal_probs(model, None, val_harmless, batch_size=batch_size, full=True)
-    rows = []
+    rows = [done[(p, l)] for _, p, l in cands if (p, l) in done]
+    cands = [c for c in cands if (c[1], c[2]) not in done]
     for (pi, p, l) in tqdm(cands, desc="score directions", disable=quiet):
         abl = [DirectionAblation(diffs[pi, l])]
         p_h = refusal_probs(model, None, val_harmful, shared=abl, batch_size=batch_size)
@@ -70,7 +73,9 @@ def score_candidates(model: ChatModel, diffs: Tensor, positions: Sequence[int], 
                      "p_refusal_base": base_h.mean().item(),
                      "kl_harmless": kl_divergence(base_dist, dist).mean().item(),
                      "norm": diffs[pi, l].norm().item()})
-    return pd.DataFrame(rows)
+        if on_row:
+            on_row(rows[-1])
+    return pd.DataFrame(rows).sort_values(["position", "layer"], ascending=[False, True]).reset_index(drop=True)
 
 
 def select_direction(model: ChatModel, diffs: Tensor, positions: Sequence[int], table: pd.DataFrame,

@@ -11,7 +11,7 @@ from ..methods.evaluate import generate_judged
 from . import plots
 from .pipeline import Context, kept_prompts, stage_hash
 from .resolve import load_prompt_set
-from .store import read_tensors
+from .store import atomic_write_tensors, read_tensors
 
 
 def _cap(prompts, n):
@@ -36,10 +36,19 @@ def run_direction(ctx: Context) -> dict:
     judge = ctx.judge
     gen = cfg.generation
     with ctx.store.stage(name, h) as st:
-        ctx.log(f"direction: mean differences over {len(harm_tr)} harmful / {len(safe_tr)} harmless prompts")
-        diffs = mean_differences(model, harm_tr, safe_tr, dc.positions, bs, ctx.quiet)
+        partial = ctx.store.path(name, "diffs.partial.safetensors")
+        if partial.exists():  # resumed: the mean differences were computed before
+            diffs = read_tensors(partial)["diffs"]
+        else:
+            ctx.log(f"direction: mean differences over {len(harm_tr)} harmful / {len(safe_tr)} harmless prompts")
+            diffs = mean_differences(model, harm_tr, safe_tr, dc.positions, bs, ctx.quiet)
+            atomic_write_tensors(partial, {"diffs": diffs})
         layers = candidate_layers(model.n_layers, dc.layers)
-        table = score_candidates(model, diffs, dc.positions, layers, harm_val, safe_val, bs, ctx.quiet)
+        ck = st.checkpoint("candidates", key="key")
+        done = {(r["position"], r["layer"]): {k: v for k, v in r.items() if k != "key"}
+                for r in ck.records.values()}
+        table = score_candidates(model, diffs, dc.positions, layers, harm_val, safe_val, bs, ctx.quiet,
+                                 done, lambda row: ck.add({"key": f"{row['position']}:{row['layer']}", **row}))
         choice = select_direction(model, diffs, dc.positions, table, harm_val, safe_val, judge,
                                   dc.max_kl, dc.n_generate, gen.max_new_tokens, gen.batch_size, ctx.quiet)
         st.tensors("direction.safetensors", {"direction": choice.direction, "vector": choice.vector,

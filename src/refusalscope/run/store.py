@@ -154,7 +154,7 @@ class RunStore:
         """Record a stage run: status running → done (or failed), timings and artifacts."""
         prev = self.status(name) or {}
         if prev.get("config_hash") not in (None, chash):  # config changed: old partial work is stale
-            for partial in (self.root / name).glob("*.partial.jsonl"):
+            for partial in (self.root / name).glob("*.partial.*"):
                 partial.unlink()
         rec = StageRecord(self, name)
         entry = {"config_hash": chash, "status": "running", "started": time.time(),
