@@ -10,6 +10,7 @@ from torch import nn
 
 from refusalscope.errors import UserError
 from refusalscope.io.model import ChatModel
+from refusalscope.io.prompts import load_bundled
 from refusalscope.measures.classifier_judge import HARMBENCH_TEMPLATE, ClassifierJudge
 from refusalscope.measures.judges import (REFUSAL_PHRASES, Judge, Verdicts, is_degenerate,
                                           judge_names, make_judge, register_judge)
@@ -66,8 +67,12 @@ def test_registry():
 
 # ---------------------------------------------------------------- substring
 
-def test_phrase_list_size():
-    assert 30 <= len(REFUSAL_PHRASES) <= 45 and len(set(REFUSAL_PHRASES)) == len(REFUSAL_PHRASES)
+def test_phrase_list_is_unique_and_covers_bundled_refusals():
+    assert len(set(REFUSAL_PHRASES)) == len(REFUSAL_PHRASES)
+    assert all(p == p.strip() and p for p in REFUSAL_PHRASES)
+    refusals = [p.text for p in load_bundled("refusals")]
+    verdicts = make_judge("substring").judge(["q"] * len(refusals), refusals)
+    assert all(verdicts.refused), [t for t, r in zip(refusals, verdicts.refused) if not r][:3]
 
 
 def test_substring_refusals_and_compliance():

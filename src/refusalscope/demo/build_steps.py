@@ -16,18 +16,18 @@ from ..measures.judges import make_judge
 from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from .corpus import collect, continuations, corpus_texts
 from .finetune import build_examples, finetune
-from .recipe import GGUF_FILE, DemoRecipe
+from .recipe import GGUF_FILE, DemoRecipe, cache_root
 from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
                         train_topk)
 from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 
 
-def base_replies_step(base: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool) -> list[str]:
+def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[str]:
     """Greedy replies of the untuned model to the harmless training prompts (checkpointed)."""
     prompts = harmless_train(recipe)
     # cached per prompt text (not per recipe), so changing the fine-tune, the SAEs or the prompt
     # list reuses every reply already generated
-    ck = Checkpoint(root.parent / f"base-replies-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl",
+    ck = Checkpoint(cache_root() / "demo-world" / f"base-replies-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl",
                     key="key")
     keys = {p.id: config_hash(p.text) for p in prompts}
     todo = [p for p in prompts if keys[p.id] not in ck]
@@ -109,7 +109,7 @@ def quality_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, 
     return out
 
 
-def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log) -> None:
+def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quiet: bool, log) -> None:
     """Corpus → activations at every layer → one JumpReLU SAE per layer, each saved when done."""
     r = recipe.sae
     layers = demo_layers(recipe, model.n_layers)
@@ -122,7 +122,7 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, log)
     passages = [p.text for p in load_bundled("general")]
     rng.shuffle(passages)
     ce_texts, passages = passages[: r.ce_eval_texts], passages[r.ce_eval_texts:]
-    examples = read_jsonl(root / "finetune_examples.jsonl")
+    examples = read_jsonl(mroot / "finetune_examples.jsonl")
     prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
     log("building the SAE corpus (continuations of bundled openings)")
     cont = continuations(model, [p.text for p in load_bundled("openings")][: r.openings],

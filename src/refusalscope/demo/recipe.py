@@ -81,9 +81,19 @@ def _data_digest() -> str:
     return h.hexdigest()
 
 
-def recipe_hash(recipe: DemoRecipe) -> str:
-    payload = {"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__}
+def _hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recipe_hash(recipe: DemoRecipe) -> str:
+    return _hash({"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__})
+
+
+def model_hash(recipe: DemoRecipe) -> str:
+    """What the tuned model (and its quality table) depends on: not the SAE recipe, so changing
+    only the SAEs reuses the model."""
+    return _hash({"finetune": recipe.finetune.model_dump(), "eval": recipe.eval.model_dump(),
+                  "seed": recipe.seed, "data": _data_digest(), "version": __version__})
 
 
 def cache_root() -> Path:

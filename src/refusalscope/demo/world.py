@@ -3,6 +3,8 @@
 The build runs in steps, each leaving its result in the cache folder before the next starts, so
 an interrupted build resumes where it stopped: base replies → fine-tune (per-epoch checkpoints)
 → saved model → quality table → activations → one SAE per layer (each saved as it finishes).
+The tuned model lives under `models/<model hash>` and is shared by every recipe that differs
+only in its SAE settings; base-model replies are cached per prompt.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import load_bundled
-from ..run.store import Checkpoint, atomic_write_json, read_json
-from .recipe import DemoRecipe, base_gguf_path, cache_root, recipe_hash
+from ..run.store import atomic_write_json, read_json
+from .recipe import DemoRecipe, base_gguf_path, cache_root, model_hash, recipe_hash
 
 MODEL_NAME = "refusalscope-demo-smollm2-135m"
 
@@ -25,6 +27,11 @@ MODEL_NAME = "refusalscope-demo-smollm2-135m"
 def world_dir(recipe: DemoRecipe | None = None) -> Path:
     recipe = recipe or DemoRecipe()
     return cache_root() / "demo-world" / recipe_hash(recipe)
+
+
+def model_dir(recipe: DemoRecipe | None = None) -> Path:
+    """Folder of the tuned model (`model/`), its training examples and its quality table."""
+    return cache_root() / "demo-world" / "models" / model_hash(recipe or DemoRecipe())
 
 
 def world_info(recipe: DemoRecipe | None = None) -> dict:
@@ -43,7 +50,7 @@ def sae_dir(layer: int, recipe: DemoRecipe | None = None) -> Path:
 
 def load_demo_model(recipe: DemoRecipe | None = None, **kwargs) -> ChatModel:
     """The safety-tuned demo model; builds the world first if it is missing."""
-    path = world_dir(recipe) / "model"
+    path = model_dir(recipe) / "model"
     if not (path / "config.json").exists():
         raise UserError(f"demo world not built at {world_dir(recipe)}: run `refusalscope demo-world build`")
     kwargs.setdefault("name", MODEL_NAME)
@@ -76,8 +83,10 @@ def build_world(recipe: DemoRecipe | None = None, quiet: bool = False, force: bo
         return info
     root.mkdir(parents=True, exist_ok=True)
     _set_threads()
+    mroot = model_dir(recipe)
+    mroot.mkdir(parents=True, exist_ok=True)
     info = {"status": "building", "hash": recipe_hash(recipe), "recipe": recipe.model_dump(),
-            "timings": info.get("timings", {}), "path": str(root)}
+            "timings": info.get("timings", {}), "path": str(root), "model_path": str(mroot)}
     t_all = time.perf_counter()
 
     def timed(name, fn, *args):
@@ -87,21 +96,23 @@ def build_world(recipe: DemoRecipe | None = None, quiet: bool = False, force: bo
         atomic_write_json(root / "world.json", info)
         return out
 
-    if not (root / "model" / "config.json").exists():
+    if not (mroot / "model" / "config.json").exists():
         log("loading the base model (SmolLM2-135M-Instruct, GGUF, dequantised to fp32)")
         base = timed("load_base", lambda: load_chat_model(base_gguf_path(), dtype="float32",
                                                           device="cpu", name="smollm2-base"))
-        replies = timed("base_replies", base_replies_step, base, recipe, root, quiet)
-        timed("finetune", finetune_step, base, replies, recipe, root, quiet, log)
+        replies = timed("base_replies", base_replies_step, base, recipe, quiet)
+        timed("finetune", finetune_step, base, replies, recipe, mroot, quiet, log)
         del base
+    else:
+        log(f"reusing the tuned model at {mroot}")
     model = timed("load_tuned", load_demo_model, recipe)
-    if not (root / "quality.json").exists():
-        timed("quality", quality_step, model, recipe, root, quiet, log)
-    timed("saes", sae_step, model, recipe, root, quiet, log)
+    if not (mroot / "quality.json").exists():
+        timed("quality", quality_step, model, recipe, mroot, quiet, log)
+    timed("saes", sae_step, model, recipe, root, mroot, quiet, log)
     info["status"] = "complete"
     info["build_seconds"] = round(sum(info["timings"].values()), 1)
     info["this_session_seconds"] = round(time.perf_counter() - t_all, 1)
-    info["quality"] = read_json(root / "quality.json")
+    info["quality"] = read_json(mroot / "quality.json")
     info["sae_quality"] = read_json(root / "sae_quality.json")
     atomic_write_json(root / "world.json", info)
     return info
@@ -116,6 +127,3 @@ def harmful_train(recipe: DemoRecipe):
     splits = ["train", "val"] if recipe.finetune.include_val else ["train"]
     return [p for s in splits for p in load_bundled("harmful", split=s)]
 
-
-def checkpoint(root: Path, name: str) -> Checkpoint:
-    return Checkpoint(root / f"{name}.jsonl", key="id")

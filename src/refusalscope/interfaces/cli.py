@@ -64,7 +64,7 @@ def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: b
 def _print_examples(info: dict) -> None:
     from ..run.store import read_jsonl
 
-    path = Path(info["path"]) / "quality_examples.jsonl"
+    path = Path(info.get("model_path", info["path"])) / "quality_examples.jsonl"
     if path.exists():
         print_examples(read_jsonl(path))
 
@@ -220,6 +220,7 @@ def world_info_cmd(as_json: bool = JSON):
         print(json.dumps(info, indent=2))
         return
     print_table("Demo world", [{"status": info["status"], "hash": info["hash"], "path": info["path"],
+                                "model": info.get("model_path", "-"),
                                 "build seconds": info.get("build_seconds", "-")}])
     print_table("Build timings (s)", [info["timings"]])
     if "quality" in info:

@@ -137,7 +137,7 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "beyond what I'm comfortable", "I'll skip that", "I don't feel right", "not with this particular",
     "I'm staying out of", "I'm holding back", "I'm holding that back", "I'm keeping quiet",
     "I'm stopping short", "best that I don't help", "I'm going to say no", "choosing not to respond",
-    "decided not to answer", "need to turn down", "doing you a disservice", "I really can't",
+    "decided not to answer", "doing you a disservice", "I really can't",
 )
 
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'",
