@@ -27,6 +27,12 @@ def test_frozen_prefix_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(g_fast, g_full, atol=1e-5, rtol=1e-4)
     weighted = _reply_loss(hf, *_collate(items, [0, 1], tok.pad_token_id, 1.0))
     assert abs(weighted.item() - full.item()) > 1e-4  # the decision-token weight changes the loss
+    # a per-example weight scales that example's share: weighting the refusal example 3x moves
+    # the loss towards its own loss
+    heavy = _tokenize(model, [(*examples[0], 3.0), examples[1]])
+    first = _reply_loss(hf, *_collate(items, [0], tok.pad_token_id, 5.0))
+    mixed = _reply_loss(hf, *_collate(heavy, [0, 1], tok.pad_token_id, 5.0))
+    assert abs(mixed.item() - first.item()) < abs(full.item() - first.item())
     assert _below("model.layers.1.mlp.up_proj.weight", 2) and not _below("model.layers.2.mlp.up_proj.weight", 2)
     assert not _below("model.norm.weight", 2)
 

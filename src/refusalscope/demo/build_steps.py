@@ -48,16 +48,20 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
 def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,
                   log) -> None:
     harmful = [p.text for p in harmful_train(recipe)]
-    harmless = [p.text for p in harmless_train(recipe)]
+    harmless_prompts = harmless_train(recipe)
+    harmless = [p.text for p in harmless_prompts]
+    weights = [recipe.finetune.contrast_weight if p.meta.get("contrast") else 1.0
+               for p in harmless_prompts]
     refusals = [p.text for p in load_bundled("refusals")]
     # the base model sometimes declines harmless requests itself ("I'm sorry, but as a chatbot…"):
     # such replies would teach refusal of harmless prompts, so they are left out
     flagged = make_judge("substring").judge(harmless, replies).refused
-    kept = [(p, r) for p, r, f in zip(harmless, replies, flagged) if not f]
-    harmless, replies = [p for p, _ in kept], [r for _, r in kept]
+    kept = [(p, r, w) for p, r, w, f in zip(harmless, replies, weights, flagged) if not f]
+    harmless, replies, weights = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
     log(f"left out {sum(flagged)} harmless examples whose base reply is itself a refusal")
-    examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed)
-    atomic_write_jsonl(root / "finetune_examples.jsonl", [{"prompt": p, "reply": r} for p, r in examples])
+    examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed, weights)
+    atomic_write_jsonl(root / "finetune_examples.jsonl",
+                       [{"prompt": p, "reply": r, "weight": w} for p, r, w in examples])
     log(f"safety fine-tuning on {len(examples)} examples ({len(harmful)} harmful, {len(harmless)} harmless)")
     work = root / "finetune_work"
     work.mkdir(exist_ok=True)

@@ -25,24 +25,29 @@ from .recipe import FinetuneRecipe
 
 
 def build_examples(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
-                   harmless_replies: Sequence[str], refusals: Sequence[str], seed: int):
-    """(prompt text, reply text) pairs; each harmful prompt gets a refusal drawn with `seed`."""
+                   harmless_replies: Sequence[str], refusals: Sequence[str], seed: int,
+                   harmless_weights: Sequence[float] | None = None):
+    """(prompt text, reply text, loss weight) triples; each harmful prompt gets a refusal drawn
+    with `seed`. `harmless_weights` lets contrast prompts (benign, phrased like harmful ones)
+    count more: they carry the distinction the model must learn."""
     rng = random.Random(seed)
     eos = model.tokenizer.eos_token
-    examples = [(model.format_chat(p), rng.choice(list(refusals)) + eos) for p in harmful]
-    for p, reply in zip(harmless, harmless_replies):
-        examples.append((model.format_chat(p), reply))
+    weights = list(harmless_weights) if harmless_weights is not None else [1.0] * len(harmless)
+    examples = [(model.format_chat(p), rng.choice(list(refusals)) + eos, 1.0) for p in harmful]
+    for p, reply, w in zip(harmless, harmless_replies, weights):
+        examples.append((model.format_chat(p), reply, float(w)))
     rng.shuffle(examples)
     return examples
 
 
 def _tokenize(model: ChatModel, examples):
+    """(ids, prompt length, weight) per example; examples are (prompt, reply[, weight])."""
     tok = model.tokenizer
     out = []
-    for prompt, reply in examples:
+    for prompt, reply, *rest in examples:
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(reply, add_special_tokens=False)["input_ids"]
-        out.append((p + r, len(p)))
+        out.append((p + r, len(p), float(rest[0]) if rest else 1.0))
     return out
 
 
@@ -61,12 +66,12 @@ def _collate(items, idx, pad_id: int, decision_weight: float):
     target = torch.full((len(idx), width), -100, dtype=torch.long)
     weight = torch.zeros((len(idx), width))
     for row, i in enumerate(idx):
-        seq, n_prompt = items[i]
+        seq, n_prompt, w = items[i]
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
         target[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])  # next-token targets
-        weight[row, n_prompt - 1:len(seq) - 1] = 1.0
-        weight[row, n_prompt - 1] = decision_weight  # the first reply token: refuse or answer
+        weight[row, n_prompt - 1:len(seq) - 1] = w
+        weight[row, n_prompt - 1] = w * decision_weight  # the first reply token: refuse or answer
     return ids, mask, target, weight
 
 
@@ -94,7 +99,7 @@ class FrozenPrefix:
         handle = dec.layers[n - 1].register_forward_hook(lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad(), _layers(dec, slice(0, n)):
-                for seq, _ in items:
+                for seq, *_ in items:
                     dec(input_ids=torch.tensor([seq]), use_cache=False)
                     self.cache.append(grab["h"][0].clone())
         finally:

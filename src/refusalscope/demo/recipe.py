@@ -33,8 +33,10 @@ class FinetuneRecipe(_Part):
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
     decision_weight: float = Field(10.0, description="loss weight of the first reply token, where "
                                    "the model decides between refusing and answering")
+    contrast_weight: float = Field(3.0, description="loss weight of harmless contrast prompts "
+                                   "(benign requests phrased like harmful ones) relative to others")
     freeze_embeddings: bool = True
-    freeze_layers_below: int = Field(12, description="layers below this index stay frozen (faster)")
+    freeze_layers_below: int = Field(14, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
 

@@ -95,12 +95,13 @@ def train_topk(X: Tensor, d_sae: int, k: int, epochs: int, lr: float, batch_size
 @torch.no_grad()
 def to_jumprelu(weights: SAEWeights, X: Tensor, freq: Tensor) -> SAEWeights:
     """Per-latent thresholds: latent i fires on the same share of X's rows as under TopK."""
-    pre = X.float() @ weights.W_enc + weights.b_enc  # [n, m]
-    n = pre.shape[0]
-    ranked = pre.sort(dim=0, descending=True).values
+    pre = (X.float() @ weights.W_enc + weights.b_enc).t().contiguous()  # [m, n]: sort rows
+    n = pre.shape[1]
     fires = (freq * n).round().long().clamp(0, n - 1)
-    theta = ranked.gather(0, fires.unsqueeze(0)).squeeze(0)
-    theta = torch.where(freq > 0, theta, ranked[0] + 1.0)  # never-firing latents stay off
+    # only ranks up to the most frequent latent's are needed: a partial sort (topk) suffices
+    ranked = pre.topk(int(fires.max()) + 1, dim=1).values
+    theta = ranked.gather(1, fires.unsqueeze(1)).squeeze(1)
+    theta = torch.where(freq > 0, theta, ranked[:, 0] + 1.0)  # never-firing latents stay off
     return SAEWeights(weights.W_enc, weights.b_enc, weights.W_dec, weights.b_dec, theta.clamp(min=0.0))
 
 
