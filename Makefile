@@ -20,5 +20,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+bench: setup
+	mkdir -p runs/bench
+	$(PY) benchmarks/bench_ablation.py --out runs/bench/ablation.json
+	$(PY) benchmarks/bench_stage2.py --out runs/bench/stage2.json
+
 clean:
 	rm -rf $(VENV) runs

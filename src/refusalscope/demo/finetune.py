@@ -92,16 +92,23 @@ class FrozenPrefix:
     batches are right-padded, so real tokens never see padding). Llama-only: Gemma-style models
     rescale `inputs_embeds` inside their forward."""
 
-    def __init__(self, hf, items, n: int):
-        self.n, self.cache = n, []
+    def __init__(self, hf, items, n: int, batch_size: int = 16):
+        self.n, self.cache = n, [None] * len(items)
         dec = hf.get_decoder()
         grab = {}
         handle = dec.layers[n - 1].register_forward_hook(lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o))
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         try:
             with torch.no_grad(), _layers(dec, slice(0, n)):
-                for seq, *_ in items:
-                    dec(input_ids=torch.tensor([seq]), use_cache=False)
-                    self.cache.append(grab["h"][0].clone())
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    width = max(len(items[i][0]) for i in idx)
+                    ids = torch.zeros(len(idx), width, dtype=torch.long)
+                    for row, i in enumerate(idx):  # right padding: real tokens never attend to it
+                        ids[row, :len(items[i][0])] = torch.tensor(items[i][0])
+                    dec(input_ids=ids, use_cache=False)
+                    for row, i in enumerate(idx):
+                        self.cache[i] = grab["h"][row, :len(items[i][0])].clone()
         finally:
             handle.remove()
 
