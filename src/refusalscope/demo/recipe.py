@@ -58,7 +58,7 @@ class SAERecipe(_Part):
 
 
 class EvalRecipe(_Part):
-    max_new_tokens: int = 20
+    max_new_tokens: int = 16
     batch_size: int = 32
 
 
