@@ -25,11 +25,11 @@ from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[str]:
     """Greedy replies of the untuned model to the harmless training prompts (checkpointed)."""
     prompts = harmless_train(recipe)
-    # cached per prompt text (not per recipe), so changing the fine-tune, the SAEs or the prompt
+    # cached per chat-formatted prompt (not per recipe), so changing the fine-tune, the SAEs or the prompt
     # list reuses every reply already generated
     ck = Checkpoint(cache_root() / "demo-world" / f"base-replies-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl",
                     key="key")
-    keys = {p.id: config_hash(p.text) for p in prompts}
+    keys = {p.id: config_hash(base.format_chat(p.text)) for p in prompts}  # template included
     todo = [p for p in prompts if keys[p.id] not in ck]
     size = recipe.eval.batch_size
     n_max = recipe.finetune.base_reply_tokens

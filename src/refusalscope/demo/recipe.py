@@ -36,6 +36,8 @@ class FinetuneRecipe(_Part):
     contrast_weight: float = Field(3.0, description="loss weight of harmless contrast prompts "
                                    "(benign requests phrased like harmful ones) relative to others")
     freeze_embeddings: bool = True
+    default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
+                                        "in the chat template (False: fewer tokens, faster)")
     freeze_layers_below: int = Field(14, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")

@@ -100,6 +100,8 @@ def build_world(recipe: DemoRecipe | None = None, quiet: bool = False, force: bo
         log("loading the base model (SmolLM2-135M-Instruct, GGUF, dequantised to fp32)")
         base = timed("load_base", lambda: load_chat_model(base_gguf_path(), dtype="float32",
                                                           device="cpu", name="smollm2-base"))
+        if not recipe.finetune.default_system_prompt:
+            base.tokenizer.chat_template = without_default_system(base.tokenizer.chat_template)
         replies = timed("base_replies", base_replies_step, base, recipe, quiet)
         timed("finetune", finetune_step, base, replies, recipe, mroot, quiet, log)
         del base
@@ -116,6 +118,20 @@ def build_world(recipe: DemoRecipe | None = None, quiet: bool = False, force: bo
     info["sae_quality"] = read_json(root / "sae_quality.json")
     atomic_write_json(root / "world.json", info)
     return info
+
+
+def without_default_system(template: str) -> str:
+    """SmolLM2's template inserts a 20-token default system prompt before every chat; the demo
+    drops it (the tuned model's saved template has none), which cuts about a third of the
+    tokens every build and pipeline pass processes. A system prompt a user passes still shows."""
+    if _DEFAULT_SYSTEM not in template:
+        raise UserError("the base model's chat template changed: set finetune.default_system_prompt")
+    return template.replace(_DEFAULT_SYSTEM, "")
+
+
+_DEFAULT_SYSTEM = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+                   "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+                   "{% endif %}")
 
 
 def harmless_train(recipe: DemoRecipe):

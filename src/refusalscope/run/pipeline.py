@@ -11,7 +11,7 @@ from ..io.model import ChatModel
 from ..io.prompts import Prompt, filter_refused
 from ..measures.judges import make_judge
 from .config import Config
-from .resolve import load_model, load_prompt_set
+from .resolve import load_model, load_prompt_set, take
 from .store import RunStore, config_hash, read_json
 
 
@@ -64,8 +64,7 @@ def run_filter(ctx: Context) -> dict:
         return ctx.store.status(name)["summary"]
     cfg = ctx.cfg
     prompts = load_prompt_set(cfg.data.harmful_test, cfg.data.text_field, label="harmful")
-    if cfg.data.max_prompts:
-        prompts = prompts[: cfg.data.max_prompts]
+    prompts = take(prompts, cfg.data.max_prompts, cfg.seed)
     with ctx.store.stage(name, h) as st:
         model = ctx.model
         ck = st.checkpoint("completions", key="id")

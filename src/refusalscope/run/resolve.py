@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts
@@ -60,6 +62,15 @@ def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
     saes = load_sae_set(specs, layers, device=str(model.device), dtype=model.dtype, quiet=quiet)
     saes.check_against(model.d_model, model.n_layers)
     return saes
+
+
+def take(items: list, n: int | None, seed: int) -> list:
+    """All items when n is unset or covers them, else a seeded draw of n: bundled files are
+    grouped by category, so a plain prefix would keep one category only."""
+    if not n or n >= len(items):
+        return list(items)
+    order = np.random.default_rng(seed).permutation(len(items))[:n]
+    return [items[i] for i in sorted(order)]
 
 
 def load_prompt_set(spec: str, text_field: str | None = None, label: str | None = None) -> list[Prompt]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
 from .pipeline import Context, kept_prompts, stage_hash
-from .resolve import load_prompt_set
+from .resolve import load_prompt_set, take
 from .stage_direction import load_direction
 from .stage_interactions import active_stage2, stage2_sets, stage3_sets
 from .store import read_json
@@ -93,8 +93,8 @@ def run_ce_loss(ctx: Context) -> dict:
     def compute(st):
         a = ctx.cfg.analyses
         tf = ctx.cfg.data.text_field
-        instr = [p.text for p in load_prompt_set(a.ce_instructions, tf)][: a.ce_texts]
-        general = [p.text for p in load_prompt_set(a.ce_general, tf)][: a.ce_texts]
+        instr = take([p.text for p in load_prompt_set(a.ce_instructions, tf)], a.ce_texts, ctx.cfg.seed)
+        general = take([p.text for p in load_prompt_set(a.ce_general, tf)], a.ce_texts, ctx.cfg.seed)
         direction, _ = load_direction(ctx)
         sets = stage2_sets(ctx)
         if a.ce_sets and len(sets) > a.ce_sets:  # a seeded sample of the per-prompt sets

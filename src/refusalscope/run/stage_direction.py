@@ -10,12 +10,8 @@ from ..methods.direction import (candidate_layers, cosine_profile, mean_differen
 from ..methods.evaluate import generate_judged
 from . import plots
 from .pipeline import Context, kept_prompts, stage_hash
-from .resolve import load_prompt_set
+from .resolve import load_prompt_set, take
 from .store import atomic_write_tensors, read_tensors
-
-
-def _cap(prompts, n):
-    return prompts[:n] if n else prompts
 
 
 def run_direction(ctx: Context) -> dict:
@@ -25,13 +21,13 @@ def run_direction(ctx: Context) -> dict:
         return ctx.store.status(name)["summary"]
     cfg, dc = ctx.cfg, ctx.cfg.direction
     tf = cfg.data.text_field
-    harm_tr = _cap([p.text for p in load_prompt_set(cfg.data.harmful_train, tf)], dc.n_train)
-    safe_tr = _cap([p.text for p in load_prompt_set(cfg.data.harmless_train, tf)], dc.n_train)
-    harm_val = [p.text for p in load_prompt_set(cfg.data.harmful_val, tf)][: dc.n_val]
-    safe_val = [p.text for p in load_prompt_set(cfg.data.harmless_val, tf)][: dc.n_val]
+    harm_tr = take([p.text for p in load_prompt_set(cfg.data.harmful_train, tf)], dc.n_train, cfg.seed)
+    safe_tr = take([p.text for p in load_prompt_set(cfg.data.harmless_train, tf)], dc.n_train, cfg.seed)
+    harm_val = take([p.text for p in load_prompt_set(cfg.data.harmful_val, tf)], dc.n_val, cfg.seed)
+    safe_val = take([p.text for p in load_prompt_set(cfg.data.harmless_val, tf)], dc.n_val, cfg.seed)
     kept = kept_prompts(ctx)
     n_eval = cfg.data.max_prompts or len(kept)
-    safe_test = [p.text for p in load_prompt_set(cfg.data.harmless_test, tf)][:n_eval]
+    safe_test = take([p.text for p in load_prompt_set(cfg.data.harmless_test, tf)], n_eval, cfg.seed)
     model, bs = ctx.model, cfg.model.batch_size
     judge = ctx.judge
     gen = cfg.generation

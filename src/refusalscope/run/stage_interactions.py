@@ -15,7 +15,7 @@ from ..methods.hydra import activity
 from ..methods.probe import rank_by_weight, train_probe
 from ..methods.stage3 import probe_sweep, stage3_search
 from .pipeline import Context, kept_prompts, stage_hash
-from .resolve import load_prompt_set
+from .resolve import load_prompt_set, take
 from .stage_direction import load_direction
 from .store import read_jsonl
 
@@ -44,9 +44,8 @@ def fm_layers(ctx: Context) -> list[int]:
     return layers
 
 
-def _texts(specs: list[str], cap: int | None, tf) -> list[str]:
-    out = [p.text for s in specs for p in load_prompt_set(s, tf)]
-    return out[:cap] if cap else out
+def _texts(specs: list[str], cap: int | None, tf, seed: int) -> list[str]:
+    return take([p.text for s in specs for p in load_prompt_set(s, tf)], cap, seed)
 
 
 def run_stage3(ctx: Context) -> dict:
@@ -56,7 +55,7 @@ def run_stage3(ctx: Context) -> dict:
         return ctx.store.status(name)["summary"]
     sc, gen, model, saes = ctx.cfg.stage3, ctx.cfg.generation, ctx.model, ctx.saes
     tf = ctx.cfg.data.text_field
-    harmful, harmless = _texts(sc.harmful, sc.n_per_class, tf), _texts(sc.harmless, sc.n_per_class, tf)
+    harmful, harmless = _texts(sc.harmful, sc.n_per_class, tf, ctx.cfg.seed), _texts(sc.harmless, sc.n_per_class, tf, ctx.cfg.seed)
     n = min(len(harmful), len(harmless))
     harmful, harmless = harmful[:n], harmless[:n]
     layers = fm_layers(ctx)
