@@ -227,3 +227,15 @@ def test_openings(openings):
     assert len(openings) >= 200
     for r in openings:
         assert 3 <= len(r["text"].split()) <= 15, r["id"]
+
+
+def test_capped_prompt_sets_are_seeded_draws_across_categories():
+    """Bundled files are grouped by category: a cap must not keep the first category only."""
+    from refusalscope.io.prompts import load_bundled
+    from refusalscope.run.resolve import take
+
+    prompts = load_bundled("harmful", split="test")
+    got = take(prompts, 40, seed=0)
+    assert len(got) == 40 and len({p.category for p in got}) == 5
+    assert take(prompts, 40, 0) == got and take(prompts, 40, 1) != got
+    assert take(prompts, None, 0) == prompts and take(prompts, 10_000, 0) == prompts

