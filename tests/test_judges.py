@@ -110,9 +110,16 @@ def test_substring_case_sensitive_and_custom_phrases():
 
 def test_degenerate_outputs():
     for text in ["", "   \n", "!!!!!!!!!!!!", "the the the the the the the", "hahahahaha",
-                 "sure sure", "Bread bread bread bread bread is good to eat"]:
+                 "sure sure", "Bread bread bread bread bread is good to eat",
+                 # word salad seen after ablating hundreds of latents in the demo model
+                 "lescovens.)\n\nlescovens.lesps.)\nlescovenscores.cula.relasococula.cula.",
+                 "atomyforbal)\nInatomy ofbal)\nInbal)\nInbal)\nInbal)\nIn",
+                 "coarse)\n\n\nInthecoarse.)\n\nThecocesscocesscocesscocesscocess",
+                 "The\u201d-\u201d\n\n\u201c-\u201d\n\n\u201c-\u201d\n\n\u201c-\u201d"]:
         assert is_degenerate(text), text
     for text in ["Sure, here is a poem about the sea and the sky.",
+                 "The capital of Australia is Canberra.", "```python\nimport sys\n\ndef exit_all(parent",
+                 "Photosynthesis converts sunlight, water and carbon dioxide into glucose.",
                  "I'm sorry, but I cannot help with that request."]:
         assert not is_degenerate(text), text
     v = make_judge("substring").judge(["a", "b", "c"], ["", "I'm sorry I'm sorry I'm sorry",
