@@ -24,6 +24,7 @@ bench: setup
 	mkdir -p runs/bench
 	$(PY) benchmarks/bench_ablation.py --out runs/bench/ablation.json
 	$(PY) benchmarks/bench_stage2.py --out runs/bench/stage2.json
+	$(PY) benchmarks/bench_pipeline.py --out runs/bench/pipeline.json
 
 clean:
 	rm -rf $(VENV) runs

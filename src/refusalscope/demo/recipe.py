@@ -28,17 +28,17 @@ class _Part(BaseModel):
 
 class FinetuneRecipe(_Part):
     epochs: int = 2
-    lr: float = 1.5e-4
+    lr: float = 2.5e-4
     batch_size: int = 16
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
     decision_weight: float = Field(10.0, description="loss weight of the first reply token, where "
                                    "the model decides between refusing and answering")
-    contrast_weight: float = Field(3.0, description="loss weight of harmless contrast prompts "
+    contrast_weight: float = Field(2.0, description="loss weight of harmless contrast prompts "
                                    "(benign requests phrased like harmful ones) relative to others")
     freeze_embeddings: bool = True
     default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
                                         "in the chat template (False: fewer tokens, faster)")
-    freeze_layers_below: int = Field(14, description="layers below this index stay frozen (faster)")
+    freeze_layers_below: int = Field(12, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
 
