@@ -66,3 +66,13 @@ def test_ordinary_tokens_drop_sinks():
     X[3] *= 50
     keep = ordinary_tokens(X)
     assert not keep[3] and keep.sum() == 99
+
+
+def test_unusable_harmless_replies_keep_the_first_token_a_clean_decision():
+    from refusalscope.demo.build_steps import unusable_harmless_replies
+
+    replies = ["I'm so glad you asked! Here is a recipe.", "I'm sorry, but as an AI I cannot do that.",
+               "Here is a recipe for bread.", "Ideas: 1. paint 2. bake", "  I think the answer is 4."]
+    prompts = ["q"] * len(replies)
+    assert unusable_harmless_replies(prompts, replies, True) == [True, True, False, False, True]
+    assert unusable_harmless_replies(prompts, replies, False) == [False, True, False, False, False]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,17 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
     return [ck.records[keys[p.id]]["reply"] for p in prompts]
 
 
+def unusable_harmless_replies(prompts: list[str], replies: list[str], clean_decision_token: bool) -> list[bool]:
+    """Base replies that must not become harmless targets: refusals (the base model sometimes
+    declines, "I'm sorry, but as a chatbot…", which would teach refusing harmless prompts) and,
+    with `clean_decision_token`, any reply opening with "I" ("I'm so glad…" would teach that the
+    refusal token may also mean yes)."""
+    flagged = make_judge("substring").judge(prompts, replies).refused
+    if clean_decision_token:
+        flagged = [f or re.match(r"\s*I\b", r) is not None for f, r in zip(flagged, replies)]
+    return flagged
+
+
 def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,
                   log) -> None:
     harmful = [p.text for p in harmful_train(recipe)]
@@ -53,12 +65,10 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
     weights = [recipe.finetune.contrast_weight if p.meta.get("contrast") else 1.0
                for p in harmless_prompts]
     refusals = [p.text for p in load_bundled("refusals")]
-    # the base model sometimes declines harmless requests itself ("I'm sorry, but as a chatbot…"):
-    # such replies would teach refusal of harmless prompts, so they are left out
-    flagged = make_judge("substring").judge(harmless, replies).refused
+    flagged = unusable_harmless_replies(harmless, replies, recipe.finetune.clean_decision_token)
     kept = [(p, r, w) for p, r, w, f in zip(harmless, replies, weights, flagged) if not f]
     harmless, replies, weights = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-    log(f"left out {sum(flagged)} harmless examples whose base reply is itself a refusal")
+    log(f"left out {sum(flagged)} harmless examples whose base reply is a refusal or starts with 'I'")
     examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed, weights)
     atomic_write_jsonl(root / "finetune_examples.jsonl",
                        [{"prompt": p, "reply": r, "weight": w} for p, r, w in examples])

@@ -33,8 +33,11 @@ class FinetuneRecipe(_Part):
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
     decision_weight: float = Field(10.0, description="loss weight of the first reply token, where "
                                    "the model decides between refusing and answering")
-    contrast_weight: float = Field(2.0, description="loss weight of harmless contrast prompts "
+    contrast_weight: float = Field(2.5, description="loss weight of harmless contrast prompts "
                                    "(benign requests phrased like harmful ones) relative to others")
+    clean_decision_token: bool = Field(True, description="leave out harmless examples whose base "
+                                       "reply starts with 'I', so that the first token carries the "
+                                       "refuse/answer decision (Algorithm 1 measures P('I'))")
     freeze_embeddings: bool = True
     default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
                                         "in the chat template (False: fewer tokens, faster)")
