@@ -260,6 +260,10 @@ def test_top_terms_and_concepts():
     terms = sem.top_terms(exps, n=3)
     assert terms[0] == ("code", 3) and len(terms) == 3
     assert all(t not in ("the", "and", "of", "references") for t, _ in sem.top_terms(exps, n=100))
+    # our own activation explanations: the tokens count, their shared context and template do not
+    own = {"5-1": 'fires on "garlic", "onion" in contexts like "…<|im_start|>Roast the beans with[[ garlic]]…"',
+           "5-2": 'fires on "<|im_start|>" in contexts like "…<|im_start|>Roast the beans…"'}
+    assert sem.top_terms(own) == [("garlic", 1), ("onion", 1)]
     groups = sem.group_by_concepts(exps)
     assert groups["Programming/code"] == ["1-9", "3-1"]
     assert groups["Punctuation"] == ["1-9"]

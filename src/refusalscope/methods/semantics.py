@@ -27,6 +27,8 @@ from .taxonomy import Feature, as_pair, fid, group_by_layer, iter_feature_acts, 
 NEURONPEDIA = "https://www.neuronpedia.org"
 
 
+_CONTEXT_TAIL = " in contexts like "  # splits our activation explanations
+
 class NeuronpediaClient:
     """Feature explanations from the Neuronpedia API with a JSON file per feature on disk.
 
@@ -183,7 +185,7 @@ def activation_explanation(top: Sequence[Mapping], n_tokens: int = 3) -> str:
     tokens = list(dict.fromkeys(e["token"].strip() or repr(e["token"]) for e in top))[:n_tokens]
     ctx = " ".join(top[0]["context"].split())
     quoted = ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
-    return f"fires on {quoted} in contexts like {json.dumps('…' + ctx + '…', ensure_ascii=False)}"
+    return f"fires on {quoted}{_CONTEXT_TAIL}{json.dumps('…' + ctx + '…', ensure_ascii=False)}"
 
 
 STOPWORDS = frozenset("""
@@ -200,10 +202,14 @@ was we were what when where whether which while who whom whose why will with wit
 you your yours yourself yourselves s t
 refers reference references referring term terms text texts phrase phrases word words token tokens
 instance instances mention mentions mentioned occurrences occurrence presence specific context contexts
+fires
 """.split())
 
 
 def _words(text: str) -> list[str]:
+    """Words of an explanation; for refusalscope's own activation explanations only the tokens a
+    latent fires on count, not the surrounding context, and special tokens never do."""
+    text = re.sub(r"<\|[^|>]*\|>", " ", text.split(_CONTEXT_TAIL)[0])
     return re.findall(r"[a-z][a-z'\-]*[a-z]|[a-z]", text.lower())
 
 
