@@ -274,3 +274,15 @@ def test_top_terms_and_concepts():
     custom = sem.group_by_concepts(exps, {"Weather": ["weather"], "Code": ["COD"]})
     assert custom == {"Weather": ["2-6"], "Code": [], "Misc": ["1-9", "2-5", "3-1", "3-2", "4-4"]}
     assert sem.group_by_concepts(exps, {"Code": ["cod*"]})["Code"] == ["1-9", "3-1"]
+
+
+def test_sink_positions_are_masked_by_norm_not_by_padding():
+    from refusalscope.methods.taxonomy import _sinks
+
+    h = torch.ones(2, 5, 4)
+    h[0, 1] *= 50.0  # a massive-activation token
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    h[1, :2] = 0.0  # left padding must not pull the median down
+    mask = _sinks(h, valid, 4.0)
+    assert mask.tolist() == [[False, True, False, False, False], [False] * 5]
+    assert not _sinks(h, valid, None).any()

@@ -91,10 +91,14 @@ def subset_acts(fd, h: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
 
 
 def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
-                      batch_size: int, desc: str = "features", quiet: bool = True
+                      batch_size: int, desc: str = "features", quiet: bool = True,
+                      sink_ratio: float | None = 4.0
                       ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor]]]:
     """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
-    Residuals are read one chunk at a time so a large corpus never sits in memory at once."""
+    Attention-sink positions (residual norm > `sink_ratio` x the row's median; the first token
+    of every text in Llama-family models) are zeroed too: latents fire there on every text alike,
+    and the SAEs were not trained on them. Residuals are read one chunk at a time so a large
+    corpus never sits in memory at once."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     layers = list(by_layer)
@@ -102,9 +106,18 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
     for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, len(batch)))
         res = model.residuals(sub, layers)
-        valid = sub.attention_mask.bool().unsqueeze(-1)
-        acts = {l: subset_acts(saes[l], res[l], idx) * valid for l, idx in by_layer.items()}
+        valid = sub.attention_mask.bool()
+        acts = {l: subset_acts(saes[l], res[l], idx) * (valid & ~_sinks(res[l], valid, sink_ratio)).unsqueeze(-1)
+                for l, idx in by_layer.items()}
         yield start, sub, acts
+
+
+def _sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:
+    """[b, T] mask of positions whose residual norm exceeds `ratio` x the row's median."""
+    if ratio is None:
+        return torch.zeros_like(valid)
+    norms = h.float().norm(dim=-1).masked_fill(~valid, float("nan"))
+    return norms > ratio * norms.nanmedian(dim=1, keepdim=True).values
 
 
 def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable[Feature],
