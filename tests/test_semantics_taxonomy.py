@@ -277,6 +277,8 @@ def test_top_terms_and_concepts():
 
 
 def test_sink_positions_are_masked_by_norm_not_by_padding():
+    import torch
+
     from refusalscope.methods.taxonomy import _sinks
 
     h = torch.ones(2, 5, 4)
