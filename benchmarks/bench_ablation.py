@@ -46,14 +46,43 @@ def load_world(d_sae: int):
         "base SmolLM2-135M + random JumpReLU SAEs"
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
+def timed(fn, repeats: int, sync=lambda: None) -> float:
+    """Median seconds of `repeats` calls after one warm-up (`sync` waits for a GPU)."""
+    fn()
+    sync()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
-    return out
+    return statistics.median(out)
+
+
+def ablation_rows(model, saes, batch, sizes, repeats: int, sync=lambda: None) -> list[dict]:
+    """Plain forward, then sparse and reference ablation of |S| latents per layer at every SAE
+    layer, for each size: median seconds and ratios (shared by B1 and the GPU-shaped B4)."""
+    plain = timed(lambda: model.logits(batch), repeats, sync)
+    rows = [{"mode": "plain", "S_per_layer": 0, "median_s": plain, "ratio_to_plain": 1.0}]
+    for size in sizes:
+        abl = FeatureAblation({l: list(range(0, 2 * size, 2)) for l in saes})
+        got = {}
+        for mode in ("sparse", "reference"):
+            def run(mode=mode, abl=abl):
+                with intervene(model, saes, [abl], mode=mode):
+                    model.logits(batch)
+            got[mode] = timed(run, repeats, sync)
+            rows.append({"mode": mode, "S_per_layer": size, "median_s": got[mode],
+                         "ratio_to_plain": got[mode] / plain})
+        rows[-1]["reference_over_sparse"] = got["reference"] / got["sparse"]
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'mode':<10}{'|S|/layer':>10}{'median s':>10}{'x plain':>9}{'ref/sparse':>11}")
+    for r in rows:
+        extra = f"{r['reference_over_sparse']:>11.2f}" if "reference_over_sparse" in r else ""
+        print(f"{r['mode']:<10}{r['S_per_layer']:>10}{r['median_s']:>10.3f}{r['ratio_to_plain']:>9.2f}{extra}")
 
 
 def main() -> None:
@@ -64,34 +93,16 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--out", default="bench_ablation.json")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, saes, world = load_world(args.d_sae)
     prompts = [p.text for p in load_bundled("harmful", split="test")][: args.batch]
     batch = model.encode(prompts)
-    plain = timed(lambda: model.logits(batch), args.repeats)
-    rows = [{"mode": "plain", "S_per_layer": 0, "median_s": statistics.median(plain), "ratio_to_plain": 1.0}]
-    for size in args.sizes:
-        abl = FeatureAblation({l: list(range(0, 2 * size, 2)) for l in saes.keys()})
-        for mode in ("sparse", "reference"):
-            def run():
-                with intervene(model, saes, [abl], mode=mode):
-                    model.logits(batch)
-            t = statistics.median(timed(run, args.repeats))
-            rows.append({"mode": mode, "S_per_layer": size, "median_s": t,
-                         "ratio_to_plain": t / rows[0]["median_s"]})
-    for size in args.sizes:
-        s = next(r for r in rows if r["mode"] == "sparse" and r["S_per_layer"] == size)
-        r = next(r for r in rows if r["mode"] == "reference" and r["S_per_layer"] == size)
-        r["reference_over_sparse"] = r["median_s"] / s["median_s"]
+    rows = ablation_rows(model, saes, batch, args.sizes, args.repeats)
     result = {"world": world, "batch": args.batch, "tokens": int(batch.attention_mask.sum()),
               "threads": torch.get_num_threads(), "sae_layers": len(saes), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{world}; batch {args.batch}, {len(saes)} SAE layers, {torch.get_num_threads()} threads")
-    print(f"{'mode':<10}{'|S|/layer':>10}{'median s':>10}{'x plain':>9}{'ref/sparse':>11}")
-    for r in rows:
-        extra = f"{r['reference_over_sparse']:>11.2f}" if "reference_over_sparse" in r else ""
-        print(f"{r['mode']:<10}{r['S_per_layer']:>10}{r['median_s']:>10.3f}{r['ratio_to_plain']:>9.2f}{extra}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

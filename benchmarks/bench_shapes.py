@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # offline tiny tokenizers
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ablation
 
 SHAPES = {  # from the models' config.json (hidden, mlp, layers, heads, kv heads, head dim, vocab)
     "gemma-2-2b": dict(hidden=2304, mlp=9216, layers=26, heads=8, kv=4, head_dim=256, vocab=256000),
@@ -57,18 +56,6 @@ def build(arch: str, small: bool, d_sae: int, dtype: torch.dtype, device: str):
     return model, SAESet({l: FeatureDictionary.from_sae(x, l) for l, x in saes.items()}, saes=saes)
 
 
-def timed(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=sorted(SHAPES), default="gemma-2-2b")
@@ -81,27 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from refusalscope.interventions.engine import intervene
-    from refusalscope.interventions.spec import FeatureAblation
+    from bench_ablation import ablation_rows, print_rows
+
     from refusalscope.io.prompts import load_bundled
 
     dtype = getattr(torch, args.dtype)
     model, saes = build(args.arch, args.small, args.d_sae, dtype, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     batch = model.encode([p.text for p in load_bundled("harmful", split="test")][: args.batch])
-    plain = timed(lambda: model.logits(batch), args.repeats, sync)
-    rows = [{"mode": "plain", "S_per_layer": 0, "median_s": plain, "ratio_to_plain": 1.0}]
-    for size in args.sizes:
-        abl = FeatureAblation({l: list(range(0, 2 * size, 2)) for l in saes})
-        got = {}
-        for mode in ("sparse", "reference"):
-            def run(mode=mode, abl=abl):
-                with intervene(model, saes, [abl], mode=mode):
-                    model.logits(batch)
-            got[mode] = timed(run, args.repeats, sync)
-            rows.append({"mode": mode, "S_per_layer": size, "median_s": got[mode],
-                         "ratio_to_plain": got[mode] / plain})
-        rows[-1]["reference_over_sparse"] = got["reference"] / got["sparse"]
+    rows = ablation_rows(model, saes, batch, args.sizes, args.repeats, sync)
     result = {"arch": args.arch, "small": args.small, "d_sae": args.d_sae, "dtype": args.dtype,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "layers": len(saes), "batch": args.batch, "tokens": int(batch.attention_mask.sum()), "rows": rows}
@@ -109,9 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{args.arch}{' (small)' if args.small else ''}, {len(saes)} layers x {args.d_sae} latents, "
           f"{args.dtype} on {result['device']}")
-    for r in rows:
-        extra = f"  ref/sparse {r['reference_over_sparse']:.2f}" if "reference_over_sparse" in r else ""
-        print(f"  {r['mode']:<10}|S|={r['S_per_layer']:<4} {r['median_s'] * 1e3:9.1f} ms  x{r['ratio_to_plain']:.2f}{extra}")
+    print_rows(rows)
     return result
 
 

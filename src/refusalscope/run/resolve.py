@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
-from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts
+from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts, sample
 from ..io.sae_loading import load_sae_set
 from ..io.saes import SAESet
 from .config import Config
@@ -69,8 +67,7 @@ def take(items: list, n: int | None, seed: int) -> list:
     grouped by category, so a plain prefix would keep one category only."""
     if not n or n >= len(items):
         return list(items)
-    order = np.random.default_rng(seed).permutation(len(items))[:n]
-    return [items[i] for i in sorted(order)]
+    return [items[i] for i in sorted(sample(range(len(items)), n, seed))]
 
 
 def load_prompt_set(spec: str, text_field: str | None = None, label: str | None = None) -> list[Prompt]:
