@@ -92,7 +92,7 @@ class FrozenPrefix:
     batches are right-padded, so real tokens never see padding). Llama-only: Gemma-style models
     rescale `inputs_embeds` inside their forward."""
 
-    def __init__(self, hf, items, n: int, batch_size: int = 16):
+    def __init__(self, hf, items, n: int, batch_size: int = 16, quiet: bool = True):
         self.n, self.cache = n, [None] * len(items)
         dec = hf.get_decoder()
         grab = {}
@@ -100,7 +100,8 @@ class FrozenPrefix:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         try:
             with torch.no_grad(), _layers(dec, slice(0, n)):
-                for start in range(0, len(order), batch_size):
+                for start in tqdm(range(0, len(order), batch_size), desc=f"cache frozen layers 0-{n - 1}",
+                                  disable=quiet, leave=False):
                     idx = order[start:start + batch_size]
                     width = max(len(items[i][0]) for i in idx)
                     ids = torch.zeros(len(idx), width, dtype=torch.long)
@@ -159,7 +160,7 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
         state = read_json(state_path)
         start_epoch, history = state["epochs_done"], state["history"]
         _load_state(hf, opt, sched, load_file(str(ckpt)), params, start_epoch * steps_per_epoch)
-    prefix = FrozenPrefix(hf, items, recipe.freeze_layers_below) \
+    prefix = FrozenPrefix(hf, items, recipe.freeze_layers_below, quiet=quiet) \
         if FrozenPrefix.usable(hf, recipe.freeze_layers_below) and start_epoch < recipe.epochs else None
     hf.train()
     pad = model.tokenizer.pad_token_id
