@@ -78,11 +78,28 @@ def ablation_rows(model, saes, batch, sizes, repeats: int, sync=lambda: None) ->
     return rows
 
 
+def generation_rows(model, saes, batch, size: int, new_tokens: int, repeats: int,
+                    sync=lambda: None) -> list[dict]:
+    """Greedy generation of `new_tokens` for the whole batch (KV cache), plain and with |S|
+    latents per layer sparsely ablated at every SAE layer: what Stages 1-3 spend most time on."""
+    abl = FeatureAblation({l: list(range(0, 2 * size, 2)) for l in saes})
+    plain = timed(lambda: model.generate(batch, max_new_tokens=new_tokens), repeats, sync)
+
+    def run():
+        with intervene(model, saes, [abl]):
+            model.generate(batch, max_new_tokens=new_tokens)
+    sparse = timed(run, repeats, sync)
+    return [{"mode": "generate", "S_per_layer": 0, "median_s": plain, "ratio_to_plain": 1.0},
+            {"mode": "generate+sparse", "S_per_layer": size, "median_s": sparse,
+             "ratio_to_plain": sparse / plain}]
+
+
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'mode':<10}{'|S|/layer':>10}{'median s':>10}{'x plain':>9}{'ref/sparse':>11}")
+    print(f"{'mode':<20}{'|S|/layer':>10}{'median s':>10}{'x plain':>9}{'ref/sparse':>11}")
     for r in rows:
         extra = f"{r['reference_over_sparse']:>11.2f}" if "reference_over_sparse" in r else ""
-        print(f"{r['mode']:<10}{r['S_per_layer']:>10}{r['median_s']:>10.3f}{r['ratio_to_plain']:>9.2f}{extra}")
+        mode = r["mode"] + (f" b{r['batch']}" if "batch" in r else "")
+        print(f"{mode:<20}{r['S_per_layer']:>10}{r['median_s']:>10.3f}{r['ratio_to_plain']:>9.2f}{extra}")
 
 
 def main() -> None:

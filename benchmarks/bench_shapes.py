@@ -1,7 +1,11 @@
-"""B4: B1 at the paper's real shapes with random weights (no download): plain forward vs sparse
-vs reference full-SAE ablation, Gemma-2-2B with Gemma Scope-shaped SAEs (16k / 65k) at all 26
-layers, Llama-3.1-8B with Llama Scope-shaped SAEs (32k) at all 32 layers. `--small` shrinks every
-dimension so the same code runs on a CPU in seconds (CI smoke test).
+"""B4: B1 and B2 at the paper's real shapes with random weights (no download).
+
+B1: plain forward vs sparse vs reference full-SAE ablation; greedy generation plain vs sparse
+ablation (what the K ladders spend their time on). B2: Algorithm 1 literal vs batched for one
+prompt with a top-10-per-layer pool. Gemma-2-2B with Gemma Scope-shaped SAEs (16k / 65k) at all
+26 layers, Llama-3.1-8B with Llama Scope-shaped SAEs (32k) at all 32 layers. On random weights
+P("I") barely moves, so B2's sets are mostly empty: it times passes, it says nothing about
+refusal. `--small` shrinks every dimension so the same code runs on a CPU in seconds (CI).
 
     python benchmarks/bench_shapes.py --arch gemma-2-2b --d-sae 16384 [--dtype bfloat16] [--small]
 """
@@ -66,9 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128], help="rows generated at once (none: skip)")
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--stage2-k", type=int, default=10, help="B2 pool: top-k per layer (0: skip B2)")
+    ap.add_argument("--literal-budget-s", type=float, default=60.0,
+                    help="time the literal Algorithm 1 this long, extrapolate the rest")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from bench_ablation import ablation_rows, print_rows
+    from bench_ablation import ablation_rows, generation_rows, print_rows
+    from bench_stage2 import compare_stage2, pool_for, print_stage2
 
     from refusalscope.io.prompts import load_bundled
 
@@ -77,14 +87,28 @@ def main(argv: list[str] | None = None) -> dict:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     batch = model.encode([p.text for p in load_bundled("harmful", split="test")][: args.batch])
     rows = ablation_rows(model, saes, batch, args.sizes, args.repeats, sync)
+    harmful = [p.text for p in load_bundled("harmful", split="test")]
+    for gb in args.gen_batch:
+        gen = model.encode((harmful * (1 + gb // len(harmful)))[:gb])
+        for r in generation_rows(model, saes, gen, args.sizes[len(args.sizes) // 2], args.gen_tokens,
+                                 max(1, args.repeats // 2), sync):
+            rows.append({**r, "batch": gb})
+    stage2 = None
+    if args.stage2_k:
+        stage2 = compare_stage2(model, saes, harmful[0], pool_for(model, saes, args.stage2_k), 48, sync,
+                                args.literal_budget_s)
     result = {"arch": args.arch, "small": args.small, "d_sae": args.d_sae, "dtype": args.dtype,
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "layers": len(saes), "batch": args.batch, "tokens": int(batch.attention_mask.sum()), "rows": rows}
+              "layers": len(saes), "batch": args.batch, "tokens": int(batch.attention_mask.sum()), "rows": rows,
+              "gen_batch": args.gen_batch, "gen_tokens": args.gen_tokens, "stage2": stage2}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{args.arch}{' (small)' if args.small else ''}, {len(saes)} layers x {args.d_sae} latents, "
           f"{args.dtype} on {result['device']}")
     print_rows(rows)
+    if stage2:
+        print("B2 (Algorithm 1, one prompt, 8 τ × 3 seeds):")
+        print_stage2(stage2)
     return result
 
 

@@ -23,13 +23,35 @@ def _bench_shapes():
 def test_bench_shapes_small_reports_every_mode_and_size(tmp_path):
     out = tmp_path / "b4.json"
     res = _bench_shapes().main(["--small", "--arch", "llama-3.1-8b", "--d-sae", "128", "--dtype", "float32",
-                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4",
+                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4", "--gen-batch", "2",
+                                "--gen-tokens", "3", "--stage2-k", "3", "--literal-budget-s", "30",
                                 "--out", str(out)])
     assert json.loads(out.read_text()) == res
     assert [(r["mode"], r["S_per_layer"]) for r in res["rows"]] == \
-        [("plain", 0), ("sparse", 3), ("reference", 3), ("sparse", 9), ("reference", 9)]
+        [("plain", 0), ("sparse", 3), ("reference", 3), ("sparse", 9), ("reference", 9),
+         ("generate", 0), ("generate+sparse", 9)]
     assert all(r["median_s"] > 0 for r in res["rows"]) and res["layers"] == 4
     assert all("reference_over_sparse" in r for r in res["rows"] if r["mode"] == "reference")
+    s2 = res["stage2"]  # B2 at these shapes: pool = top-3 at layers 2..3, every (τ, seed) run literally
+    assert s2["pool"] == 6 and s2["identical_sets"] and s2["literal_runs_timed"] == "24/24"
+    assert s2["literal_passes"] == 2 * (6 // 5) * 24 and s2["batched_rows"] == 3 * (6 // 5 + 1)
+
+
+def test_projection_multiplies_measured_row_costs(tmp_path):
+    spec = importlib.util.spec_from_file_location("proj", ROOT / "benchmarks" / "project_paper_run.py")
+    proj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proj)
+    res = {"arch": "gemma-2-2b", "d_sae": 16, "layers": 26, "device": "x", "batch": 10,
+           "rows": [{"mode": "sparse", "S_per_layer": 10, "median_s": 1.0},
+                    {"mode": "generate+sparse", "S_per_layer": 10, "median_s": 8.0, "batch": 4},
+                    {"mode": "generate+sparse", "S_per_layer": 10, "median_s": 10.0, "batch": 10}],
+           "stage2": {"batched_s": 2.0, "batched_rows": 10}}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    out = proj.main([str(tmp_path / "r.json"), "--prompts", "10"])
+    assert out["costs"] == {"forward_row_s": 0.1, "generated_row_s": 1.0, "gen_batch": 10, "stage2_row_s": 0.2}
+    stage1 = next(s for s in out["stages"] if s["stage"] == "stage1")
+    assert stage1["generated_rows"] == 60 and abs(stage1["hours"] - 60 / 3600) < 1e-9
+    assert abs(out["total_hours"] - sum(s["hours"] for s in out["stages"])) < 1e-9
 
 
 def test_gpu_script_says_what_is_missing_without_cuda():
