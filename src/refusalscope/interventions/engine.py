@@ -73,15 +73,33 @@ class _LayerFeatures:
         for row, col, val, pos in self.clamp:
             by_pos[pos].append((row, col, val))
         for pos, entries in by_pos.items():
-            mask = torch.zeros(self.n_rows, len(self.ids), dtype=self.dtype, device=self.device)
-            target = torch.zeros_like(mask)
-            clamped = torch.zeros_like(mask)
-            for row, col, val in entries:
-                rows = slice(None) if row is None else slice(row, row + 1)
-                mask[rows, col] = 1.0
-                if val is not None:
-                    target[rows, col], clamped[rows, col] = val, 1.0
-            self.groups[pos] = (mask, target, clamped if clamped.any() else None)
+            self.groups[pos] = self._tables(entries)
+
+    def _tables(self, entries) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-row mask / clamp target / clamp flag [rows, |U|], filled on the CPU with one index
+        write per kind and moved once (element-wise writes on a GPU cost a launch each)."""
+        shape = (self.n_rows, len(self.ids))
+        mask, target, clamped = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        shared = [(col, val) for row, col, val in entries if row is None]
+        per = [(row, col, val) for row, col, val in entries if row is not None]
+        if per:
+            r = torch.tensor([e[0] for e in per])
+            c = torch.tensor([e[1] for e in per])
+            mask[r, c] = 1.0
+            cl = [(row, col, val) for row, col, val in per if val is not None]
+            if cl:
+                r, c = torch.tensor([e[0] for e in cl]), torch.tensor([e[1] for e in cl])
+                target[r, c] = torch.tensor([float(e[2]) for e in cl])
+                clamped[r, c] = 1.0
+        if shared:  # rows=None entries apply to every row and win over per-row ones
+            mask[:, torch.tensor([e[0] for e in shared])] = 1.0
+            cl = [(col, val) for col, val in shared if val is not None]
+            if cl:
+                c = torch.tensor([e[0] for e in cl])
+                target[:, c] = torch.tensor([float(e[1]) for e in cl])
+                clamped[:, c] = 1.0
+        move = dict(device=self.device, dtype=self.dtype)
+        return mask.to(**move), target.to(**move), clamped.to(**move) if clamped.any() else None
 
     def activations(self, h: Tensor) -> Tensor:
         """f_U(h) for the union U, exact for every architecture."""
@@ -110,6 +128,7 @@ class Intervener:
             if saes is None or layer not in saes:
                 raise UserError(f"cannot record layer {layer}: no SAE loaded there")
         self.device, self.dtype = model.device, model.dtype
+        self._pm_step, self._pm = None, {}
         self.directions: dict = defaultdict(list)  # point -> [(row|None, unit dir)]
         self.adds: dict = defaultdict(list)  # layer -> [(row|None, vector)]
         self.features: dict[int, _LayerFeatures] = {}
@@ -210,17 +229,26 @@ class Intervener:
         if self.mode == "reference":
             return self._reference(lf, h, step)
         f = lf.activations(h)
-        delta = torch.zeros_like(f)
+        delta = None
         for pos, (mask, target, clamped) in lf.groups.items():
-            pm = position_mask(step, pos).unsqueeze(-1).to(f.dtype)
-            m = self._rows(step, mask).unsqueeze(1) * pm
+            m = self._rows(step, mask).unsqueeze(1) * self._position_mask(step, pos, f.dtype)
             if clamped is None:
-                delta = delta + f * m
+                d = f * m
             else:
                 c = self._rows(step, clamped).unsqueeze(1)
                 t = self._rows(step, target).unsqueeze(1)
-                delta = delta + m * (f * (1 - c) + (f - t) * c)
+                d = m * (f - t * c)  # ablate: f; clamp to t: f − t
+            delta = d if delta is None else delta + d
         return h - (delta @ lf.W_dec).to(h.dtype)
+
+    def _position_mask(self, step, pos: Positions, dtype) -> Tensor:
+        """[B, T, 1] position mask, computed once per forward step and shared by every layer."""
+        if self._pm_step is not step:
+            self._pm_step, self._pm = step, {}
+        key = (pos if isinstance(pos, str) else tuple(pos), dtype)
+        if key not in self._pm:
+            self._pm[key] = position_mask(step, pos).unsqueeze(-1).to(dtype)
+        return self._pm[key]
 
     def _reference(self, lf: _LayerFeatures, h: Tensor, step) -> Tensor:
         """Full SAELens encode → edit latents → decode, plus the error term."""
