@@ -25,6 +25,9 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config file or preset name (default: demo).")
 RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<config name>).")
+BACKEND = typer.Option(None, "--backend", help="local (default) or ray: fan per-prompt work out over Ray workers.")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
+WORKERS = typer.Option(None, "--workers", min=1, help="Ray workers (default: one per GPU, else one per CPU).")
 
 
 def friendly(fn):
@@ -46,12 +49,22 @@ def _log(quiet: bool, as_json: bool):
     return log
 
 
-def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: bool):
+def _execution(backend: Optional[str], address: Optional[str], workers: Optional[int]) -> dict:
+    if backend not in (None, "local", "ray"):
+        raise UserError(f"unknown backend {backend!r}: use local or ray")
+    if address and backend == "local":
+        raise UserError("--address is for --backend ray: drop it or add --backend ray")
+    ex = {"backend": backend or ("ray" if address else None), "address": address, "workers": workers}
+    return {"execution": {k: v for k, v in ex.items() if v is not None}}
+
+
+def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: bool,
+             execution: dict | None = None):
     from ..run.config import load_config
     from ..run.pipeline import Context
     from ..run.store import RunStore
 
-    cfg = load_config(config)
+    cfg = load_config(config, execution)
     root = run or Path("runs") / cfg.name
     store = RunStore(root)
     from ..run.store import atomic_write_text
@@ -71,14 +84,17 @@ def _print_examples(info: dict) -> None:
 
 @app.command()
 @friendly
-def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
+def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON,
+         backend: Optional[str] = BACKEND, address: Optional[str] = ADDRESS,
+         workers: Optional[int] = WORKERS):
     """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
     log = _log(quiet, as_json)
     info = build_world(quiet=quiet, log=log)
     result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
-    result.update(_run_stages("demo", run, quiet, as_json, "analyses"))
+    ex = _execution(backend, address, workers)
+    result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex))
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -88,7 +104,8 @@ def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON):
     _report(result, False)
 
 
-def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None) -> dict:
+def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
+                execution: dict | None = None) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`."""
     from ..run.pipeline import run_filter
@@ -97,7 +114,7 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
     from ..run.stage_interactions import run_stage3
     from ..run.stage_search import run_stage1, run_stage2
 
-    ctx = _context(config, run, quiet, as_json)
+    ctx = _context(config, run, quiet, as_json, execution)
     order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
              ("stage2", run_stage2), ("stage3", run_stage3)]
     if upto == "analyses":
@@ -107,10 +124,13 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
             raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
         order += [(n, ANALYSIS_STAGES[n]) for n in ANALYSIS_STAGES if n in names]
     out = {}
-    for name, fn in order:
-        out[name] = fn(ctx)
-        if name == upto:
-            break
+    try:
+        for name, fn in order:
+            out[name] = fn(ctx)
+            if name == upto:
+                break
+    finally:
+        ctx.close()
     out["run"] = str(ctx.store.root)
     return out
 
@@ -127,33 +147,41 @@ def _report(result: dict, as_json: bool) -> None:
 @app.command()
 @friendly
 def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-              as_json: bool = JSON):
+              as_json: bool = JSON, backend: Optional[str] = BACKEND,
+              address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
-    _report(_run_stages(config, run, quiet, as_json, "direction"), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex), as_json)
 
 
 @app.command()
 @friendly
 def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON):
+           as_json: bool = JSON, backend: Optional[str] = BACKEND,
+           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
-    _report(_run_stages(config, run, quiet, as_json, "stage1"), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex), as_json)
 
 
 @app.command()
 @friendly
 def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON):
+           as_json: bool = JSON, backend: Optional[str] = BACKEND,
+           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
-    _report(_run_stages(config, run, quiet, as_json, "stage2"), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex), as_json)
 
 
 @app.command()
 @friendly
 def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON):
+           as_json: bool = JSON, backend: Optional[str] = BACKEND,
+           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
-    _report(_run_stages(config, run, quiet, as_json, "stage3"), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex), as_json)
 
 
 @app.command()
@@ -161,17 +189,21 @@ def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 def analyze(names: Optional[list[str]] = typer.Argument(
                 None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
             config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON):
+            as_json: bool = JSON, backend: Optional[str] = BACKEND,
+            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """The paper's analyses (runs the earlier stages first when needed)."""
-    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex), as_json)
 
 
 @app.command("run")
 @friendly
 def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON):
+            as_json: bool = JSON, backend: Optional[str] = BACKEND,
+            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
     """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
-    _report(_run_stages(config, run, quiet, as_json, "analyses"), as_json)
+    ex = _execution(backend, address, workers)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex), as_json)
 
 
 @app.command("filter")

@@ -78,13 +78,18 @@ def random_control(model: ChatModel, saes, prompts: Prompts, sets: Mapping, judg
     records = [{"seed": s, "id": pid, "features": draws[s][pid]["features"],
                 "short": draws[s][pid]["short"], "jailbroken": bool(jb), "completion": c}
                for (s, pid, _), jb, c in zip(rows, j.jailbroken, j.completions)]
+    return {**random_summary(records, seeds, len(prompts)), "records": records}
+
+
+def random_summary(records: Sequence[dict], seeds: Sequence[int], n_prompts: int) -> dict:
+    """Jailbreaks per seed from the per-(seed, prompt) records (any subset order)."""
     per_seed = []
     for seed in seeds:
         n = sum(r["jailbroken"] for r in records if r["seed"] == seed)
-        per_seed.append({"seed": seed, "jailbroken": n, "n_prompts": len(prompts),
-                         "asr": n / len(prompts) if prompts else None})
+        per_seed.append({"seed": seed, "jailbroken": n, "n_prompts": n_prompts,
+                         "asr": n / n_prompts if n_prompts else None})
     return {"per_seed": per_seed, "mean_jailbroken": mean(p["jailbroken"] for p in per_seed)
-            if per_seed else None, "records": records}
+            if per_seed else None}
 
 
 def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
@@ -102,13 +107,17 @@ def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
                         judge, max_new_tokens, batch_size)
     records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c}
                for (k, pid, _, f), jb, c in zip(rows, j.jailbroken, j.completions)]
+    return {"per_k": obrien_summary(records, ks), "records": records}
+
+
+def obrien_summary(records: Sequence[dict], ks: Sequence[int]) -> list[dict]:
     per_k = []
     for k in ks:
         rs = [r for r in records if r["k"] == k]
         n = sum(r["jailbroken"] for r in rs)
         per_k.append({"k": k, "jailbroken": n, "asr": n / len(rs) if rs else None,
                       "mean_set_size": mean(r["size"] for r in rs) if rs else None})
-    return {"per_k": per_k, "records": records}
+    return per_k
 
 
 def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
@@ -127,21 +136,25 @@ def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
     n = len(prompts)
     mx = max_activations(model, saes, texts + texts, [f for s in s2 for f in s],
                          [[] for _ in texts] + plans, batch_size)
-    records, drops = [], []
+    records = []
     for r, (pid, _) in enumerate(prompts):
         base, abl = mx[r], mx[n + r]
         on = [f for f in s2[r] if base[f] > 0]
         off: list[Feature] = [f for f in on if abl[f] <= 0]
         d = [(base[f] - abl[f]) / base[f] for f in on if abl[f] > 0]
-        drops += d
         records.append({"id": pid, "jailbroken": bool(j.jailbroken[r]), "completion": j.completions[r],
                         "n_stage3": len(s3[r]), "n_active_stage2": len(on), "deactivated": off,
                         "deactivated_share": len(off) / len(on) if on else None,
-                        "mean_drop": mean(d) if d else None})
+                        "mean_drop": mean(d) if d else None, "drops": d})
+    return {"summary": stage3_only_summary(records), "records": records}
+
+
+def stage3_only_summary(records: Sequence[dict]) -> dict:
+    """Jailbreaks, deactivated shares and the pooled drop of still-active latents."""
     shares = [r["deactivated_share"] for r in records if r["deactivated_share"] is not None]
-    summary = {"n_prompts": n, "jailbroken": sum(r["jailbroken"] for r in records),
+    drops = [x for r in records for x in r["drops"]]
+    return {"n_prompts": len(records), "jailbroken": sum(r["jailbroken"] for r in records),
                "deactivated_mean": mean(shares) if shares else None,
                "deactivated_max": max(shares) if shares else None,
                "drop_mean": mean(drops) if drops else None,
                "n_still_active": len(drops)}
-    return {"summary": summary, "records": records}

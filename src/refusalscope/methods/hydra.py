@@ -122,19 +122,23 @@ def inactive_critical(model: ChatModel, saes, prompts: Prompts, sets: Mapping, a
         for name in rec["same_as_full"]:
             rec["jailbroken"][name] = rec["jailbroken"]["full"]
             rec["completions"][name] = rec["completions"]["full"]
+    return {"counts": critical_counts(records), "records": records}
+
+
+def critical_counts(records: Sequence[dict]) -> dict:
+    """Counts over per-prompt `inactive_critical` records (any subset order)."""
     jb = lambda rec, k: rec["jailbroken"][k] is True  # noqa: E731
-    counts = {
+    return {
         "n_prompts": len(records),
         "n_with_inactive": sum(r["n_inactive"] > 0 for r in records),
         "n_inactive_latents": sum(r["n_inactive"] for r in records),
-        "n_unique_inactive_latents": len({f for r in records for f in r["inactive"]}),
+        "n_unique_inactive_latents": len({tuple(f) for r in records for f in r["inactive"]}),
         "jailbroken_full": sum(jb(r, "full") for r in records),
         "jailbroken_active_only": sum(jb(r, "active") for r in records),
         "jailbroken_inactive_only": sum(jb(r, "inactive") for r in records),
         "lost_without_inactive": sum(jb(r, "full") and not jb(r, "active") for r in records),
         "gained_without_inactive": sum(jb(r, "active") and not jb(r, "full") for r in records),
     }
-    return {"counts": counts, "records": records}
 
 
 def _rel(new: float, ref: float) -> float:

@@ -126,6 +126,16 @@ class AnalysesConfig(Section):
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
 
 
+class ExecutionConfig(Section):
+    """Where per-prompt work runs. Not part of any stage hash: both backends give the same results."""
+
+    backend: Literal["local", "ray"] = Field("local", description="ray: fan prompts out over Ray workers")
+    address: str | None = Field(None, description="existing Ray cluster (ray://host:port or 'auto'); None: start a local one")
+    workers: int | None = Field(None, ge=1, description="model replicas (None: one per GPU, else one per cpus_per_worker CPUs)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per CPU worker")
+    shard_size: int = Field(8, ge=1, description="prompts per work item: the unit of batching, fan-out and checkpoints")
+
+
 class Config(Section):
     name: str = "run"
     seed: int = 0
@@ -139,6 +149,7 @@ class Config(Section):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     analyses: AnalysesConfig = AnalysesConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")
     @classmethod

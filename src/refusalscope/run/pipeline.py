@@ -25,7 +25,22 @@ class Context:
     log: Callable = print
     _model: ChatModel | None = None
     _saes: object = None
+    _backend: object = None
     hashes: dict = field(default_factory=dict)
+
+    @property
+    def backend(self):
+        """Where per-prompt work runs (`execution.backend`), started on first use."""
+        if self._backend is None:
+            from .backend import make_backend
+
+            self._backend = make_backend(self)
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
     @property
     def model(self) -> ChatModel:

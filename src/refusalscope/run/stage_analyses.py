@@ -6,6 +6,7 @@ semantics (explanations, top terms, concept groups)."""
 from __future__ import annotations
 
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
+from .backend import fan_out
 from .pipeline import Context, kept_prompts, stage_hash
 from .resolve import load_prompt_set, take
 from .stage_direction import load_direction
@@ -41,7 +42,10 @@ def run_hydra(ctx: Context) -> dict:
         sets = stage2_sets(ctx)
         prompts = _prompts(ctx, sets)
         act = hydra.activity(ctx.model, ctx.saes, prompts, sets, ctx.cfg.model.batch_size)
-        crit = hydra.inactive_critical(ctx.model, ctx.saes, prompts, sets, act, ctx.judge, **_gen(ctx))
+        ck = st.checkpoint("inactive_critical", key="id")
+        fan_out(ctx, "inactive_critical", prompts, {"sets": sets, "activity": act}, ck, "hydra (active / inactive)")
+        records = [ck.records[pid] for pid, _ in prompts]
+        crit = {"counts": hydra.critical_counts(records), "records": records}
         # the paper's step 2: prompts whose jailbreak fails once the inactive latents are left out
         lost = [r["id"] for r in crit["records"]
                 if r["jailbroken"].get("full") and r["jailbroken"].get("active") is False]
@@ -63,8 +67,12 @@ def woken_at_bos(ctx: Context) -> list[str]:
 def run_stage3_only(ctx: Context) -> dict:
     def compute(st):
         s3 = stage3_sets(ctx)
-        out = controls.stage3_only(ctx.model, ctx.saes, _prompts(ctx, s3), s3, active_stage2(ctx),
-                                   ctx.judge, **_gen(ctx))
+        prompts = _prompts(ctx, s3)
+        ck = st.checkpoint("stage3_only", key="id")
+        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": active_stage2(ctx)}, ck,
+                "stage-3-only ablation")
+        records = [ck.records[pid] for pid, _ in prompts]
+        out = {"summary": controls.stage3_only_summary(records), "records": records}
         st.json("stage3_only.json", out)
         return out["summary"]
     return _stage(ctx, "stage3_only", ("stage3",), compute)
@@ -74,10 +82,16 @@ def run_controls(ctx: Context) -> dict:
     def compute(st):
         sets = stage2_sets(ctx)
         a = ctx.cfg.analyses
-        rnd = controls.random_control(ctx.model, ctx.saes, _prompts(ctx, sets), sets, ctx.judge,
-                                      seeds=a.random_seeds, **_gen(ctx))
+        prompts = _prompts(ctx, sets)
+        ck = st.checkpoint("random_control", key="id")
+        fan_out(ctx, "random_control", prompts, {"sets": sets, "seeds": a.random_seeds}, ck, "random control")
+        rows = [r for pid, _ in prompts for r in ck.records[pid]["rows"]]
+        rnd = {**controls.random_summary(rows, a.random_seeds, len(prompts)), "records": rows}
         refused = [(p.id, p.text) for p in kept_prompts(ctx)]
-        obr = controls.obrien_baseline(ctx.model, ctx.saes, refused, ctx.judge, ks=a.obrien_ks, **_gen(ctx))
+        ck = st.checkpoint("obrien", key="id")
+        fan_out(ctx, "obrien", refused, {"ks": a.obrien_ks}, ck, "O'Brien baseline")
+        rows = [r for pid, _ in refused for r in ck.records[pid]["rows"]]
+        obr = {"per_k": controls.obrien_summary(rows, a.obrien_ks), "records": rows}
         st.json("random_control.json", rnd)
         st.json("obrien.json", obr)
         from . import plots

@@ -13,7 +13,8 @@ from ..methods.fm import embedding_collapse, rank_by_embedding_similarity, train
 from ..methods.fm_data import collect_sae_activations, fm_dataset
 from ..methods.hydra import activity
 from ..methods.probe import rank_by_weight, train_probe
-from ..methods.stage3 import probe_sweep, stage3_search
+from ..methods.stage3 import probe_sweep
+from .backend import fan_out
 from .pipeline import Context, kept_prompts, stage_hash
 from .resolve import load_prompt_set, take
 from .stage_direction import load_direction
@@ -91,12 +92,7 @@ def run_stage3(ctx: Context) -> dict:
         active2 = {pid: [parse(f) if isinstance(f, str) else tuple(f) for f in a["active"]]
                    for pid, a in act.items()}
         ck = st.checkpoint("results", key="id")
-        todo = [(pid, t) for pid, t in prompts if pid not in ck]
-        stage3_search(model, saes, todo, active2, top, sc.ks, judge=ctx.judge,
-                      max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                      rungs_per_round=sc.rungs_per_round, quiet=ctx.quiet,
-                      on_done=lambda r: ck.add({"id": r.prompt_id, "k": r.k, "tried": r.tried,
-                                                "completion": r.completions.get(r.k) if r.k else None}))
+        fan_out(ctx, "stage3", prompts, {"active2": active2, "top": top}, ck, "stage 3 (K ladder)")
         records = [ck.records[pid] for pid, _ in prompts]
         st.jsonl("results.jsonl", [{**r, "active_stage2": [f"{l}-{i}" for l, i in active2.get(r["id"], [])]}
                                    for r in records])

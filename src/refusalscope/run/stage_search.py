@@ -6,14 +6,12 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..interventions.engine import intervene
-from ..interventions.spec import FeatureAblation, Recording
-from ..methods.evaluate import generate_judged
-from ..methods.stage1 import aligned_latents, ladder, search_k, top_k_set
-from ..methods.stage2 import batched_traces, consensus, forward_passes
+from ..interventions.spec import Recording
+from ..methods.stage1 import aligned_latents, ladder
 from . import plots
+from .backend import fan_out
 from .pipeline import Context, kept_prompts, stage_hash
 from .stage_direction import load_direction
 from .store import read_jsonl, read_tensors
@@ -28,12 +26,11 @@ def run_stage1(ctx: Context) -> dict:
     h = stage_hash(ctx, name, ("saes", "judge", "generation", "stage1"), ("direction",))
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
-    s1, gen = ctx.cfg.stage1, ctx.cfg.generation
+    s1 = ctx.cfg.stage1
     direction, _ = load_direction(ctx)
     layers = stage1_layers(ctx)
     ranked, cosines = aligned_latents(ctx.saes, direction, layers, s1.k_max)
     prompts = kept_prompts(ctx)
-    judge = ctx.judge
     with ctx.store.stage(name, h) as st:
         st.tensors("ranked.safetensors", {**{f"index.{l}": r for l, r in ranked.items()},
                                           **{f"cos.{l}": c for l, c in cosines.items()}},
@@ -43,11 +40,8 @@ def run_stage1(ctx: Context) -> dict:
         ctx.log(f"stage 1: {len(prompts)} refused prompts ({len(prompts) - len(todo)} done before), "
                 f"{len(layers)} SAE layers, K = {s1.k_start}..{s1.k_max}")
         t0 = time.perf_counter()
-        search_k(ctx.model, ctx.saes, todo, ranked, ladder(s1.k_start, s1.k_step, s1.k_max), judge,
-                 gen.max_new_tokens, gen.batch_size, s1.rungs_per_round, s1.positions, ctx.quiet,
-                 on_done=lambda r: ck.add({"id": r.prompt_id, "k": r.k, "tried": r.tried,
-                                           "completions": {str(k): v for k, v in r.completions.items()},
-                                           "verdicts": {str(k): v for k, v in r.verdicts.items()}}))
+        fan_out(ctx, "stage1", todo, {"ranked": ranked, "ks": ladder(s1.k_start, s1.k_step, s1.k_max)},
+                ck, "stage 1 (K ladder)")
         records = [ck.records[p.id] for p in prompts]
         st.jsonl("results.jsonl", records)
         ks = [r["k"] for r in records]
@@ -74,36 +68,16 @@ def run_stage2(ctx: Context) -> dict:
     h = stage_hash(ctx, name, ("judge", "generation", "stage2"), ("stage1",))
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
-    s2, gen = ctx.cfg.stage2, ctx.cfg.generation
+    s2 = ctx.cfg.stage2
     k_of, ranked = stage1_candidates(ctx)
     prompts = [p for p in kept_prompts(ctx) if p.id in k_of]
-    judge = ctx.judge
-    model, saes = ctx.model, ctx.saes
     with ctx.store.stage(name, h) as st:
         ck = st.checkpoint("sets", key="id")
-        todo = [p for p in prompts if p.id not in ck]
         ctx.log(f"stage 2: Algorithm 1 on {len(prompts)} prompts (N={s2.block_size}, "
                 f"{len(s2.taus)} thresholds, seeds {s2.seeds})")
         t0, passes = time.perf_counter(), {"literal_sequential": 0, "batched_sequential": 0, "batched_rows": 0}
-        for p in tqdm(todo, desc="stage 2 (Algorithm 1)", disable=ctx.quiet):
-            cands = [(l, i) for l, ids in top_k_set(ranked, k_of[p.id]).items() for i in ids]
-            traces = batched_traces(model, saes, p.text, cands, s2.block_size, s2.seeds, s2.batch_size)
-            by_tau = {tau: sorted(consensus(traces, tau)) for tau in s2.taus}
-            distinct = sorted({tuple(v) for v in by_tau.values() if v}, key=len)
-            j = generate_judged(model, saes, [p.text] * len(distinct),
-                                [[FeatureAblation.from_ids(s)] for s in distinct], judge,
-                                gen.max_new_tokens, gen.batch_size)
-            verdict = {s: (c, jb) for s, c, jb in zip(distinct, j.completions, j.jailbroken)}
-            per_tau = [{"tau": tau, "size": len(v), "jailbroken": bool(v) and verdict[tuple(v)][1],
-                        "completion": verdict[tuple(v)][0] if v else None,
-                        "features": [f"{l}-{i}" for l, i in v]} for tau, v in by_tau.items()]
-            wins = [t for t in per_tau if t["jailbroken"]]
-            best = min(wins, key=lambda t: (t["size"], -t["tau"])) if wins else None
-            ck.add({"id": p.id, "candidates": len(cands), "per_tau": per_tau,
-                    "deltas": {str(t.seed): t.deltas for t in traces},
-                    "set": best["features"] if best else None, "tau": best["tau"] if best else None,
-                    "passes": forward_passes(len(cands), s2.block_size, len(s2.seeds), len(s2.taus),
-                                             s2.batch_size)})
+        fan_out(ctx, "stage2", [(p.id, p.text, k_of[p.id]) for p in prompts], {"ranked": ranked}, ck,
+                "stage 2 (Algorithm 1)")
         records = [ck.records[p.id] for p in prompts]
         for r in records:
             for k in passes:

@@ -100,9 +100,10 @@ def config_hash(obj: Any) -> str:
 class Checkpoint:
     """Append-only JSONL of finished work items (one record per prompt), for resumable stages."""
 
-    def __init__(self, path: Path, key: str = "key"):
+    def __init__(self, path: Path, key: str = "key", owner: "StageRecord | None" = None):
         self.path = Path(path)
         self.key = key
+        self.owner = owner  # the stage whose manifest entry says how its items were computed
         self.records: dict[Any, dict] = {}
         if self.path.exists():
             for r in read_jsonl(self.path):
@@ -170,7 +171,8 @@ class RunStore:
             self._save()
             raise
         entry.update(status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
-                     artifacts=sorted(set(rec.artifacts)), summary=rec.summary)
+                     artifacts=sorted(set(rec.artifacts)), summary=rec.summary,
+                     **({"executed": rec.executed} if rec.executed else {}))
         self._save()
 
 
@@ -181,6 +183,7 @@ class StageRecord:
         self.store, self.stage = store, stage
         self.artifacts: list[str] = []
         self.summary: dict = {}
+        self.executed: dict = {}  # fanned-out task -> {backend, workers, shards}
 
     def _reg(self, path: Path) -> Path:
         self.artifacts.append(str(path.relative_to(self.store.root)))
@@ -203,4 +206,4 @@ class StageRecord:
         return self._reg(self.store.path(self.stage, name))
 
     def checkpoint(self, name: str = "items", key: str = "key") -> Checkpoint:
-        return Checkpoint(self.store.path(self.stage, f"{name}.partial.jsonl"), key)
+        return Checkpoint(self.store.path(self.stage, f"{name}.partial.jsonl"), key, owner=self)
