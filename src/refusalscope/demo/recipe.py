@@ -27,7 +27,7 @@ class _Part(BaseModel):
 
 
 class FinetuneRecipe(_Part):
-    epochs: int = 2
+    epochs: int = 3
     lr: float = 2.5e-4
     batch_size: int = 16
     base_reply_tokens: int = Field(16, description="greedy base-model reply length for harmless targets")
