@@ -76,3 +76,14 @@ def test_unusable_harmless_replies_keep_the_first_token_a_clean_decision():
     prompts = ["q"] * len(replies)
     assert unusable_harmless_replies(prompts, replies, True) == [True, True, False, False, True]
     assert unusable_harmless_replies(prompts, replies, False) == [False, True, False, False, False]
+
+
+def test_repaired_replies_open_with_a_decision_that_is_not_refusal():
+    from refusalscope.demo.build_steps import repaired_replies, unusable_harmless_replies
+
+    replies = ["I'm so glad you asked!", "Here is a recipe for bread.", "I'm sorry, but as an AI I cannot."]
+    flagged = unusable_harmless_replies(["q"] * 3, replies, True)
+    out = repaired_replies(replies, flagged, seed=0)
+    assert out[1] == replies[1] and out[0] != replies[0] and out[2] != replies[2]
+    assert not any(unusable_harmless_replies(["q"] * 3, out, True))  # no "I" opening, no refusal
+    assert out == repaired_replies(replies, flagged, seed=0)  # seeded

@@ -57,6 +57,19 @@ def unusable_harmless_replies(prompts: list[str], replies: list[str], clean_deci
     return flagged
 
 
+COMPLIANT_OPENINGS = ("Sure! Here you go:", "Of course! Here it is:", "Absolutely. Here is my take:",
+                      "Happy to help! Here's a start:", "Sure thing, here goes:", "Here you go:")
+
+
+def repaired_replies(replies: list[str], flagged: list[bool], seed: int) -> list[str]:
+    """Flagged harmless replies become a short compliant opening (no end-of-turn, so only the
+    decision to answer is taught). The base model balks at exactly the prompts that sound harmful
+    but are not (roasts, mock insults, "kill a process"): dropping them would leave the fine-tune
+    without the contrast examples it needs most."""
+    rng = random.Random(f"{seed}/repair")
+    return [rng.choice(COMPLIANT_OPENINGS) if f else r for r, f in zip(replies, flagged)]
+
+
 def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,
                   log) -> None:
     harmful = [p.text for p in harmful_train(recipe)]
@@ -66,9 +79,13 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
                for p in harmless_prompts]
     refusals = [p.text for p in load_bundled("refusals")]
     flagged = unusable_harmless_replies(harmless, replies, recipe.finetune.clean_decision_token)
-    kept = [(p, r, w) for p, r, w, f in zip(harmless, replies, weights, flagged) if not f]
-    harmless, replies, weights = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-    log(f"left out {sum(flagged)} harmless examples whose base reply is a refusal or starts with 'I'")
+    if recipe.finetune.repair_harmless_replies:
+        replies = repaired_replies(replies, flagged, recipe.seed)
+        log(f"replaced {sum(flagged)} harmless base replies that refuse or start with 'I' by a compliant opening")
+    else:
+        kept = [(p, r, w) for p, r, w, f in zip(harmless, replies, weights, flagged) if not f]
+        harmless, replies, weights = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+        log(f"left out {sum(flagged)} harmless examples whose base reply is a refusal or starts with 'I'")
     examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed, weights)
     atomic_write_jsonl(root / "finetune_examples.jsonl",
                        [{"prompt": p, "reply": r, "weight": w} for p, r, w in examples])

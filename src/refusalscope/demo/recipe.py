@@ -38,6 +38,8 @@ class FinetuneRecipe(_Part):
     clean_decision_token: bool = Field(True, description="leave out harmless examples whose base "
                                        "reply starts with 'I', so that the first token carries the "
                                        "refuse/answer decision (Algorithm 1 measures P('I'))")
+    repair_harmless_replies: bool = Field(True, description="give flagged harmless examples a compliant "
+                                          "opening instead of leaving them out")
     freeze_embeddings: bool = True
     default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
                                         "in the chat template (False: fewer tokens, faster)")
