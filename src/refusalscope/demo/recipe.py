@@ -51,7 +51,7 @@ class FinetuneRecipe(_Part):
 class SAERecipe(_Part):
     d_sae: int = 2048
     k: int = Field(32, description="TopK k; also the L0 the JumpReLU phase steers towards")
-    tokens: int = 16_000
+    tokens: int = 12_000
     topk_epochs: int = 1
     topk_lr: float = 3e-3
     jumprelu_epochs: int = 1
