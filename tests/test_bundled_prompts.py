@@ -160,16 +160,18 @@ def test_harmful_splits_stratified_by_category(harmful):
 
 def test_harmless_splits_stratified_by_contrast(harmless):
     # The first 439 rows were split 50/15/35; the 320 added next went 80/20 to train/test and
-    # the 300 contrast rows after them all went to train, so each group is train-heavy and
-    # contrast val is thin (30 of 719 rows).
+    # the 300 + 88 contrast rows after them all went to train, so each group is train-heavy and
+    # contrast val is thin (30 of 807 rows): its share only shrinks as training rows are added,
+    # the counts (30 val for layer
+    # selection, 100+ test for the quality table) are what matter.
     for flag in (True, False):
         rows = [r for r in harmless if r["contrast"] is flag]
         splits = Counter(r["split"] for r in rows)
         assert set(splits) == SPLITS, (flag, splits)
         assert splits["train"] / len(rows) >= 0.50, (flag, splits)
-        assert splits["val"] / len(rows) >= 0.04, (flag, splits)
+        assert splits["val"] / len(rows) >= 0.035, (flag, splits)
         assert splits["val"] >= 30, (flag, splits)
-        assert splits["test"] / len(rows) >= 0.15, (flag, splits)
+        assert splits["test"] / len(rows) >= 0.13 and splits["test"] >= 100, (flag, splits)
 
 
 def test_ood_composition(ood):
