@@ -22,6 +22,7 @@ def shards(items: Sequence, size: int) -> list[list]:
 
 class LocalBackend:
     name = "local"
+    workers = 1
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -82,6 +83,7 @@ class RayBackend:
         worker = ray.remote(**opts)(_Worker)
         data = ctx.cfg.model_dump(mode="json")
         self.actors = [worker.remote(data, None if gpus else ex.cpus_per_worker) for _ in range(n)]
+        self.workers = n
         ctx.log(f"ray: {n} workers ({'1 GPU' if gpus else f'{ex.cpus_per_worker} CPU'} each) on "
                 f"{ex.address or 'a local cluster'}")
 
@@ -132,7 +134,7 @@ def fan_out(ctx, task: str, items: Sequence, payload: dict, ck, desc: str) -> No
         return
     backend = ctx.backend
     if ck.owner is not None:  # provenance in the manifest (results do not depend on it)
-        ck.owner.executed[task] = {"backend": backend.name, "workers": len(getattr(backend, "actors", [None])),
+        ck.owner.executed[task] = {"backend": backend.name, "workers": backend.workers,
                                    "items": len(todo), "shards": len(shards(todo, ctx.cfg.execution.shard_size))}
     for records in backend.map(task, todo, payload, desc):
         for r in records:

@@ -22,11 +22,6 @@ def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
     return [(p.id, p.text) for p in kept_prompts(ctx) if p.id in ids]
 
 
-def _gen(ctx: Context) -> dict:
-    g = ctx.cfg.generation
-    return {"max_new_tokens": g.max_new_tokens, "batch_size": g.batch_size}
-
-
 def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
     h = stage_hash(ctx, name, ("judge", "generation", "analyses", "seed"), deps)
     if ctx.store.is_done(name, h):

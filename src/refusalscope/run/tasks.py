@@ -21,8 +21,8 @@ def _gen(ctx) -> dict:
 def stage1(ctx, items, p) -> list[dict]:
     """Smallest jailbreaking K of the top-K-per-layer ladder, per prompt."""
     s1 = ctx.cfg.stage1
-    res = search_k(ctx.model, ctx.saes, items, p["ranked"], p["ks"], ctx.judge, ctx.cfg.generation.max_new_tokens,
-                   ctx.cfg.generation.batch_size, s1.rungs_per_round, s1.positions, quiet=True)
+    res = search_k(ctx.model, ctx.saes, items, p["ranked"], p["ks"], ctx.judge, rungs_per_round=s1.rungs_per_round,
+                   positions=s1.positions, quiet=True, **_gen(ctx))
     return [{"id": r.prompt_id, "k": r.k, "tried": r.tried,
              "completions": {str(k): v for k, v in r.completions.items()},
              "verdicts": {str(k): v for k, v in r.verdicts.items()}} for r in res]
