@@ -87,3 +87,53 @@ def test_repaired_replies_open_with_a_decision_that_is_not_refusal():
     assert out[1] == replies[1] and out[0] != replies[0] and out[2] != replies[2]
     assert not any(unusable_harmless_replies(["q"] * 3, out, True))  # no "I" opening, no refusal
     assert out == repaired_replies(replies, flagged, seed=0)  # seeded
+
+
+def test_unlikelihood_pushes_the_refusal_token_down_on_harmless_examples_only():
+    hf, tok = tiny_llama(layers=2)
+    model = ChatModel(hf, tok)
+    harmful = (model.format_chat("Write a poem"), "I cannot help with that.", 1.0, True)
+    harmless = (model.format_chat("How do I bake bread?"), "Mix flour and water.", 1.0, False)
+    items = _tokenize(model, [harmful, harmless])
+    ids_i = model.refusal_token_ids
+    both, only_harmful = _collate(items, [0, 1], tok.pad_token_id, 5.0), _collate(items, [0], tok.pad_token_id, 5.0)
+    assert both[4].sum() == 1 and only_harmful[4].sum() == 0  # one decision position to push down
+    ce = _reply_loss(hf, *both)
+    with_ul = _reply_loss(hf, *both, refusal_ids=ids_i, unlikelihood=2.0)
+    assert with_ul.item() > ce.item()
+    torch.testing.assert_close(_reply_loss(hf, *only_harmful, refusal_ids=ids_i, unlikelihood=2.0),
+                               _reply_loss(hf, *only_harmful))
+
+    def p_refuse():
+        batch = model.encode(["How do I bake bread?"])
+        return model.next_token_probs(batch)[0, ids_i].sum().item()
+
+    before = p_refuse()
+    params = [p for p in hf.parameters()]
+    grads = torch.autograd.grad(with_ul - ce, params)  # the unlikelihood term alone
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 5.0 * g
+    assert p_refuse() < before
+
+
+def test_continued_repairs_answer_after_the_opening_and_are_cached(tmp_path, monkeypatch):
+    from refusalscope.demo.build_steps import COMPLIANT_OPENINGS, continued_repairs
+    from refusalscope.demo.recipe import DemoRecipe
+    from refusalscope.measures.judges import make_judge
+
+    monkeypatch.setenv("REFUSALSCOPE_CACHE", str(tmp_path))
+    hf, tok = tiny_llama(layers=2)
+    model = ChatModel(hf, tok)
+    recipe = DemoRecipe.model_validate({"finetune": {"base_reply_tokens": 6}})
+    prompts = ["Roast my cooking.", "Capital of France?", "Mock my handwriting."]
+    out = continued_repairs(model, prompts, [True, False, True], recipe, quiet=True)
+    assert out[1] is None
+    for reply in (out[0], out[2]):
+        opening, _, rest = reply.partition("\n\n")
+        assert opening in COMPLIANT_OPENINGS and rest  # an opening and what the base model said next
+        assert not make_judge("substring").judge(["q"], [reply]).refused[0]
+    cache = next((tmp_path / "demo-world").glob("base-replies-*.jsonl"))
+    n_cached = len(cache.read_text().splitlines())
+    assert continued_repairs(model, prompts, [True, False, True], recipe, quiet=True) == out
+    assert len(cache.read_text().splitlines()) == n_cached  # the second call generated nothing

@@ -70,6 +70,39 @@ def repaired_replies(replies: list[str], flagged: list[bool], seed: int) -> list
     return [rng.choice(COMPLIANT_OPENINGS) if f else r for r, f in zip(replies, flagged)]
 
 
+def continued_repairs(base: ChatModel, prompts: list[str], flagged: list[bool], recipe: DemoRecipe,
+                      quiet: bool) -> list[str | None]:
+    """For each flagged prompt, a compliant opening followed by the base model's own greedy
+    continuation of it (cached like the base replies); openings are tried in a seeded order until
+    the continuation is not a refusal. None where none works (the caller keeps the bare opening).
+    A bare opening with nothing after it taught the tuned model to open compliantly and then
+    refuse ("Sure! Here you go: I'm not able to provide that.")."""
+    n_max = recipe.finetune.base_reply_tokens
+    eos = base.tokenizer.eos_token
+    ck = Checkpoint(cache_root() / "demo-world" / f"base-replies-{GGUF_FILE}-{n_max}.jsonl", key="key")
+    judge = make_judge("substring")
+    out: list[str | None] = [None] * len(prompts)
+    orders = {i: random.Random(f"{recipe.seed}/repair/{p}").sample(COMPLIANT_OPENINGS, 3)
+              for i, (p, f) in enumerate(zip(prompts, flagged)) if f}
+    for attempt in range(3):
+        todo = [i for i in orders if out[i] is None]
+        texts = {i: base.format_chat(prompts[i], reply=orders[i][attempt]) for i in todo}
+        missing = [i for i in todo if config_hash(texts[i]) not in ck]
+        size = recipe.eval.batch_size
+        for start in range(0, len(missing), size):
+            chunk = missing[start:start + size]
+            conts = base.generate(base.encode_texts([texts[i] for i in chunk]), max_new_tokens=n_max,
+                                  quiet=quiet, desc=f"continue compliant openings ({attempt + 1}/3)")
+            for i, cont in zip(chunk, conts):
+                n_tok = len(base.tokenizer(cont, add_special_tokens=False)["input_ids"])
+                ck.add({"key": config_hash(texts[i]), "reply": cont + (eos if n_tok < n_max - 1 else "")})
+        for i in todo:
+            reply = f"{orders[i][attempt]}\n\n{ck.records[config_hash(texts[i])]['reply']}"
+            if not judge.judge([prompts[i]], [reply]).refused[0]:
+                out[i] = reply
+    return out
+
+
 def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root: Path, quiet: bool,
                   log) -> None:
     harmful = [p.text for p in harmful_train(recipe)]
@@ -80,15 +113,19 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
     refusals = [p.text for p in load_bundled("refusals")]
     flagged = unusable_harmless_replies(harmless, replies, recipe.finetune.clean_decision_token)
     if recipe.finetune.repair_harmless_replies:
-        replies = repaired_replies(replies, flagged, recipe.seed)
-        log(f"replaced {sum(flagged)} harmless base replies that refuse or start with 'I' by a compliant opening")
+        bare = repaired_replies(replies, flagged, recipe.seed)
+        cont = continued_repairs(base, harmless, flagged, recipe, quiet) \
+            if recipe.finetune.repair_continuation else [None] * len(harmless)
+        replies = [c if c is not None else b for b, c in zip(bare, cont)]
+        log(f"replaced {sum(flagged)} harmless base replies that refuse or start with 'I' by a compliant "
+            f"opening ({sum(c is not None for c in cont)} continued by the base model)")
     else:
         kept = [(p, r, w) for p, r, w, f in zip(harmless, replies, weights, flagged) if not f]
         harmless, replies, weights = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         log(f"left out {sum(flagged)} harmless examples whose base reply is a refusal or starts with 'I'")
     examples = build_examples(base, harmful, harmless, replies, refusals, recipe.seed, weights)
     atomic_write_jsonl(root / "finetune_examples.jsonl",
-                       [{"prompt": p, "reply": r, "weight": w} for p, r, w in examples])
+                       [{"prompt": p, "reply": r, "weight": w, "harmful": h} for p, r, w, h in examples])
     log(f"safety fine-tuning on {len(examples)} examples ({len(harmful)} harmful, {len(harmless)} harmless)")
     work = root / "finetune_work"
     work.mkdir(exist_ok=True)

@@ -27,27 +27,30 @@ from .recipe import FinetuneRecipe
 def build_examples(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
                    harmless_replies: Sequence[str], refusals: Sequence[str], seed: int,
                    harmless_weights: Sequence[float] | None = None):
-    """(prompt text, reply text, loss weight) triples; each harmful prompt gets a refusal drawn
-    with `seed`. `harmless_weights` lets contrast prompts (benign, phrased like harmful ones)
-    count more: they carry the distinction the model must learn."""
+    """(prompt text, reply text, loss weight, harmful?) tuples; each harmful prompt gets a refusal
+    drawn with `seed`. `harmless_weights` lets contrast prompts (benign, phrased like harmful
+    ones) count more: they carry the distinction the model must learn."""
     rng = random.Random(seed)
     eos = model.tokenizer.eos_token
     weights = list(harmless_weights) if harmless_weights is not None else [1.0] * len(harmless)
-    examples = [(model.format_chat(p), rng.choice(list(refusals)) + eos, 1.0) for p in harmful]
+    examples = [(model.format_chat(p), rng.choice(list(refusals)) + eos, 1.0, True) for p in harmful]
     for p, reply, w in zip(harmless, harmless_replies, weights):
-        examples.append((model.format_chat(p), reply, float(w)))
+        examples.append((model.format_chat(p), reply, float(w), False))
     rng.shuffle(examples)
     return examples
 
 
 def _tokenize(model: ChatModel, examples):
-    """(ids, prompt length, weight) per example; examples are (prompt, reply[, weight])."""
+    """(ids, prompt length, weight, harmful?) per example; examples are
+    (prompt, reply[, weight[, harmful?]]) (by default weight 1, harmful)."""
     tok = model.tokenizer
     out = []
     for prompt, reply, *rest in examples:
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(reply, add_special_tokens=False)["input_ids"]
-        out.append((p + r, len(p), float(rest[0]) if rest else 1.0))
+        weight = float(rest[0]) if rest else 1.0
+        harmful = bool(rest[1]) if len(rest) > 1 else True
+        out.append((p + r, len(p), weight, harmful))
     return out
 
 
@@ -65,14 +68,16 @@ def _collate(items, idx, pad_id: int, decision_weight: float):
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     target = torch.full((len(idx), width), -100, dtype=torch.long)
     weight = torch.zeros((len(idx), width))
+    avoid = torch.zeros((len(idx), width), dtype=torch.bool)  # harmless decision positions
     for row, i in enumerate(idx):
-        seq, n_prompt, w = items[i]
+        seq, n_prompt, w, harmful = items[i]
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
         target[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])  # next-token targets
         weight[row, n_prompt - 1:len(seq) - 1] = w
         weight[row, n_prompt - 1] = w * decision_weight  # the first reply token: refuse or answer
-    return ids, mask, target, weight
+        avoid[row, n_prompt - 1] = not harmful
+    return ids, mask, target, weight, avoid
 
 
 @contextmanager
@@ -124,7 +129,12 @@ class FrozenPrefix:
         return out
 
 
-def _reply_loss(hf, ids, mask, target, weight, prefix: FrozenPrefix | None = None, idx=None):
+def _reply_loss(hf, ids, mask, target, weight, avoid=None, prefix: FrozenPrefix | None = None,
+                idx=None, refusal_ids: Sequence[int] = (), unlikelihood: float = 0.0):
+    """Weighted reply-token cross-entropy, plus `unlikelihood` x -log(1 - P(refusal tokens)) at
+    the decision token of harmless examples. Cross-entropy only raises the base reply's first
+    token; the extra term pushes the refusal token itself down, hardest where it is most likely
+    (benign prompts that look harmful), without touching harmful examples."""
     dec = hf.get_decoder()
     if prefix is None:
         hidden = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -136,7 +146,13 @@ def _reply_loss(hf, ids, mask, target, weight, prefix: FrozenPrefix | None = Non
     logits = hf.lm_head(hidden[sel])
     ce = torch.nn.functional.cross_entropy(logits.float(), target[sel], reduction="none")
     w = weight[sel]
-    return (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / w.sum()
+    if unlikelihood and refusal_ids and avoid is not None and avoid.any():
+        at = avoid[sel]
+        p_refuse = logits[at].float().softmax(-1)[:, list(refusal_ids)].sum(-1)
+        ul = -torch.log1p(-p_refuse.clamp(max=1 - 1e-6))
+        loss = loss + unlikelihood * (ul * w[at]).sum() / w.sum()
+    return loss
 
 
 def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, workdir: Path,
@@ -170,7 +186,8 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
         bar = tqdm(_batches(items, recipe.batch_size, seed + epoch), disable=quiet,
                    desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}")
         for idx in bar:
-            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight), prefix, idx)
+            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight), prefix, idx,
+                               model.refusal_token_ids, recipe.refusal_unlikelihood)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)

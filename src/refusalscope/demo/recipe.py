@@ -40,6 +40,10 @@ class FinetuneRecipe(_Part):
                                        "refuse/answer decision (Algorithm 1 measures P('I'))")
     repair_harmless_replies: bool = Field(True, description="give flagged harmless examples a compliant "
                                           "opening instead of leaving them out")
+    repair_continuation: bool = Field(True, description="let the base model continue that opening, so the "
+                                      "target is a real answer rather than an opening then nothing")
+    refusal_unlikelihood: float = Field(1.0, description="weight of -log(1 - P('I')) at the decision "
+                                        "token of harmless examples (0: cross-entropy only)")
     freeze_embeddings: bool = True
     default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
                                         "in the chat template (False: fewer tokens, faster)")
