@@ -137,3 +137,15 @@ def test_continued_repairs_answer_after_the_opening_and_are_cached(tmp_path, mon
     n_cached = len(cache.read_text().splitlines())
     assert continued_repairs(model, prompts, [True, False, True], recipe, quiet=True) == out
     assert len(cache.read_text().splitlines()) == n_cached  # the second call generated nothing
+
+
+def test_generate_by_length_returns_rows_in_the_given_order():
+    from refusalscope.demo.corpus import generate_by_length
+
+    hf, tok = tiny_llama(layers=2)
+    model = ChatModel(hf, tok)
+    texts = ["How do I bake bread at home? Explain the steps please.", "Hi", "Write a poem about rain"]
+    g = generate_by_length(model, texts, True, max_new_tokens=4, batch_size=2)
+    alone = [model.generate_full(model.encode([t]), max_new_tokens=4) for t in texts]
+    assert g.texts == [a.texts[0] for a in alone]
+    torch.testing.assert_close(g.p_refusal, torch.cat([a.p_refusal for a in alone]), atol=1e-5, rtol=1e-4)

@@ -80,11 +80,14 @@ def test_generation_reports_which_rows_ended(model):
         return h
 
     with model.hooks({model.n_layers - 1: force_eos}):
-        texts, ended = model.generate(batch, max_new_tokens=5, return_ended=True)
-        assert model.generate(batch, max_new_tokens=5) == texts
-    assert ended == [True, False]
-    _, ended = model.generate(batch, max_new_tokens=5, return_ended=True)
-    assert ended == [False, False]
+        g = model.generate_full(batch, max_new_tokens=5)
+        assert model.generate(batch, max_new_tokens=5) == g.texts
+    assert g.ended == [True, False]
+    g = model.generate_full(batch, max_new_tokens=5)
+    assert g.ended == [False, False]
+    # the first step's P(refusal tokens) is the next-token probability at the prompt's end
+    p = model.next_token_probs(batch)[:, model.refusal_token_ids].sum(1)
+    torch.testing.assert_close(g.p_refusal, p, atol=1e-5, rtol=1e-4)
 
 
 def test_post_instruction_tokens_are_the_template_suffix(model):

@@ -15,7 +15,7 @@ from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
 from ..measures.judges import make_judge
 from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
-from .corpus import collect, continuations, corpus_texts
+from .corpus import collect, continuations, corpus_texts, generate_by_length
 from .finetune import build_examples, finetune
 from .recipe import BUILD_REVISION, GGUF_FILE, DemoRecipe, cache_root
 from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
@@ -36,17 +36,14 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
     ck = Checkpoint(cache_root() / "demo-world" / base_replies_file(recipe),
                     key="key")
     keys = {p.id: config_hash(base.format_chat(p.text)) for p in prompts}  # template included
-    todo = [p for p in prompts if keys[p.id] not in ck]
-    size = recipe.eval.batch_size
-    n_max = recipe.finetune.base_reply_tokens
-    eos = base.tokenizer.eos_token
+    todo = sorted((p for p in prompts if keys[p.id] not in ck), key=lambda p: len(p.text))
+    size, eos = recipe.eval.batch_size, base.tokenizer.eos_token
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(todo), size), desc="base-model replies", disable=quiet):
-        chunk = todo[start:start + size]
-        outs, ended = base.generate(base.encode([p.text for p in chunk]), max_new_tokens=n_max,
-                                    return_ended=True)
-        for p, reply, end in zip(chunk, outs, ended):  # end-of-turn only where the model ended
+        chunk = todo[start:start + size]  # sorted by length: little padding per batch
+        g = base.generate_full(base.encode([p.text for p in chunk]), recipe.finetune.base_reply_tokens)
+        for p, reply, end in zip(chunk, g.texts, g.ended):  # end-of-turn only where the model ended
             ck.add({"key": keys[p.id], "reply": reply + (eos if end else "")})
     return [ck.records[keys[p.id]]["reply"] for p in prompts]
 
@@ -93,13 +90,10 @@ def continued_repairs(base: ChatModel, prompts: list[str], flagged: list[bool], 
         todo = [i for i in orders if out[i] is None]
         texts = {i: base.format_chat(prompts[i], reply=orders[i][attempt]) for i in todo}
         missing = [i for i in todo if config_hash(texts[i]) not in ck]
-        size = recipe.eval.batch_size
-        for start in range(0, len(missing), size):
-            chunk = missing[start:start + size]
-            conts, ended = base.generate(base.encode_texts([texts[i] for i in chunk]), max_new_tokens=n_max,
-                                         quiet=quiet, desc=f"continue compliant openings ({attempt + 1}/3)",
-                                         return_ended=True)
-            for i, cont, end in zip(chunk, conts, ended):
+        if missing:
+            g = generate_by_length(base, [texts[i] for i in missing], False, n_max, recipe.eval.batch_size,
+                                   quiet, f"continue compliant openings ({attempt + 1}/3)")
+            for i, cont, end in zip(missing, g.texts, g.ended):
                 ck.add({"key": config_hash(texts[i]), "reply": cont + (eos if end else "")})
         for i in todo:
             reply = f"{orders[i][attempt]}\n\n{ck.records[config_hash(texts[i])]['reply']}"
@@ -166,11 +160,10 @@ def quality_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, 
     rows, examples = [], []
     for name, (bundle, filt) in QUALITY_SETS.items():
         prompts = [p.text for p in load_bundled(bundle, **filt)]
-        batch = model.encode(prompts)
-        replies = model.generate(batch, max_new_tokens=recipe.eval.max_new_tokens,
-                                 batch_size=recipe.eval.batch_size, quiet=quiet, desc=name)
+        g = generate_by_length(model, prompts, True, recipe.eval.max_new_tokens, recipe.eval.batch_size,
+                               quiet, name)
+        replies, p_i = g.texts, g.p_refusal
         v = judge.judge(prompts, replies)
-        p_i = model.next_token_probs(batch, batch_size=recipe.eval.batch_size)[:, model.refusal_token_ids].sum(1)
         rows.append({"set": name, "n": len(prompts), "refused": round(v.refusal_rate, 4),
                      "degenerate": round(sum(v.degenerate) / len(prompts), 4),
                      "mean_p_I": round(p_i.mean().item(), 4)})
@@ -249,5 +242,4 @@ def _ce(model: ChatModel, batch, layer: int | None = None, sae: SAEWeights | Non
         logits = model.logits(batch, last=None)
     target = batch.input_ids[:, 1:]
     mask = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
-    return (ce[mask].sum() / mask.sum()).item()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][mask], target[mask]).item()

@@ -74,7 +74,8 @@ class SAERecipe(_Part):
 
 class EvalRecipe(_Part):
     max_new_tokens: int = 16
-    batch_size: int = 32
+    batch_size: int = Field(64, description="generation batch of the build (64 decodes ~15% faster "
+                            "than 32 on 2 CPU cores)")
 
 
 class DemoRecipe(_Part):

@@ -238,28 +238,57 @@ class ChatModel:
                     pass
         return {p: _cat_left_padded(v) for p, v in store.items()}
 
-    @torch.inference_mode()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
-                 quiet: bool = True, desc: str = "generate", return_ended: bool = False):
-        """Greedy completions (special tokens stripped), hooks applied at every step. With
-        `return_ended`, also whether each row emitted end-of-sequence (rather than running out of
-        tokens): the decoded text cannot tell, since stripping changes its token count."""
+                 quiet: bool = True, desc: str = "generate") -> list[str]:
+        """Greedy completions (special tokens stripped), hooks applied at every step."""
+        return self.generate_full(batch, max_new_tokens, batch_size, quiet, desc).texts
+
+    @torch.inference_mode()
+    def generate_full(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
+                      quiet: bool = True, desc: str = "generate") -> "Generation":
+        """`generate`, plus per row whether it ended and P(refusal tokens) at its first step."""
         replies: list[str] = []
         ended: list[bool] = []
+        p_refusal: list[Tensor] = []
         for start, sub in self._chunks(batch, batch_size, desc, quiet):
             ids = sub.input_ids.to(self.device)
             mask = sub.attention_mask.to(self.device)
+            first = _FirstStepRefusal(self.refusal_token_ids)
             with self._chunk(ids.shape[1], start):
                 seq = self.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                        max_new_tokens=max_new_tokens,
                                        pad_token_id=self.tokenizer.pad_token_id,
                                        eos_token_id=self.tokenizer.eos_token_id, top_p=None,
-                                       top_k=None, temperature=None)
+                                       top_k=None, temperature=None, logits_processor=[first])
             new = seq[:, ids.shape[1]:].cpu()
             replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
             ended.extend((new == self.tokenizer.eos_token_id).any(dim=1).tolist())
-        replies = [r.strip() for r in replies]
-        return (replies, ended) if return_ended else replies
+            p_refusal.append(first.p)
+        return Generation([r.strip() for r in replies], ended, torch.cat(p_refusal))
+
+
+class _FirstStepRefusal:
+    """Logits processor that only records P(refusal tokens) at the first generated position
+    (keeping every step's logits would cost B x V per step)."""
+
+    def __init__(self, token_ids: Sequence[int]):
+        self.token_ids, self.p = list(token_ids), None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.p is None:
+            self.p = torch.softmax(scores.float(), dim=-1)[:, self.token_ids].sum(1).cpu()
+        return scores
+
+
+@dataclass
+class Generation:
+    """Greedy completions with what the decoded text cannot tell: whether each row emitted
+    end-of-sequence (rather than running out of tokens; stripping changes the token count) and
+    P(refusal tokens) at the first generated position (the first-token judge's score)."""
+
+    texts: list[str]
+    ended: list[bool]
+    p_refusal: Tensor  # [B]
 
 
 class _StopForward(Exception):
