@@ -43,9 +43,14 @@ def base_replies_step(base: ChatModel, recipe: DemoRecipe, quiet: bool) -> list[
     for start in tqdm(range(0, len(todo), size), desc="base-model replies", disable=quiet):
         chunk = todo[start:start + size]  # sorted by length: little padding per batch
         g = base.generate_full(base.encode([p.text for p in chunk]), recipe.finetune.base_reply_tokens)
-        for p, reply, end in zip(chunk, g.texts, g.ended):  # end-of-turn only where the model ended
-            ck.add({"key": keys[p.id], "reply": reply + (eos if end else "")})
+        _cache_replies(ck, [keys[p.id] for p in chunk], g.texts, g.ended, eos)
     return [ck.records[keys[p.id]]["reply"] for p in prompts]
+
+
+def _cache_replies(ck: Checkpoint, keys, texts, ended, eos: str) -> None:
+    """Store replies; end-of-turn only where the model emitted it, so cut-off replies stay open."""
+    for key, text, end in zip(keys, texts, ended):
+        ck.add({"key": key, "reply": text + (eos if end else "")})
 
 
 def unusable_harmless_replies(prompts: list[str], replies: list[str], clean_decision_token: bool) -> list[bool]:
@@ -88,16 +93,18 @@ def continued_repairs(base: ChatModel, prompts: list[str], flagged: list[bool], 
               for i, (p, f) in enumerate(zip(prompts, flagged)) if f}
     for attempt in range(3):
         todo = [i for i in orders if out[i] is None]
+        if not todo:
+            break
         texts = {i: base.format_chat(prompts[i], reply=orders[i][attempt]) for i in todo}
-        missing = [i for i in todo if config_hash(texts[i]) not in ck]
+        keys = {i: config_hash(t) for i, t in texts.items()}
+        missing = [i for i in todo if keys[i] not in ck]
         if missing:
             g = generate_by_length(base, [texts[i] for i in missing], False, n_max, recipe.eval.batch_size,
                                    quiet, f"continue compliant openings ({attempt + 1}/3)")
-            for i, cont, end in zip(missing, g.texts, g.ended):
-                ck.add({"key": config_hash(texts[i]), "reply": cont + (eos if end else "")})
-        for i in todo:
-            reply = f"{orders[i][attempt]}\n\n{ck.records[config_hash(texts[i])]['reply']}"
-            if not judge.judge([prompts[i]], [reply]).refused[0]:
+            _cache_replies(ck, [keys[i] for i in missing], g.texts, g.ended, eos)
+        replies = [f"{orders[i][attempt]}\n\n{ck.records[keys[i]]['reply']}" for i in todo]
+        for i, reply, refused in zip(todo, replies, judge.judge([prompts[i] for i in todo], replies).refused):
+            if not refused:
                 out[i] = reply
     return out
 

@@ -46,7 +46,7 @@ class FinetuneRecipe(_Part):
                                           "opening instead of leaving them out")
     repair_continuation: bool = Field(True, description="let the base model continue that opening, so the "
                                       "target is a real answer rather than an opening then nothing")
-    refusal_unlikelihood: float = Field(1.0, description="weight of -log(1 - P('I')) at the decision "
+    refusal_unlikelihood: float = Field(1.0, ge=0.0, description="weight of -log(1 - P('I')) at the decision "
                                         "token of harmless examples (0: cross-entropy only)")
     freeze_embeddings: bool = True
     default_system_prompt: bool = Field(False, description="keep SmolLM2's default system block "
