@@ -14,7 +14,7 @@ from ..io.model import ChatModel
 from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
 from ..measures.judges import make_judge
-from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
+from ..artifacts import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from .corpus import collect, continuations, corpus_texts, generate_by_length
 from .finetune import build_examples, finetune
 from .recipe import BUILD_REVISION, GGUF_FILE, DemoRecipe, cache_root

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..io.model import ChatModel
-from ..run.store import atomic_write_json, atomic_write_tensors, read_json
+from ..artifacts import atomic_write_json, atomic_write_tensors, read_json
 from .recipe import FinetuneRecipe
 
 

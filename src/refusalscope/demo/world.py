@@ -18,7 +18,7 @@ import torch
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import load_bundled
-from ..run.store import atomic_write_json, read_json
+from ..artifacts import atomic_write_json, read_json
 from .recipe import DemoRecipe, base_gguf_path, cache_root, model_hash, recipe_hash
 
 MODEL_NAME = "refusalscope-demo-smollm2-135m"

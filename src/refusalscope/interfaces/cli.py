@@ -111,7 +111,7 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
     from ..run.pipeline import run_filter
     from ..run.stage_analyses import ANALYSIS_STAGES
     from ..run.stage_direction import run_direction
-    from ..run.stage_interactions import run_stage3
+    from ..run.stage3 import run_stage3
     from ..run.stage_search import run_stage1, run_stage2
 
     ctx = _context(config, run, quiet, as_json, execution)

@@ -66,6 +66,7 @@ class ClassifierJudge:
 
     needs_completions = True
     needs_model = False
+    degenerate_is_jailbreak = False
 
     def __init__(self, path: str = DEFAULT_CLASSIFIER, dtype: str = "auto", device: str = "auto",
                  batch_size: int | None = 8, template: str = HARMBENCH_TEMPLATE,

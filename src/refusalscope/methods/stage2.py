@@ -17,17 +17,15 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..interventions.spec import FeatureAblation
+from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
 from .evaluate import refusal_probs
-
-Feature = tuple[int, int]  # (layer, index)
 
 
 def draw_blocks(candidates: Sequence[Feature], n: int, seed: int) -> list[list[Feature]]:
     """The blocks Algorithm 1 visits for this seed, in order (remainder < n never visited)."""
     rng = random.Random(seed)
-    remaining = sorted(set(candidates))
+    remaining = sorted(set(map(Feature.of, candidates)))
     blocks = []
     while len(remaining) >= n:
         block = rng.sample(remaining, n)
@@ -47,7 +45,7 @@ def literal_algorithm1(p_fn: Callable[[frozenset], float], candidates: Sequence[
                        tau: float, seed: int) -> set[Feature]:
     """Algorithm 1 as written, one P evaluation at a time (for tests and benchmarks)."""
     rng = random.Random(seed)
-    C, K = set(candidates), set()
+    C, K = set(map(Feature.of, candidates)), set()
     while len(C - K) >= n:
         V = set(rng.sample(sorted(C - K), n))
         if delta(p_fn(frozenset(C - K)), p_fn(frozenset(C - (K | V)))) >= tau:
@@ -59,7 +57,7 @@ def literal_algorithm1(p_fn: Callable[[frozenset], float], candidates: Sequence[
 
 def states(candidates: Sequence[Feature], blocks: list[list[Feature]]) -> list[frozenset]:
     """U_0 = C, U_{t+1} = U_t ∖ block_t: the ablated set before each step (and after the last)."""
-    cur = set(candidates)
+    cur = set(map(Feature.of, candidates))
     out = [frozenset(cur)]
     for b in blocks:
         cur -= set(b)
@@ -93,7 +91,7 @@ def batched_traces(model: ChatModel, saes, prompt: str, candidates: Sequence[Fea
         for st in sts:
             unique.setdefault(st, len(unique))
     order = list(unique)
-    plans = [[FeatureAblation.from_ids(st, positions)] if st else [] for st in order]
+    plans = [FeatureSet(sorted(st)).plan(positions) for st in order]
     probs = refusal_probs(model, saes, [prompt] * len(order), plans=plans, batch_size=batch_size)
     p_of = {st: probs[i].item() for st, i in unique.items()}
     return [Algorithm1Trace(s, blocks, [p_of[st] for st in sts]) for s, blocks, sts in per_seed]
