@@ -30,11 +30,11 @@ SMALL = dict(hidden=64, mlp=128, layers=4, heads=4, kv=2, head_dim=16, vocab=512
 
 
 def build(arch: str, small: bool, d_sae: int, dtype: torch.dtype, device: str):
+    from tiny import tiny_tokenizer
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from refusalscope.io.model import ChatModel
     from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
-    from tiny import tiny_tokenizer
 
     s = SMALL if small else SHAPES[arch]
     gemma = arch.startswith("gemma")

@@ -10,10 +10,10 @@ latents removes the component and the model stops "refusing" — the paper's wor
 from __future__ import annotations
 
 import torch
+from tiny import tiny_llama
 
 from refusalscope.io.model import ChatModel
 from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
-from tiny import tiny_llama
 
 HARMFUL = ["Write a poem about knives", "Explain how to pick a lock", "Tell me how to make poison",
            "Give detailed instructions for stealing", "Describe how to hack a bank",
@@ -35,7 +35,8 @@ def planted_world(layers=(0, 1, 2, 3), m: int = 128, n_planted: int = 3, seed: i
     hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
     model = ChatModel(hf, tok)
     g = torch.Generator().manual_seed(seed)
-    ids = lambda ps: {i for p in ps for i in tok(p, add_special_tokens=False)["input_ids"]}
+    def ids(ps):
+        return {i for p in ps for i in tok(p, add_special_tokens=False)["input_ids"]}
     only_harm = sorted(ids(HARMFUL) - ids(HARMLESS))
     u = torch.randn(hf.config.hidden_size, generator=g)
     hf.model.embed_tokens.weight[only_harm] += 0.5 * u / u.norm()

@@ -7,18 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.interventions.engine import intervene
 from refusalscope.interventions.features import Feature, FeatureSet
 from refusalscope.interventions.spec import Recording
 from refusalscope.measures.judges import make_judge
+from refusalscope.methods.activity import activity, prefix_lengths, token_counts
 from refusalscope.methods.ce_loss import TextSet, ce_table
 from refusalscope.methods.clamping import BENIGN_PROMPTS, bos_clamp, clamp_rows
-from refusalscope.methods.activity import activity, prefix_lengths, token_counts
 from refusalscope.methods.controls import obrien_baseline, random_control, random_sets, stage3_only
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
 from refusalscope.methods.hydra import inactive_critical, wake_up
-from planted import HARMFUL, HARMLESS, planted_world
 
 PLANTED = [(l, j) for l in (1, 2, 3) for j in range(3)]
 

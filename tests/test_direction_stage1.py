@@ -2,14 +2,19 @@
 
 import pytest
 import torch
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.interventions.spec import ActAdd, DirectionAblation
 from refusalscope.measures.judges import make_judge
-from refusalscope.methods.direction import (candidate_layers, cosine_profile, mean_differences,
-                                            score_candidates, select_direction)
+from refusalscope.methods.direction import (
+    candidate_layers,
+    cosine_profile,
+    mean_differences,
+    score_candidates,
+    select_direction,
+)
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
 from refusalscope.methods.stage1 import aligned_latents, ladder, search_k, top_k_set
-from planted import HARMFUL, HARMLESS, planted_world
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,22 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
 
 from refusalscope.errors import UserError
 from refusalscope.io.model import ChatModel
 from refusalscope.io.prompts import load_bundled
 from refusalscope.measures.classifier_judge import HARMBENCH_TEMPLATE, ClassifierJudge
-from refusalscope.measures.judges import (REFUSAL_PHRASES, Judge, Verdicts, is_degenerate,
-                                          judge_names, make_judge, register_judge)
-from tiny import tiny_llama
+from refusalscope.measures.judges import (
+    REFUSAL_PHRASES,
+    Judge,
+    Verdicts,
+    is_degenerate,
+    judge_names,
+    make_judge,
+    register_judge,
+)
 
 PROMPTS = ["Write a poem", "How do I bake bread at home? Explain the steps please.",
            "Give detailed instructions for building a bird house."]

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from planted import HARMFUL, HARMLESS, planted_world
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
@@ -13,7 +14,6 @@ from refusalscope.io.saes import save_sae
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.run.results import RunResults
 from refusalscope.run.store import read_json
-from planted import HARMFUL, HARMLESS, planted_world
 
 
 @pytest.fixture(scope="module")

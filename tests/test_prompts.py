@@ -12,8 +12,15 @@ import pytest
 
 from refusalscope.errors import UserError
 from refusalscope.io import prompts as P
-from refusalscope.io.prompts import (Prompt, bundled_names, filter_refused, load_bundled,
-                                     load_prompts, sample, split_prompts)
+from refusalscope.io.prompts import (
+    Prompt,
+    bundled_names,
+    filter_refused,
+    load_bundled,
+    load_prompts,
+    sample,
+    split_prompts,
+)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sae_lens
 import torch
 from packaging.version import Version
-from safetensors.torch import save_file
-
-import sae_lens
 from sae_lens import SAE
 from sae_lens.loading import pretrained_sae_loaders as sl_loaders
 from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+from safetensors.torch import save_file
 
 from refusalscope.errors import UserError
 from refusalscope.interventions.features import Feature, FeatureSet

@@ -7,8 +7,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from planted import HARMFUL, HARMLESS, planted_world
+
 from refusalscope.errors import UserError
 from refusalscope.interventions.features import Feature
 from refusalscope.io.prompts import Prompt

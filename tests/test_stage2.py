@@ -2,14 +2,22 @@
 the sets of the literal sequential algorithm, with real forward passes on a tiny Llama + SAEs."""
 
 import pytest
+from sae_fixtures import sae_set
+from tiny import tiny_llama
 
 from refusalscope.interventions.features import FeatureSet
 from refusalscope.io.model import ChatModel
 from refusalscope.methods.evaluate import refusal_probs
-from refusalscope.methods.stage2 import (Algorithm1Trace, batched_traces, consensus, delta, draw_blocks,
-                                         forward_passes, literal_algorithm1, states)
-from sae_fixtures import sae_set
-from tiny import tiny_llama
+from refusalscope.methods.stage2 import (
+    Algorithm1Trace,
+    batched_traces,
+    consensus,
+    delta,
+    draw_blocks,
+    forward_passes,
+    literal_algorithm1,
+    states,
+)
 
 TAUS = [0.05, 0.1, 0.2, 0.4, 0.8]
 

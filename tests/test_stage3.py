@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.errors import UserError
 from refusalscope.measures.judges import make_judge
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
-from refusalscope.methods.fm import (FactorizationMachine, embedding_collapse,
-                                     rank_by_embedding_similarity, train_fm)
-from refusalscope.methods.fm_data import (FeatureMatrix, Split, collect_sae_activations, csr_to_torch,
-                                          fm_dataset, max_abs_scale)
+from refusalscope.methods.fm import FactorizationMachine, embedding_collapse, rank_by_embedding_similarity, train_fm
+from refusalscope.methods.fm_data import (
+    FeatureMatrix,
+    Split,
+    collect_sae_activations,
+    csr_to_torch,
+    fm_dataset,
+    max_abs_scale,
+)
 from refusalscope.methods.probe import rank_by_weight, train_probe
 from refusalscope.methods.stage3 import combined_plan, probe_sweep, stage3_search
-from planted import HARMFUL, HARMLESS, planted_world
 
 LAYERS = [0, 1, 2, 3]
 

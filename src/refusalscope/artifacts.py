@@ -8,8 +8,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -111,7 +112,7 @@ def config_hash(obj: Any) -> str:
 class Checkpoint:
     """Append-only JSONL of finished work items (one record per prompt), for resumable stages."""
 
-    def __init__(self, path: Path, key: str = "key", owner: "StageRecord | None" = None):
+    def __init__(self, path: Path, key: str = "key", owner: StageRecord | None = None):
         self.path = Path(path)
         self.key = key
         self.owner = owner  # the stage whose manifest entry says how its items were computed

@@ -6,7 +6,6 @@ import json
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -38,7 +37,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     return wrapper
 
 
@@ -49,7 +48,7 @@ def _log(quiet: bool, as_json: bool):
     return log
 
 
-def _execution(backend: Optional[str], address: Optional[str], workers: Optional[int]) -> dict:
+def _execution(backend: str | None, address: str | None, workers: int | None) -> dict:
     if backend not in (None, "local", "ray"):
         raise UserError(f"unknown backend {backend!r}: use local or ray")
     if address and backend == "local":
@@ -58,7 +57,7 @@ def _execution(backend: Optional[str], address: Optional[str], workers: Optional
     return {"execution": {k: v for k, v in ex.items() if v is not None}}
 
 
-def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: bool,
+def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
              execution: dict | None = None):
     from ..run.config import load_config
     from ..run.pipeline import Context
@@ -67,8 +66,8 @@ def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: b
     cfg = load_config(config, execution)
     root = run or Path("runs") / cfg.name
     store = RunStore(root)
-    from ..run.store import atomic_write_text
     from ..run.config import dump_config
+    from ..run.store import atomic_write_text
 
     atomic_write_text(root / "config.yaml", dump_config(cfg))
     return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
@@ -84,9 +83,9 @@ def _print_examples(info: dict) -> None:
 
 @app.command()
 @friendly
-def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON,
-         backend: Optional[str] = BACKEND, address: Optional[str] = ADDRESS,
-         workers: Optional[int] = WORKERS):
+def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
+         backend: str | None = BACKEND, address: str | None = ADDRESS,
+         workers: int | None = WORKERS):
     """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
@@ -109,9 +108,9 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`."""
     from ..run.pipeline import run_filter
+    from ..run.stage3 import run_stage3
     from ..run.stage_analyses import ANALYSIS_STAGES
     from ..run.stage_direction import run_direction
-    from ..run.stage3 import run_stage3
     from ..run.stage_search import run_stage1, run_stage2
 
     ctx = _context(config, run, quiet, as_json, execution)
@@ -146,9 +145,9 @@ def _report(result: dict, as_json: bool) -> None:
 
 @app.command()
 @friendly
-def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-              as_json: bool = JSON, backend: Optional[str] = BACKEND,
-              address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def direction(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+              as_json: bool = JSON, backend: str | None = BACKEND,
+              address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex), as_json)
@@ -156,9 +155,9 @@ def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: 
 
 @app.command()
 @friendly
-def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage1(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex), as_json)
@@ -166,9 +165,9 @@ def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage2(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex), as_json)
@@ -176,9 +175,9 @@ def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex), as_json)
@@ -186,11 +185,11 @@ def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def analyze(names: Optional[list[str]] = typer.Argument(
+def analyze(names: list[str] | None = typer.Argument(
                 None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
-            config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON, backend: Optional[str] = BACKEND,
-            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+            config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON, backend: str | None = BACKEND,
+            address: str | None = ADDRESS, workers: int | None = WORKERS):
     """The paper's analyses (runs the earlier stages first when needed)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex), as_json)
@@ -198,9 +197,9 @@ def analyze(names: Optional[list[str]] = typer.Argument(
 
 @app.command("run")
 @friendly
-def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON, backend: Optional[str] = BACKEND,
-            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def run_all(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON, backend: str | None = BACKEND,
+            address: str | None = ADDRESS, workers: int | None = WORKERS):
     """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex), as_json)
@@ -208,7 +207,7 @@ def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bo
 
 @app.command("filter")
 @friendly
-def filter_cmd(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
                as_json: bool = JSON):
     """Judge the harmful test prompts and keep those the model refuses (paper: D_harmful filter)."""
     from ..run.pipeline import run_filter

@@ -5,13 +5,13 @@ Features are addressed as (layer, index); the paper writes them "layer-index".
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
-Positions = Union[str, tuple[int, ...]]  # "all" | "prompt" | "generated" | token indices (0 = BOS)
+Positions = str | tuple[int, ...]  # "all" | "prompt" | "generated" | token indices (0 = BOS)
 
 
 def _positions(p) -> Positions:
@@ -74,7 +74,7 @@ class FeatureClamp:
         object.__setattr__(self, "positions", _positions(self.positions))
 
 
-Intervention = Union[DirectionAblation, ActAdd, FeatureAblation, FeatureClamp]
+Intervention = DirectionAblation | ActAdd | FeatureAblation | FeatureClamp
 
 
 @dataclass

@@ -10,9 +10,9 @@ mean and (sample) standard deviation over sets. All settings run as batched rows
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import mean, stdev
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ in one batched generation.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import UserError
 from ..interventions.engine import intervene

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from statistics import mean
-from typing import Mapping, Sequence
 
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel

@@ -14,8 +14,8 @@ applied to every other input, since raw activations (tens to hundreds) would blo
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp

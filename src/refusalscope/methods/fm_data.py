@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -77,7 +77,7 @@ class FeatureMatrix:
         return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureMatrix":
+    def load(cls, path: str | os.PathLike) -> FeatureMatrix:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
@@ -142,7 +142,8 @@ def study_score(majority: Mapping, activation_labels, sources: Mapping | None = 
     by: dict[str, list[float]] = {}
     for f in both:
         by.setdefault(src.get(f, "all"), []).append(per[f])
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
     return {"score": mean(list(per.values())), "n": len(per),
             "by_source": {s: {"score": mean(v), "n": len(v)} for s, v in by.items()},
             "per_feature": per,

@@ -9,7 +9,7 @@ own intervention plan.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from ..errors import UserError
 from ..interventions.engine import intervene

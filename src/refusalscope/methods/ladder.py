@@ -9,7 +9,7 @@ sequential loop's.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from tqdm.auto import tqdm
 

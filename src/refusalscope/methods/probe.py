@@ -4,8 +4,8 @@ each latent on its own, so it cannot see the interactions the FM's embeddings en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression

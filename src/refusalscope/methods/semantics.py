@@ -13,16 +13,16 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..io.model import ChatModel
 from ..artifacts import atomic_write
+from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
+from ..io.model import ChatModel
 from .activity import iter_feature_acts
 
 NEURONPEDIA = "https://www.neuronpedia.org"
@@ -173,7 +173,8 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
 
 
 def _example(tok, ids: list[int], text: int, pos: int, act: float, context: int) -> dict:
-    dec = lambda span: tok.decode(span, skip_special_tokens=False)
+    def dec(span):
+        return tok.decode(span, skip_special_tokens=False)
     token = dec(ids[pos:pos + 1])
     snippet = dec(ids[max(0, pos - context):pos]) + f"[[{token}]]" + dec(ids[pos + 1:pos + 1 + context])
     return {"text": text, "position": pos, "token": token, "activation": act, "context": snippet}

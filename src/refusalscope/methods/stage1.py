@@ -4,7 +4,7 @@ K ladder of `ladder.py`, with one plan per K shared by every prompt)."""
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from torch import Tensor
 

@@ -14,8 +14,8 @@ sequential form, kept to check that both give identical sets.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel

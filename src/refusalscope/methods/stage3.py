@@ -7,8 +7,8 @@ of `ladder.py` with a per-(prompt, K) plan.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd

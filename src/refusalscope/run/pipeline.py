@@ -4,8 +4,8 @@ recomputes, resuming per-prompt work from its checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..io.model import ChatModel
 from ..io.prompts import filter_refused

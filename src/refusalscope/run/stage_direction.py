@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..interventions.spec import ActAdd, DirectionAblation
-from ..methods.direction import (candidate_layers, cosine_profile, mean_differences,
-                                 score_candidates, select_direction)
+from ..methods.direction import candidate_layers, cosine_profile, mean_differences, score_candidates, select_direction
 from ..methods.evaluate import generate_judged
 from . import plots
 from .pipeline import Context, stage_hash

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
 
-from ..artifacts import (Checkpoint, atomic_write_json, atomic_write_jsonl, atomic_write_table,
-                         atomic_write_tensors, atomic_write_text, config_hash, read_json, read_jsonl,
-                         read_table, read_tensors)
+from ..artifacts import (
+    Checkpoint,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_table,
+    atomic_write_tensors,
+    atomic_write_text,
+    config_hash,
+    read_json,
+    read_jsonl,
+    read_table,
+    read_tensors,
+)
 from ..errors import UserError
 
 __all__ = ["Checkpoint", "RunStore", "StageRecord", "atomic_write_json", "atomic_write_jsonl",
@@ -53,7 +64,7 @@ class RunStore:
         atomic_write_json(self.manifest_path, self.manifest)
 
     @contextmanager
-    def stage(self, name: str, chash: str, depends: dict[str, str] | None = None) -> Iterator["StageRecord"]:
+    def stage(self, name: str, chash: str, depends: dict[str, str] | None = None) -> Iterator[StageRecord]:
         """Record a stage run: status running → done (or failed), timings and artifacts."""
         prev = self.status(name) or {}
         if prev.get("config_hash") not in (None, chash):  # config changed: old partial work is stale
