@@ -6,12 +6,10 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from planted import HARMFUL, HARMLESS, planted_world
+from planted import save_planted_world
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
-from refusalscope.io.saes import save_sae
-from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.run.results import RunResults
 from refusalscope.run.store import read_json
 
@@ -19,18 +17,7 @@ from refusalscope.run.store import read_json
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    model, saes = planted_world()
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    for layer, sae in saes.saes.items():
-        save_sae(sae, root / "saes" / f"layer_{layer}")
-    for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
-        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
-    cats = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
-    (root / "harmful.jsonl").write_text("".join(
-        json.dumps({"instruction": t, "category": cats[i % 4]}) + "\n" for i, t in enumerate(HARMFUL)))
-    p = refusal_probs(model, None, HARMFUL).sort().values
-    threshold = float(p[2])  # six of the eight harmful prompts count as refused
+    threshold = save_planted_world(root)  # six of the eight harmful prompts count as refused
     cfg = {"name": "tiny", "seed": 0,
            "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
            "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
