@@ -52,7 +52,9 @@ def run_stage3_only(ctx: Context) -> dict:
         s3 = ctx.results.stage3_sets()
         prompts = _prompts(ctx, s3)
         ck = st.checkpoint("stage3_only", key="id")
-        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": ctx.results.active_stage2()}, ck,
+        # every prompt Stage 3 jailbroke, also those Stage 2 did not (their Stage 2 part is empty)
+        active2 = {pid: r.active_stage2 for pid, r in ctx.results.stage3().items()}
+        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": active2}, ck,
                 "stage-3-only ablation")
         records = [ck.records[pid] for pid, _ in prompts]
         out = {"summary": controls.stage3_only_summary(records), "records": records}
