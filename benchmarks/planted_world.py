@@ -88,10 +88,11 @@ def token_scores(tok, harmful: list[str], harmless: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def residual_stats(model: ChatModel, harmful: list[str], harmless: list[str], batch_size: int) -> dict:
     """Per layer: mean last-token residual of each class, and the mean and RMS spread of the
-    residual over every token of both classes (fp32 sums on the device, no [B, T, d] copies)."""
+    residual over every token of both classes (fp32 sums on the device, no [B, T, d] copies);
+    per prompt, the final normed last-token stream the unembedding reads."""
     n, dev, norm = model.n_layers, model.device, model.hf.model.norm
     last = {c: torch.zeros(n, model.d_model, device=dev) for c in ("harmful", "harmless")}
-    fin = {c: torch.zeros(model.d_model, device=dev) for c in ("harmful", "harmless")}
+    fin = {c: [] for c in ("harmful", "harmless")}
     tot, sq, count = torch.zeros(n, model.d_model, device=dev), torch.zeros(n, device=dev), [0.0]
     cls = ["harmful"]
 
@@ -104,7 +105,7 @@ def residual_stats(model: ChatModel, harmful: list[str], harmless: list[str], ba
             if layer == 0:
                 count[0] += float(valid.sum())
             if layer == n - 1:  # what the unembedding reads: the final normed stream
-                fin[cls[0]] += norm(h[:, -1]).float().sum(0)
+                fin[cls[0]].append(norm(h[:, -1]).float())
         return fn
 
     with model.hooks({l: hook(l) for l in range(n)}):
@@ -113,25 +114,30 @@ def residual_stats(model: ChatModel, harmful: list[str], harmless: list[str], ba
             model.logits(model.encode(prompts), batch_size=batch_size)
     mean = tot / count[0]
     return {"harmful": last["harmful"] / len(harmful), "harmless": last["harmless"] / len(harmless),
-            "final_harmful": fin["harmful"] / len(harmful), "final_harmless": fin["harmless"] / len(harmless),
+            "final_harmful": torch.cat(fin["harmful"]), "final_harmless": torch.cat(fin["harmless"]),
             "mean": mean, "rms": (sq / count[0] - mean.pow(2).sum(-1)).clamp_min(1e-12).sqrt()}
 
 
 @torch.no_grad()
 def plant_readout(model: ChatModel, stats: dict, harmful: list[str], batch_size: int) -> dict:
-    """Point the "I" unembedding row at the final harmful − harmless difference so the mean harmful
-    prompt gets a logit 2 nats above the log-sum-exp of the others, the mean harmless one as far below."""
+    """Point the "I" unembedding row at the final harmful − harmless difference ŵ, plus a bias-like
+    term along the mean stream, fitted so the median harmful train prompt gets a logit 2 nats above
+    the log-sum-exp of the other tokens and the median harmless one as far below (medians, not
+    means: a few prompts with a strong signal would otherwise set the scale for all)."""
     hf, i_tok = model.hf, model.refusal_token_ids[0]
-    fin_h, fin_s = stats["final_harmful"], stats["final_harmless"]
-    d, mid = fin_h - fin_s, (fin_h + fin_s) / 2
+    Xh, Xs = stats["final_harmful"], stats["final_harmless"]
+    d, mid = Xh.mean(0) - Xs.mean(0), (Xh.mean(0) + Xs.mean(0)) / 2
     w = d - (d @ mid) / (mid @ mid) * mid
+    w, v = w / w.norm(), mid / (mid @ mid)  # x·v ≈ 1 for every prompt: acts as a bias
     logits = model.logits(model.encode(harmful[:64]), batch_size=batch_size)[:, -1].to(d.device)
     logits[:, i_tok] = -float("inf")
     target = float(torch.logsumexp(logits, -1).mean()) + 2.0
     cap = getattr(hf.config, "final_logit_softcapping", None)
     z = cap * math.atanh(min(target / cap, 0.95)) if cap else target
-    hf.lm_head.weight[i_tok] = (2 * z * w / (w @ d)).to(hf.lm_head.weight.dtype)
-    return {"lse_others": target - 2.0, "pre_cap_logit": z}
+    A = torch.tensor([[(Xh @ w).median(), (Xh @ v).median()], [(Xs @ w).median(), (Xs @ v).median()]])
+    a, b = torch.linalg.solve(A.double(), torch.tensor([z, -z], dtype=torch.float64)).tolist()
+    hf.lm_head.weight[i_tok] = (a * w + b * v).to(hf.lm_head.weight.dtype)
+    return {"lse_others": target - 2.0, "pre_cap_logit": z, "a": a, "b": b}
 
 
 def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> dict:
@@ -204,7 +210,11 @@ def flip_check(model: ChatModel, planted: SAESet, prompts: dict[str, list[str]],
     p_s = refusal_probs(model, None, prompts["harmless_test"], batch_size=batch_size)
     abl = FeatureAblation({l: list(range(len(planted[l].b_enc))) for l in planted.keys() if l >= first_layer})
     p_a = refusal_probs(model, planted, prompts["harmful_test"], batch_size=batch_size, shared=[abl])
-    thr = float(min(0.5, max(1e-4, (p_h.median() * p_s.median()).sqrt())))
+    # the judge's threshold: the one that best separates "refused, and flips when ablated" from
+    # "harmless but refused" (a random model's P(I) scale is arbitrary, so it is fitted, not set)
+    cands = torch.cat([p_h, p_s, p_a]).clamp(1e-30, 0.99).unique()
+    gain = torch.stack([((p_h >= t) & (p_a < t)).float().mean() - (p_s >= t).float().mean() for t in cands])
+    thr = float(cands[gain.argmax()])
     refused = p_h >= thr
     return {"threshold": thr, "p_harmful_median": float(p_h.median()), "p_harmless_median": float(p_s.median()),
             "p_ablated_median": float(p_a.median()), "harmful_refused": float(refused.float().mean()),
@@ -226,7 +236,7 @@ def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, th
 
 def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False, d_sae: int | None = None,
                 n_planted: int = 16, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                batch_size: int = 32, n_stats: int = 256, n_check: int | None = None,
+                batch_size: int = 32, n_stats: int | None = None, n_check: int | None = None,
                 alpha: float = 12.0, log=print) -> dict:
     root, t0 = Path(root), time.perf_counter()
     fmt, full_d_sae, _ = SCOPE[arch]
@@ -243,7 +253,7 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
         emb[: len(score)] += alpha * emb.norm(dim=1).median() * score[:, None] * (u / u.norm())
         hf.config.tie_word_embeddings = False
         hf.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
-    train = {c: prompts[f"{c}_train"][:n_stats] for c in ("harmful", "harmless")}
+    train = {c: prompts[f"{c}_train"][:n_stats] for c in ("harmful", "harmless")}  # None: all
     stats = residual_stats(model, train["harmful"], train["harmless"], batch_size)  # 2
     readout = plant_readout(model, stats, prompts["harmful_train"], batch_size)  # 3
     log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) in {time.perf_counter() - t0:.0f} s")
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-stats", type=int, default=256, help="train prompts per class for the means")
+    ap.add_argument("--n-stats", type=int, default=None, help="train prompts per class for the means (all)")
     ap.add_argument("--n-check", type=int, default=None, help="test prompts per class for the flip check")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")

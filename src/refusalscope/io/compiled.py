@@ -15,7 +15,6 @@ would specialise one graph per layer.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,10 +22,12 @@ import torch
 from torch import nn
 
 
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
+def _compile_time() -> float:
+    """Seconds dynamo + inductor have spent compiling in this process (every compiled function)."""
+    from torch._dynamo import utils
 
-    return int(counters["stats"]["unique_graphs"])
+    spent = getattr(utils, "calculate_time_spent", None)
+    return float(spent().get("entire_frame_compile", 0.0)) if spent else 0.0
 
 
 class _Switch:
@@ -44,20 +45,22 @@ class CompiledLayers:
 
     def __init__(self, layers: nn.ModuleList, mode: str | None = None, dynamic: bool = True):
         self.layers, self.mode, self.active = layers, mode, False
-        self.compile_seconds = 0.0  # wall time of passes that compiled a new graph
+        self._since = _compile_time()
         for layer in layers:
             layer.forward = _Switch(layer.forward, torch.compile(layer.forward, mode=mode, dynamic=dynamic), self)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Compile time since these layers were installed (the ablation hook's graphs included)."""
+        return _compile_time() - self._since
 
     @contextmanager
     def on(self) -> Iterator[None]:
         prev, self.active = self.active, True
-        n, t0 = _graphs(), time.perf_counter()
         try:
             yield
         finally:
             self.active = prev
-            if _graphs() > n:
-                self.compile_seconds += time.perf_counter() - t0
 
     def remove(self) -> None:
         """Put the eager forwards back."""
