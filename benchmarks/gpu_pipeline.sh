@@ -27,10 +27,10 @@ rm -rf "$WORLD"
 say "world build and B4c start"
 timeout 240 "$PY" benchmarks/planted_world.py "$WORLD" $WARGS > "$OUT/world.log" 2>&1 &
 wpid=$!
-timeout 200 "$PY" benchmarks/bench_compile.py $CARGS --out "$OUT/compile.json" > "$OUT/compile.log" 2>&1; say "B4c exit $?"
+timeout ${CTIME:-200} "$PY" benchmarks/bench_compile.py $CARGS --out "$OUT/compile.json" > "$OUT/compile.log" 2>&1; say "B4c exit $?"
 wait $wpid; say "world exit $?"
 cp "$WORLD/world.json" "$OUT/" 2>/dev/null
-t=$(( $(left) - 120 )); [ "${SMALL:-}" = 1 ] && t=600
+t=$(( $(left) - ${RESERVE:-120} )); [ "${SMALL:-}" = 1 ] && t=600
 timeout $t "$PY" benchmarks/bench_planted_pipeline.py --world "$WORLD" --prompts "$N" $PARGS --run /tmp/planted-run-eager \
   --out "$OUT/pipeline_eager.json" > "$OUT/eager.log" 2>&1; say "eager pipeline exit $? (limit $t s)"
 t=$(( $(left) - 8 )); [ "${SMALL:-}" = 1 ] && t=600
