@@ -5,6 +5,7 @@
 # (stages are recorded as they finish, so a cut-off run still reports them).
 #   bash benchmarks/gpu_pipeline.sh OUTDIR [PROMPTS]      # GPU
 #   SMALL=1 bash benchmarks/gpu_pipeline.sh OUTDIR 8      # the same flow at tiny sizes on a CPU
+# CTIME=0 skips B4c, EAGER=0 the eager pipeline; RESERVE: seconds kept for the compiled pipeline
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/bench/gpu}; N=${2:-12}; BUDGET=${BUDGET:-520}
@@ -27,12 +28,12 @@ rm -rf "$WORLD"
 say "world build and B4c start"
 timeout 240 "$PY" benchmarks/planted_world.py "$WORLD" $WARGS > "$OUT/world.log" 2>&1 &
 wpid=$!
-timeout ${CTIME:-200} "$PY" benchmarks/bench_compile.py $CARGS --out "$OUT/compile.json" > "$OUT/compile.log" 2>&1; say "B4c exit $?"
+[ "${CTIME:-200}" -gt 0 ] && { timeout ${CTIME:-200} "$PY" benchmarks/bench_compile.py $CARGS --out "$OUT/compile.json" > "$OUT/compile.log" 2>&1; say "B4c exit $?"; }
 wait $wpid; say "world exit $?"
 cp "$WORLD/world.json" "$OUT/" 2>/dev/null
 t=$(( $(left) - ${RESERVE:-120} )); [ "${SMALL:-}" = 1 ] && t=600
-timeout $t "$PY" benchmarks/bench_planted_pipeline.py --world "$WORLD" --prompts "$N" $PARGS --run /tmp/planted-run-eager \
-  --out "$OUT/pipeline_eager.json" > "$OUT/eager.log" 2>&1; say "eager pipeline exit $? (limit $t s)"
+[ "${EAGER:-1}" = 1 ] && { timeout $t "$PY" benchmarks/bench_planted_pipeline.py --world "$WORLD" --prompts "$N" $PARGS --run /tmp/planted-run-eager \
+  --out "$OUT/pipeline_eager.json" > "$OUT/eager.log" 2>&1; say "eager pipeline exit $? (limit $t s)"; }
 t=$(( $(left) - 8 )); [ "${SMALL:-}" = 1 ] && t=600
 if [ "$t" -gt 45 ]; then
   timeout $t "$PY" benchmarks/bench_planted_pipeline.py --world "$WORLD" --prompts "$N" $PARGS --compile \
