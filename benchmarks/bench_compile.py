@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ablation import timed  # noqa: E402
 from bench_shapes import build  # noqa: E402  (also puts tests/ on the path)
-from refusalscope.interventions import engine  # noqa: E402
 from refusalscope.interventions.engine import intervene  # noqa: E402
 from refusalscope.interventions.spec import FeatureAblation  # noqa: E402
 from refusalscope.io.prompts import load_bundled  # noqa: E402
@@ -84,16 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
     sync()
     res["compile_first_pass_s"] = round(time.perf_counter() - t0, 1)
     res["compiled"] = passes(model, saes, batches, a.size, gen, a.gen_tokens, a.repeats, sync)
-    engine.FUSE_ABLATION = False  # compiled layers, eager ablation hook
-    res["compiled_eager_hook"] = {k: v for k, v in passes(model, saes, batches, a.size, None, 0, a.repeats, sync).items()
-                                  if k.startswith("sparse")}
-    engine.FUSE_ABLATION = True
     res["compile_s"] = round(model.compile_seconds, 1)
     e, c = res["eager"], res["compiled"]
     res["speedup"] = {k: round(e[k] / c[k], 2) for k in e}
     res["sparse_over_plain"] = {mode: {b: round(d[f"sparse{a.size}_b{b}"] / d[f"probs_b{b}"], 3) for b in a.batches}
-                                for mode, d in (("eager", e), ("compiled", c),
-                                                ("compiled_eager_hook", {**c, **res["compiled_eager_hook"]}))}
+                                for mode, d in (("eager", e), ("compiled", c))}
     if cuda:
         res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     if a.out:

@@ -26,7 +26,7 @@ def _passes(model, saes):
         out["rows"] = model.next_token_probs(batch, batch_size=2)
     out["rec"] = rec.max_activation(len(PROMPTS))[1]
     single = [[FeatureAblation({1: [0, 2, 4], 2: [1]})], [], [FeatureAblation({1: [3]})], []]
-    with intervene(model, saes, rows=single):  # one position rule: the fused hook when compiled
+    with intervene(model, saes, rows=single):  # eager hooks also run in (eager) generation
         out["single"] = model.logits(batch, last=None)
         out["gen"] = model.generate(batch, max_new_tokens=3)
     return out
@@ -44,8 +44,7 @@ def test_compiled_layers_match_eager_and_compile_once():
     model.compile()
     compiled = _passes(model, saes)
     assert model.compile_seconds > 0
-    # layers: one graph per attention kind whatever the shape; the fused ablation hook: a few
-    assert counters["stats"]["unique_graphs"] <= 5
+    assert counters["stats"]["unique_graphs"] <= 2  # one per attention kind, whatever the shape
     assert compiled.pop("gen") == eager.pop("gen")
     assert (eager["single"] - eager["plain"]).abs().max() > 1e-3  # the ablation did something
     for key, ref in eager.items():

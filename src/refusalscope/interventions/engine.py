@@ -38,29 +38,6 @@ def position_mask(step, positions: Positions) -> Tensor:
     return torch.isin(step.token_index, idx)
 
 
-def _ablate(h: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor, W_dec: Tensor, b_dec: Tensor,
-            rows: Tensor, positions: Tensor, jumprelu: bool, b_dec_in: bool) -> Tensor:
-    """h − Σ_i f_i(h)·mask·W_dec[i] in one function, so a compiled model runs each layer's
-    ablation hook as two matrix products and one fused element-wise kernel."""
-    x = h.to(W_enc.dtype)
-    if b_dec_in:
-        x = x - b_dec
-    pre = x @ W_enc + b_enc
-    f = pre.relu() * (pre > theta) if jumprelu else pre.relu()
-    return h - ((f * rows * positions) @ W_dec).to(h.dtype)
-
-
-_FUSED = []
-FUSE_ABLATION = True  # benchmarks turn it off to time compiled layers with the eager hook
-
-
-def _fused_ablation():
-    """`_ablate` compiled once per process (dynamic shapes: any batch, length and |U|)."""
-    if not _FUSED:
-        _FUSED.append(torch.compile(_ablate, dynamic=True))
-    return _FUSED[0]
-
-
 class _LayerFeatures:
     """Per layer: the union of latents any row ablates or clamps, gathered once, and per-row masks."""
 
@@ -151,7 +128,6 @@ class Intervener:
             if saes is None or layer not in saes:
                 raise UserError(f"cannot record layer {layer}: no SAE loaded there")
         self.device, self.dtype = model.device, model.dtype
-        self.fused = FUSE_ABLATION and getattr(model, "compiled", False)  # compiled model: fuse the hook too
         self._pm_step, self._pm = None, {}
         self.directions: dict = defaultdict(list)  # point -> [(row|None, unit dir)]
         self.adds: dict = defaultdict(list)  # layer -> [(row|None, vector)]
@@ -252,12 +228,6 @@ class Intervener:
     def _features(self, lf: _LayerFeatures, h: Tensor, step) -> Tensor:
         if self.mode == "reference":
             return self._reference(lf, h, step)
-        if self.fused and len(lf.groups) == 1 and lf.fd.architecture != "topk":
-            (pos, (mask, _, clamped)), = lf.groups.items()
-            if clamped is None:  # the pipeline's case: one ablation plan per row, one position rule
-                return _fused_ablation()(h, lf.W_enc, lf.b_enc, lf.theta, lf.W_dec, lf.b_dec,
-                                         self._rows(step, mask).unsqueeze(1), self._position_mask(step, pos, lf.dtype),
-                                         lf.fd.architecture == "jumprelu", lf.fd.apply_b_dec_to_input)
         f = lf.activations(h)
         delta = None
         for pos, (mask, target, clamped) in lf.groups.items():

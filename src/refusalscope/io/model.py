@@ -103,10 +103,6 @@ class ChatModel:
         return self
 
     @property
-    def compiled(self) -> bool:
-        return self._compiled is not None
-
-    @property
     def compile_seconds(self) -> float:
         """Wall time spent in passes that compiled a graph (0 when not compiled)."""
         return self._compiled.compile_seconds if self._compiled is not None else 0.0
