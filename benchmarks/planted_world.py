@@ -13,8 +13,9 @@ preset pointed at all of it. It is tests/planted.py at real size:
 4. each SAE gets `n_planted` latents along r̂_l (a little noise each, so Stage 1 has an order to
    find) that fire where (h − m_l)·r̂_l > 0 and together rebuild that component: ablating them moves
    the stream to the midpoint, P(I) collapses and refused prompts flip;
-5. the other latents are random unit directions centred on the mean residual, with one threshold
-   per layer set for L0 ≈ 64 (Llama Scope stores one scalar threshold).
+5. the other latents are random unit directions orthogonal to the mean residual and to the mean
+   of each template position, with one threshold per layer set on sampled residuals for L0 ≈ 64
+   (Llama Scope stores one scalar threshold).
 `world.json` records P(I) with and without the planted latents ablated: the flip is measured.
 
     python benchmarks/planted_world.py OUT [--arch gemma-2-2b] [--small] [--device cuda]
@@ -87,35 +88,35 @@ def token_scores(tok, harmful: list[str], harmless: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def residual_stats(model: ChatModel, harmful: list[str], harmless: list[str], batch_size: int) -> dict:
-    """Per layer: mean last-token residual of each class, and the mean and RMS spread of the
-    residual over every token of both classes (fp32 sums on the device, no [B, T, d] copies);
-    per prompt, the final normed last-token stream the unembedding reads."""
+    """Per layer: mean last-token residual of each class, and the residuals of every token of the
+    first batch of each class (a sample to place the random latents and their thresholds); per
+    prompt, the final normed last-token stream the unembedding reads."""
     n, dev, norm = model.n_layers, model.device, model.hf.model.norm
     last = {c: torch.zeros(n, model.d_model, device=dev) for c in ("harmful", "harmless")}
     fin = {c: [] for c in ("harmful", "harmless")}
-    tot, sq, count = torch.zeros(n, model.d_model, device=dev), torch.zeros(n, device=dev), [0.0]
-    cls = ["harmful"]
+    tokens, tails = {l: [] for l in range(n)}, {l: [] for l in range(n)}
+    state = {"cls": "harmful", "first": True}
 
     def hook(layer):
         def fn(h, step):
-            x, valid = h.float(), (~step.is_pad).unsqueeze(-1).float()
-            last[cls[0]][layer] += x[:, -1].sum(0)
-            tot[layer] += (x * valid).sum((0, 1))
-            sq[layer] += (x.pow(2) * valid).sum()
-            if layer == 0:
-                count[0] += float(valid.sum())
+            x = h.float()
+            last[state["cls"]][layer] += x[:, -1].sum(0)
+            if state["first"]:
+                tokens[layer].append(x[~step.is_pad])
+                tails[layer].append(x[:, -4:])  # left padding: the last 4 are template tokens
             if layer == n - 1:  # what the unembedding reads: the final normed stream
-                fin[cls[0]].append(norm(h[:, -1]).float())
+                fin[state["cls"]].append(norm(h[:, -1]).float())
+                state["first"] = False
         return fn
 
     with model.hooks({l: hook(l) for l in range(n)}):
         for c, prompts in (("harmful", harmful), ("harmless", harmless)):
-            cls[0] = c
+            state.update(cls=c, first=True)
             model.logits(model.encode(prompts), batch_size=batch_size)
-    mean = tot / count[0]
     return {"harmful": last["harmful"] / len(harmful), "harmless": last["harmless"] / len(harmless),
             "final_harmful": torch.cat(fin["harmful"]), "final_harmless": torch.cat(fin["harmless"]),
-            "mean": mean, "rms": (sq / count[0] - mean.pow(2).sum(-1)).clamp_min(1e-12).sqrt()}
+            "tokens": {l: torch.cat(v) for l, v in tokens.items()},
+            "tails": {l: torch.cat(v) for l, v in tails.items()}}
 
 
 @torch.no_grad()
@@ -147,12 +148,19 @@ def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> 
     r_hat, dn = diff / diff.norm(), float(diff.norm())
     dev, d = diff.device, diff.shape[0]
     g = torch.Generator(device=dev).manual_seed(seed * 1000 + layer)
+    # random latents: unit directions orthogonal to the mean residual and to the mean of each
+    # template position (the tokens every prompt ends with, which Stage 3 reads), so no latent
+    # fires on every token the way a constant offset would make it
+    tok, tail = stats["tokens"][layer], stats["tails"][layer]
+    Q = torch.linalg.qr(torch.cat([tok.mean(0, keepdim=True), tail.mean(0)]).T).Q  # [d, 5]
     W_dec = torch.randn(d_sae, d, generator=g, device=dev)
+    W_dec -= (W_dec @ Q) @ Q.T
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     W_enc = W_dec.T.contiguous()
-    b_enc = -(stats["mean"][layer] @ W_enc)  # random latents read (h − mean residual)
-    sigma = float(stats["rms"][layer]) / d ** 0.5  # std of (h − mean)·w for a random unit w
-    theta = float(torch.special.ndtri(torch.tensor(1 - L0 / d_sae))) * sigma
+    b_enc = torch.zeros(d_sae, device=dev)
+    pre = tok[torch.randperm(len(tok), generator=torch.Generator().manual_seed(layer))[:512]] @ W_enc
+    l0 = min(L0, d_sae // 8)  # L0 ≈ 64 (an eighth of the latents in tiny test SAEs)
+    theta = float(pre.flatten().kthvalue(int(pre.numel() * (1 - l0 / d_sae))).values)
     ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed * 1000 + layer))[:n_planted]
     s = 4 * theta * 2 * n_planted / dn  # a mean harmful last token pre-activates at 4θ
     for j, i in enumerate(ids.tolist()):
@@ -161,8 +169,10 @@ def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> 
         W_enc[:, i] = s * r_hat / (n_planted * float(r_hat @ v))
         W_dec[i] = v / s
         b_enc[i] = -s * float(mid @ r_hat) / (n_planted * float(r_hat @ v))
+    th = torch.full((d_sae,), theta, device=dev)
+    l0 = {k: float(((x @ W_enc + b_enc) > th).sum(-1).float().mean()) for k, x in (("all", tok), ("last", tail[:, -1]))}
     return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": torch.zeros(d, device=dev),
-            "threshold": torch.full((d_sae,), theta, device=dev), "planted": ids.tolist(), "theta": theta}
+            "threshold": th, "planted": ids.tolist(), "theta": theta, "l0": l0}
 
 
 def save_sae(t: dict, layer: int, root: Path, fmt: str) -> None:
@@ -257,10 +267,12 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     stats = residual_stats(model, train["harmful"], train["harmless"], batch_size)  # 2
     readout = plant_readout(model, stats, prompts["harmful_train"], batch_size)  # 3
     log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) in {time.perf_counter() - t0:.0f} s")
-    saes = {}
+    saes, l0 = {}, {"all": [], "last": []}
     for layer in range(model.n_layers):  # 4, 5
         t = make_sae(stats, layer, d_sae, n_planted, seed)
         save_sae(t, layer, root, fmt)
+        for k in l0:
+            l0[k].append(t["l0"][k])
         saes[layer] = {k: (v.to(getattr(torch, dtype)) if torch.is_tensor(v) else v) for k, v in t.items()}
         del t
     log(f"planted world: {model.n_layers} SAEs x {d_sae} latents saved in {time.perf_counter() - t0:.0f} s")
@@ -273,7 +285,8 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     info = {"arch": arch, "small": small, "d_sae": d_sae, "layers": model.n_layers, "n_planted": n_planted,
             "format": fmt, "dtype": dtype, "device": device, "harm_marked_tokens": int((score > 0.5).sum()),
-            "readout": readout, "check": check, "config": str(root / "config.yaml"),
+            "readout": readout, "check": check,
+            "l0_mean": {k: round(sum(v) / len(v), 1) for k, v in l0.items()},  # per token / at the last token "config": str(root / "config.yaml"),
             "build_seconds": round(time.perf_counter() - t0, 1)}
     (root / "world.json").write_text(json.dumps(info, indent=1))
     log(f"planted world: {json.dumps(check)}")
