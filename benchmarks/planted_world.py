@@ -159,8 +159,8 @@ def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> 
     W_enc = W_dec.T.contiguous()
     b_enc = torch.zeros(d_sae, device=dev)
     pre = tok[torch.randperm(len(tok), generator=torch.Generator().manual_seed(layer))[:512]] @ W_enc
-    l0 = min(L0, d_sae // 8)  # L0 ≈ 64 (an eighth of the latents in tiny test SAEs)
-    theta = float(pre.flatten().kthvalue(int(pre.numel() * (1 - l0 / d_sae))).values)
+    target = min(L0, d_sae // 8)  # tiny SAEs: an eighth of the latents
+    theta = float(pre.flatten().kthvalue(int(pre.numel() * (1 - target / d_sae))).values)
     ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed * 1000 + layer))[:n_planted]
     s = 4 * theta * 2 * n_planted / dn  # a mean harmful last token pre-activates at 4θ
     for j, i in enumerate(ids.tolist()):
@@ -202,14 +202,17 @@ def sae_path(root: Path, fmt: str) -> str:
     return str(root / "saes" / "llama_scope_lxr_8x" / "l{layer}r_8x")
 
 
+def planted_only(t: dict, dtype: torch.dtype) -> dict:
+    """The planted latents of one SAE: ablating all of them is the same sparse edit as in the
+    full SAE (the error term keeps the rest), at a fraction of the memory."""
+    i = torch.tensor(t["planted"], device=t["W_enc"].device)
+    return {"W_enc": t["W_enc"][:, i].to(dtype), "W_dec": t["W_dec"][i].to(dtype), "b_enc": t["b_enc"][i].to(dtype),
+            "b_dec": t["b_dec"].to(dtype), "threshold": t["threshold"][i].to(dtype)}
+
+
 def planted_dictionaries(saes: dict[int, dict]) -> SAESet:
-    """Only the planted latents of each layer: ablating all of them is the same sparse edit."""
-    out = {}
-    for l, t in saes.items():
-        i = torch.tensor(t["planted"], device=t["W_enc"].device)
-        out[l] = FeatureDictionary(l, f"blocks.{l}.hook_resid_post", "jumprelu", t["W_enc"][:, i],
-                                   t["W_dec"][i], t["b_enc"][i], t["b_dec"], t["threshold"][i])
-    return SAESet(out)
+    return SAESet({l: FeatureDictionary(l, f"blocks.{l}.hook_resid_post", "jumprelu", t["W_enc"], t["W_dec"],
+                                        t["b_enc"], t["b_dec"], t["threshold"]) for l, t in saes.items()})
 
 
 def flip_check(model: ChatModel, planted: SAESet, prompts: dict[str, list[str]], batch_size: int,
@@ -218,7 +221,7 @@ def flip_check(model: ChatModel, planted: SAESet, prompts: dict[str, list[str]],
     layer from `first_layer` (Stage 1's default range): the threshold and share that flip."""
     p_h = refusal_probs(model, None, prompts["harmful_test"], batch_size=batch_size)
     p_s = refusal_probs(model, None, prompts["harmless_test"], batch_size=batch_size)
-    abl = FeatureAblation({l: list(range(len(planted[l].b_enc))) for l in planted.keys() if l >= first_layer})
+    abl = FeatureAblation({l: list(range(planted[l].d_sae)) for l in planted.keys() if l >= first_layer})
     p_a = refusal_probs(model, planted, prompts["harmful_test"], batch_size=batch_size, shared=[abl])
     # the judge's threshold: the one that best separates "refused, and flips when ablated" from
     # "harmless but refused" (a random model's P(I) scale is arbitrary, so it is fitted, not set)
@@ -273,7 +276,7 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
         save_sae(t, layer, root, fmt)
         for k in l0:
             l0[k].append(t["l0"][k])
-        saes[layer] = {k: (v.to(getattr(torch, dtype)) if torch.is_tensor(v) else v) for k, v in t.items()}
+        saes[layer] = planted_only(t, getattr(torch, dtype))
         del t
     log(f"planted world: {model.n_layers} SAEs x {d_sae} latents saved in {time.perf_counter() - t0:.0f} s")
     hf.to(getattr(torch, dtype))
@@ -286,7 +289,8 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     info = {"arch": arch, "small": small, "d_sae": d_sae, "layers": model.n_layers, "n_planted": n_planted,
             "format": fmt, "dtype": dtype, "device": device, "harm_marked_tokens": int((score > 0.5).sum()),
             "readout": readout, "check": check,
-            "l0_mean": {k: round(sum(v) / len(v), 1) for k, v in l0.items()},  # per token / at the last token "config": str(root / "config.yaml"),
+            "l0_mean": {k: round(sum(v) / len(v), 1) for k, v in l0.items()},  # per token, at the last token
+            "config": str(root / "config.yaml"),
             "build_seconds": round(time.perf_counter() - t0, 1)}
     (root / "world.json").write_text(json.dumps(info, indent=1))
     log(f"planted world: {json.dumps(check)}")

@@ -83,7 +83,8 @@ def test_planted_world_refuses_harmful_prompts_and_flips_when_planted_latents_go
     c = info["check"]
     assert c["harmful_refused"] > c["harmless_refused"] + 0.2 and c["flipped_of_refused"] >= 0.8
     assert c["p_ablated_median"] < c["threshold"] <= c["p_harmful_median"]
-    assert 30 <= info["l0_mean"]["all"] <= 130  # random latents about as sparse as Gemma Scope's
+    target = min(64, info["d_sae"] // 8)  # random latents as sparse as the builder aims for
+    assert target / 2 <= info["l0_mean"]["all"] <= 2 * target and info["l0_mean"]["last"] <= 2 * target
     from refusalscope.io.sae_loading import load_sae_set
     from refusalscope.run.config import load_config
 
