@@ -120,4 +120,4 @@ def test_planted_pipeline_small_measures_every_stage(small_world, tmp_path):
     assert by["stage1"]["summary"]["jailbroken"] >= 1  # the planted latents flip refused prompts
     n = res["prompts_refused"]
     assert by["stage2"]["scaled_521_s"] == pytest.approx(by["stage2"]["seconds"] / n * 521, rel=0.02, abs=0.2)
-    assert by["direction"]["scaled_521_s"] == by["direction"]["seconds"]  # a fixed cost is not scaled
+    assert by["direction"]["scaled_521_s"] == pytest.approx(by["direction"]["seconds"], abs=0.06)  # fixed: not scaled
