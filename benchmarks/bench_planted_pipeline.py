@@ -1,7 +1,7 @@
 """B6: the whole pipeline on a planted world (benchmarks/planted_world.py), measured end to end.
 
-Runs the CLI's `refusalscope run` stage sequence (`interfaces.cli._run_stages`, in this process so
-that GPU memory and rows can be read) with the gemma-2-2b-it preset's ladders on the world, and
+Runs what `refusalscope run` runs (`run.runner.run_pipeline`, in this process so that GPU memory
+and rows can be read) with the gemma-2-2b-it preset's ladders on the world, and
 reports per stage: wall seconds, seconds per refused prompt, forward and generated rows (counted at
 `ChatModel`), forward rows per second of forward time, and peak GPU memory. Model and SAE loading
 are timed apart. `--compile` compiles the decoder layers (`ChatModel.compile`) and reports the
@@ -74,8 +74,8 @@ class Counter:
 
 
 def _patch_stages(record):
-    """Wrap every stage function the CLI chains so each reports its time and counters."""
-    from refusalscope.run import pipeline, stage_analyses, stage_direction, stage_interactions, stage_search
+    """Wrap every stage the runner chains so each reports its time and counters."""
+    from refusalscope.run import runner
 
     def wrap(name, fn):
         def timed(ctx):
@@ -85,12 +85,8 @@ def _patch_stages(record):
             return out
         return timed
 
-    for mod, attr, name in ((pipeline, "run_filter", "filter"), (stage_direction, "run_direction", "direction"),
-                            (stage_search, "run_stage1", "stage1"), (stage_search, "run_stage2", "stage2"),
-                            (stage_interactions, "run_stage3", "stage3")):
-        setattr(mod, attr, wrap(name, getattr(mod, attr)))
-    for name, fn in list(stage_analyses.ANALYSIS_STAGES.items()):
-        stage_analyses.ANALYSIS_STAGES[name] = wrap(name, fn)
+    for name, fn in list(runner.STAGES.items()):
+        runner.STAGES[name] = wrap(name, fn)
 
 
 def _patch_loading(loads: dict, compile_model: bool):
@@ -116,7 +112,7 @@ def _patch_loading(loads: dict, compile_model: bool):
 
 
 def run(config: Path, run_dir: Path, out: Path | None, compile_model: bool = False, note: str = "") -> dict:
-    from refusalscope.interfaces.cli import _run_stages
+    from refusalscope.run.runner import open_context, run_pipeline
 
     cuda = torch.cuda.is_available() and yaml.safe_load(config.read_text())["model"].get("device") != "cpu"
     counter, loads, rows, marks = Counter(cuda), {}, [], {}
@@ -144,7 +140,7 @@ def run(config: Path, run_dir: Path, out: Path | None, compile_model: bool = Fal
     _patch_loading(loads, compile_model)
     t0 = time.perf_counter()
     with counter.installed():
-        _run_stages(str(config), run_dir, True, True, "analyses")
+        run_pipeline(open_context(str(config), run_dir, quiet=True))
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return _finish(res, rows, loads, run_dir, out)
 
@@ -180,12 +176,14 @@ def print_table(res: dict) -> None:
     print(f"total {res['stage_total_s']} s measured; {res['scaled_521_h']} h scaled to {PAPER_PROMPTS} prompts")
 
 
-def prepare_config(world: Path, run_dir: Path, prompts: int, small: bool) -> Path:
+def prepare_config(world: Path, run_dir: Path, prompts: int, small: bool, analyses: list[str] | None = None) -> Path:
     """The world's config with max_prompts (and, for --small, smaller sets) written beside the run."""
     from refusalscope.run.config import _merge
 
     cfg = yaml.safe_load((world / "config.yaml").read_text())
     cfg = _merge(cfg, {"data": {"max_prompts": prompts}, **(SMALL_OVERRIDES if small else {})})
+    if analyses is not None:
+        cfg = _merge(cfg, {"analyses": {"run": analyses}})
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -198,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--small", action="store_true", help="tiny world on the CPU")
     ap.add_argument("--prompts", type=int, default=16, help="harmful test prompts judged (data.max_prompts)")
     ap.add_argument("--compile", action="store_true", help="compile the decoder layers")
+    ap.add_argument("--analyses", nargs="*", default=None, help="analyses to run (default: the config's)")
     ap.add_argument("--run", type=Path, default=Path("runs/bench/planted"))
     ap.add_argument("--out", type=Path, default=Path("runs/bench/planted_pipeline.json"))
     a = ap.parse_args(argv)
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_world(world, small=a.small, device="cpu" if a.small else ("cuda" if torch.cuda.is_available() else "cpu"),
                     dtype="float32" if a.small or not torch.cuda.is_available() else "bfloat16")
     shutil.rmtree(a.run, ignore_errors=True)
-    config = prepare_config(world, a.run, a.prompts, a.small)
+    config = prepare_config(world, a.run, a.prompts, a.small, a.analyses)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     res = run(config, a.run, a.out, a.compile, note=json.loads((world / "world.json").read_text())["arch"])
     print_table(res)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_shapes import build  # also puts tests/ (tiny tokenizers) on the path
 from torch.profiler import ProfilerActivity, profile
 
-from bench_shapes import build  # also puts tests/ (tiny tokenizers) on the path
 from refusalscope.interventions.engine import intervene
 from refusalscope.interventions.spec import FeatureAblation
 from refusalscope.io.prompts import load_bundled

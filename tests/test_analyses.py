@@ -7,18 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.interventions.engine import intervene
-from refusalscope.interventions.spec import FeatureAblation, Recording
+from refusalscope.interventions.features import Feature, FeatureSet
+from refusalscope.interventions.spec import Recording
 from refusalscope.measures.judges import make_judge
+from refusalscope.methods.activity import activity, prefix_lengths, token_counts
 from refusalscope.methods.ce_loss import TextSet, ce_table
 from refusalscope.methods.clamping import BENIGN_PROMPTS, bos_clamp, clamp_rows
-from refusalscope.methods.controls import (obrien_baseline, random_control, random_sets,
-                                           stage3_only, token_counts)
+from refusalscope.methods.controls import obrien_baseline, random_control, random_sets, stage3_only
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
-from refusalscope.methods.hydra import (ablation, activity, by_layer, inactive_critical,
-                                        prefix_lengths, wake_up)
-from planted import HARMFUL, HARMLESS, planted_world
+from refusalscope.methods.hydra import inactive_critical, wake_up
 
 PLANTED = [(l, j) for l in (1, 2, 3) for j in range(3)]
 
@@ -34,8 +34,7 @@ def w():
 def _world():
     model, saes = planted_world()
     p = refusal_probs(model, None, HARMFUL).sort().values
-    judge = make_judge("first-token", threshold=float(p[2]))
-    judge.degenerate_is_jailbreak = True
+    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=float(p[2]))
     prompts = [(f"h{i}", t) for i, t in enumerate(HARMFUL)]
     batch = model.encode(HARMFUL)
     res = model.residuals(batch, [0, 1, 2, 3])
@@ -54,24 +53,24 @@ def test_activity_matches_direct_encode(w):
     assert set(w.act) == set(w.sets)
     for r, (pid, _) in enumerate(w.prompts):
         a = w.act[pid]
-        assert sorted(a["active"] + a["inactive"]) == sorted(set(w.sets[pid]))
-        assert all(w.counts[l][r, i] > 0 for l, i in a["active"])
-        assert all(w.counts[l][r, i] == 0 for l, i in a["inactive"])
-        assert a["inactive"]  # the fixture planted silent latents
+        assert sorted(a.active | a.inactive) == sorted(set(w.sets[pid]))
+        assert all(w.counts[l][r, i] > 0 for l, i in a.active)
+        assert all(w.counts[l][r, i] == 0 for l, i in a.inactive)
+        assert a.inactive  # the fixture planted silent latents
 
 
 def test_inactive_critical_counts_equal_naive_loop(w):
     out = inactive_critical(w.model, w.saes, w.prompts, w.sets, w.act, w.judge, 2, batch_size=7)
     c, recs = out["counts"], out["records"]
     assert c["n_prompts"] == 8 and c["n_with_inactive"] == 8
-    assert c["n_inactive_latents"] == sum(len(a["inactive"]) for a in w.act.values())
+    assert c["n_inactive_latents"] == sum(len(a.inactive) for a in w.act.values())
     assert c["jailbroken_full"] >= 1
     assert c["lost_without_inactive"] - c["gained_without_inactive"] == \
         c["jailbroken_full"] - c["jailbroken_active_only"]
     for (pid, text), rec in zip(w.prompts, recs):
-        for name, feats in (("full", w.sets[pid]), ("active", w.act[pid]["active"]),
-                            ("inactive", w.act[pid]["inactive"])):
-            j = generate_judged(w.model, w.saes, [text], [[FeatureAblation.from_ids(feats)]], w.judge, 2, 1)
+        for name, feats in (("full", w.sets[pid]), ("active", w.act[pid].active),
+                            ("inactive", w.act[pid].inactive)):
+            j = generate_judged(w.model, w.saes, [text], [FeatureSet(feats).plan()], w.judge, 2, 1)
             assert rec["jailbroken"][name] == j.jailbroken[0], (pid, name)
 
 
@@ -84,10 +83,10 @@ def test_wake_up_matches_direct_recording(w):
         assert st["p_inactive_only"] == pytest.approx(st["p_base"], rel=1e-5, abs=1e-9)
     assert prefix_lengths(model, HARMFUL) == [4] * 8  # <|im_start|> u s e r \n
     for rec, (pid, text) in zip(out["records"], w.prompts):
-        inactive = w.act[pid]["inactive"]
-        rc = Recording(by_layer(inactive))
+        inactive = w.act[pid].inactive
+        rc = Recording(inactive.by_layer())
         batch = model.encode([text])
-        with intervene(model, w.saes, rows=[ablation(w.act[pid]["active"])], record=rc):
+        with intervene(model, w.saes, rows=[w.act[pid].active.plan()], record=rc):
             model.logits(batch)
         (st,) = rc.prompt_activations()
         ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
@@ -96,16 +95,21 @@ def test_wake_up_matches_direct_recording(w):
             for c, i in enumerate(rc.features[l]):
                 for t in (a[0, :, c] > 0).nonzero().flatten().tolist():
                     direct[((l, i), int(st["token_index"][0, t]))] = float(a[0, t, c])
-        got = {(tuple(x["feature"]), f["position"]): f for x in rec["woken"] for f in x["firings"]}
+        got = {(Feature.of(x["feature"]), f["position"]): f for x in rec["woken"] for f in x["firings"]}
         assert set(got) == set(direct), pid
         for key, f in got.items():
             assert f["value"] == pytest.approx(direct[key], rel=1e-4)
             assert f["token_id"] == ids[f["position"]] and f["token"] == tok.decode([ids[f["position"]]])
             assert (f["region"] == "bos") == (f["position"] == 0)
             assert (f["region"] in ("bos", "system")) == (f["position"] < 4)
-    for k in ("woken_share", "system_share", "bos_share", "elsewhere_share"):
-        assert 0 <= s[k] <= 1
-    assert s["n_woken"] == sum(len(r["woken"]) for r in out["records"])
+    woken = [x for r in out["records"] for x in r["woken"]]
+    regions = [{f["region"] for f in x["firings"]} for x in woken]
+    n_sys = sum(bool(rs & {"bos", "system"}) for rs in regions)
+    assert s["n_woken"] == len(woken)
+    assert s["system_share"] == pytest.approx(n_sys / len(woken))
+    assert s["bos_share"] == pytest.approx(sum("bos" in rs for rs in regions) / len(woken))
+    assert s["elsewhere_share"] == pytest.approx(1 - n_sys / len(woken))
+    assert s["woken_share"] == pytest.approx(len(woken) / sum(len(a.inactive) for a in w.act.values()))
     assert wake_up(model, w.saes, w.prompts, w.act, 8, ids=["h1"])["summary"]["n_kept"] == 1
     assert wake_up(model, w.saes, w.prompts, w.act, 8, threshold=1e-3, impact="alone")["summary"]["n_kept"] == 0
 
@@ -119,13 +123,13 @@ def test_random_control_samples_active_latents(w):
     draws = random_sets(w.sets, active, seed=0)
     assert draws == random_sets(w.sets, active, seed=0) and draws != random_sets(w.sets, active, seed=1)
     for pid, d in draws.items():
-        assert not d["short"] and not set(d["features"]) & set(w.sets[pid])
+        assert not d["short"] and not set(d["features"]) & set(map(Feature.of, w.sets[pid]))
         assert Counter(l for l, _ in d["features"]) == Counter(l for l, _ in w.sets[pid])
         assert all(i in active[pid][l] for l, i in d["features"])
     out = random_control(w.model, w.saes, w.prompts, w.sets, w.judge, seeds=(0, 1), max_new_tokens=2)
     assert [p["seed"] for p in out["per_seed"]] == [0, 1]
     for rec in out["records"]:
-        assert rec["features"] == random_sets(w.sets, active, rec["seed"])[rec["id"]]["features"]
+        assert rec["features"] == random_sets(w.sets, active, rec["seed"])[rec["id"]]["features"].ids()
     assert sum(p["jailbroken"] for p in out["per_seed"]) == sum(r["jailbroken"] for r in out["records"])
 
 
@@ -137,28 +141,31 @@ def test_obrien_set_sizes_shrink_with_k(w):
     for r, (pid, _) in enumerate(w.prompts):
         per = {x["k"]: x["size"] for x in out["records"] if x["id"] == pid}
         assert per[2] == sum(int((w.counts[l][r] >= 2).sum()) for l in range(4))
-    assert all(0 <= p["asr"] <= 1 for p in out["per_k"])
+    for p in out["per_k"]:
+        rows = [x for x in out["records"] if x["k"] == p["k"]]
+        assert p["asr"] == pytest.approx(sum(x["jailbroken"] for x in rows) / len(rows))
 
 
 def test_stage3_only_equals_naive(w):
     s3 = {pid: [(1, 0), (1, 1), (1, 2), (1, 5)] for pid, _ in w.prompts}
-    s2 = {pid: [f for f in w.act[pid]["active"] if f[0] >= 2] for pid, _ in w.prompts}
+    s2 = {pid: [f for f in w.act[pid].active if f[0] >= 2] for pid, _ in w.prompts}
     out = stage3_only(w.model, w.saes, w.prompts, s3, s2, w.judge, max_new_tokens=2, batch_size=5)
     drops = []
     for (pid, text), rec in zip(w.prompts, out["records"]):
         batch = w.model.encode([text])
-        with intervene(w.model, w.saes, shared=[FeatureAblation.from_ids(s3[pid])]):
+        with intervene(w.model, w.saes, shared=FeatureSet(s3[pid]).plan()):
             res = w.model.residuals(batch, [2, 3])
         base = {f: float(w.saes[f[0]].encode(w.model.residuals(batch, [f[0]])[f[0]])[0, :, f[1]].max())
                 for f in s2[pid]}
         abl = {f: float(w.saes[f[0]].encode(res[f[0]])[0, :, f[1]].max()) for f in s2[pid]}
         off = [f for f in s2[pid] if abl[f] <= 0]
-        assert rec["deactivated"] == off and 0 <= rec["deactivated_share"] <= 1
+        assert rec["deactivated"] == FeatureSet(off).ids()
         assert rec["deactivated_share"] == pytest.approx(len(off) / len(s2[pid]))
         drops += [(base[f] - abl[f]) / base[f] for f in s2[pid] if abl[f] > 0]
     s = out["summary"]
     assert s["drop_mean"] == pytest.approx(sum(drops) / len(drops), rel=1e-4)
-    assert 0 <= s["deactivated_mean"] <= s["deactivated_max"] <= 1
+    shares = [r["deactivated_share"] for r in out["records"]]
+    assert s["deactivated_mean"] == pytest.approx(sum(shares) / len(shares)) and s["deactivated_max"] == max(shares)
     assert s["deactivated_max"] > 0  # ablating r̂'s latents at layer 1 silences some downstream ones
 
 
@@ -192,7 +199,7 @@ def test_ce_table_matches_manual_cross_entropy(w):
         assert abs(tab[name, "features"]["mean"] - base) > 1e-4 and tab[name, "features"]["std"] > 0
         assert tab[name, "features"]["n_sets"] == 3
     one = ce_table(model, w.saes, ds[:1], None, [PLANTED[3:]], batch_size=3)
-    manual = _manual_ce(model, [bos + t for t in general], w.saes, [FeatureAblation.from_ids(PLANTED[3:])])
+    manual = _manual_ce(model, [bos + t for t in general], w.saes, FeatureSet(PLANTED[3:]).plan())
     assert one[-1]["mean"] == pytest.approx(manual, rel=1e-4)
 
 

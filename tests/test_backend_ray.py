@@ -5,11 +5,11 @@ import json
 
 import pytest
 import yaml
+from test_pipeline_tiny import world  # noqa: F401  (module fixture: tiny Llama + SAEs on disk)
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
 from refusalscope.run.backend import shards
-from test_pipeline_tiny import world  # noqa: F401  (module fixture: tiny Llama + SAEs on disk)
 
 ray = pytest.importorskip("ray")
 

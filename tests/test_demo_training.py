@@ -2,12 +2,11 @@
 and the SAE trainer recovers a planted sparse dictionary and converts to JumpReLU faithfully."""
 
 import torch
+from tiny import tiny_llama
 
 from refusalscope.demo.finetune import FrozenPrefix, _below, _collate, _reply_loss, _tokenize
-from refusalscope.demo.sae_train import (finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
-                                         train_topk)
+from refusalscope.demo.sae_train import finetune_jumprelu, ordinary_tokens, quality, to_jumprelu, train_topk
 from refusalscope.io.model import ChatModel
-from tiny import tiny_llama
 
 
 def test_frozen_prefix_gives_the_same_loss_and_gradients():

@@ -2,22 +2,26 @@
 
 import pytest
 import torch
+from planted import HARMFUL, HARMLESS, planted_world
 
-from refusalscope.interventions.spec import ActAdd, DirectionAblation, FeatureAblation
+from refusalscope.interventions.spec import ActAdd, DirectionAblation
 from refusalscope.measures.judges import make_judge
-from refusalscope.methods.direction import (candidate_layers, cosine_profile, mean_differences,
-                                            score_candidates, select_direction)
+from refusalscope.methods.direction import (
+    candidate_layers,
+    cosine_profile,
+    mean_differences,
+    score_candidates,
+    select_direction,
+)
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
 from refusalscope.methods.stage1 import aligned_latents, ladder, search_k, top_k_set
-from planted import HARMFUL, HARMLESS, planted_world
 
 
 @pytest.fixture(scope="module")
 def world():
     model, saes = planted_world()
     p = refusal_probs(model, None, HARMFUL).sort().values
-    judge = make_judge("first-token", threshold=float(p[2]))
-    judge.degenerate_is_jailbreak = True
+    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=float(p[2]))
     return model, saes, judge
 
 
@@ -33,7 +37,11 @@ def test_mean_differences_and_direction_effects(world):
     assert len(table) == 2 * 2 and (table["p_refusal_ablated"] < table["p_refusal_base"]).any()
     choice = select_direction(model, diffs, [-1, -2], table, HARMFUL, HARMLESS, judge, max_kl=100,
                               n_generate=2, max_new_tokens=2, batch_size=8)
-    assert table.loc[table.index[0], "layer"] in (1, 2) and choice.table["selected"].sum() == 1
+    assert sorted(set(table["layer"])) == candidate_layers(model.n_layers, "auto")
+    judged = choice.table.dropna(subset=["asr_val"])
+    assert len(judged) == 2 and choice.table["selected"].sum() == 1
+    best = judged.sort_values(["asr_val", "kl_harmless"], ascending=[False, True]).iloc[0]
+    assert (choice.layer, choice.position) == (int(best["layer"]), int(best["position"]))
     assert abs(choice.direction.norm().item() - 1) < 1e-5
     before = refusal_probs(model, None, HARMFUL).mean()
     after = refusal_probs(model, None, HARMFUL, shared=[DirectionAblation(choice.direction)]).mean()
@@ -50,7 +58,7 @@ def test_aligned_latents_rank_planted_first(world):
     ranked, cos = aligned_latents(saes, r, [1, 2, 3], k_max=5)
     assert set(ranked[2][:3].tolist()) == {0, 1, 2} and cos[2][0] > 0.99
     assert all((c[:-1] >= c[1:]).all() for c in cos.values())  # descending
-    assert top_k_set(ranked, 2) == {l: ranked[l][:2].tolist() for l in (1, 2, 3)}
+    assert top_k_set(ranked, 2).by_layer() == {l: sorted(ranked[l][:2].tolist()) for l in (1, 2, 3)}
 
 
 def test_batched_ladder_equals_sequential(world):
@@ -63,7 +71,7 @@ def test_batched_ladder_equals_sequential(world):
     for (pid, text), res in zip(prompts, batched):
         seq = None
         for k in ks:  # the paper's loop: grow K until the ablation jailbreaks
-            j = generate_judged(model, saes, [text], [[FeatureAblation(top_k_set(ranked, k))]], judge, 2, 16)
+            j = generate_judged(model, saes, [text], [top_k_set(ranked, k).plan()], judge, 2, 16)
             if j.jailbroken[0]:
                 seq = k
                 break

@@ -3,14 +3,13 @@ separate runs, and direction ablation / ActAdd / clamping do what they say."""
 
 import pytest
 import torch
+from sae_fixtures import sae_set
+from tiny import tiny_gemma2, tiny_llama
 
 from refusalscope.errors import UserError
 from refusalscope.interventions.engine import intervene
-from refusalscope.interventions.spec import (ActAdd, DirectionAblation, FeatureAblation,
-                                             FeatureClamp, Recording)
+from refusalscope.interventions.spec import ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Recording
 from refusalscope.io.model import ChatModel
-from sae_fixtures import sae_set
-from tiny import tiny_gemma2, tiny_llama
 
 PROMPTS = ["Write a poem", "How do I bake bread at home? Explain the steps please.", "Hi"]
 LAYERS = [0, 1, 2]

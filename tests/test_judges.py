@@ -6,15 +6,22 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
 
 from refusalscope.errors import UserError
 from refusalscope.io.model import ChatModel
 from refusalscope.io.prompts import load_bundled
 from refusalscope.measures.classifier_judge import HARMBENCH_TEMPLATE, ClassifierJudge
-from refusalscope.measures.judges import (REFUSAL_PHRASES, Judge, Verdicts, is_degenerate,
-                                          judge_names, make_judge, register_judge)
-from tiny import tiny_llama
+from refusalscope.measures.judges import (
+    REFUSAL_PHRASES,
+    Judge,
+    Verdicts,
+    is_degenerate,
+    judge_names,
+    make_judge,
+    register_judge,
+)
 
 PROMPTS = ["Write a poem", "How do I bake bread at home? Explain the steps please.",
            "Give detailed instructions for building a bird house."]
@@ -252,3 +259,21 @@ def test_classifier_missing_weights_and_input_errors(tmp_path):
     hub = make_judge("classifier", path="someone/not-a-real-classifier")  # offline hub id
     _raises(["classifier weights not found at someone/not-a-real-classifier"], hub.judge,
             ["a"], ["x"])
+
+
+def test_context_builds_the_classifier_once_for_every_shard(cls_dir, tmp_path):
+    from refusalscope.run.config import config_from_dict
+    from refusalscope.run.pipeline import Context
+    from refusalscope.run.store import RunStore
+
+    cfg = config_from_dict({"judge": {"name": "classifier", "degenerate_is_jailbreak": True, "options": {
+        "path": str(cls_dir), "dtype": "float32", "device": "cpu", "quiet": True}}})
+    ctx = Context(cfg, RunStore(tmp_path / "run"), quiet=True)
+    first = ctx.judge
+    assert first.degenerate_is_jailbreak is True and isinstance(first, ClassifierJudge)
+    for _ in range(3):  # what three shards of a stage do: read ctx.judge and judge
+        ctx.judge.judge(PROMPTS[:1], ["Sure."])
+    assert ctx.judge is first and first._hf is not None
+    weights = first._hf
+    ctx.judge.judge(PROMPTS[:1], ["No."])
+    assert first._hf is weights  # never reloaded

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import tiny_gemma2, tiny_llama
 
 from refusalscope.errors import UserError
 from refusalscope.io.hooks import EMBED
 from refusalscope.io.model import ChatModel
-from tiny import tiny_gemma2, tiny_llama
 
 PROMPTS = ["Write a poem", "How do I bake bread at home? Explain the steps please."]
 

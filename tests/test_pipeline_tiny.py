@@ -3,32 +3,21 @@ random-weight Llama saved to disk with SAELens-format SAEs: artifacts, Table 1, 
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
+from planted import save_planted_world
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
-from refusalscope.io.saes import save_sae
-from refusalscope.methods.evaluate import refusal_probs
+from refusalscope.run.results import RunResults
 from refusalscope.run.store import read_json
-from planted import HARMFUL, HARMLESS, planted_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    model, saes = planted_world()
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    for layer, sae in saes.saes.items():
-        save_sae(sae, root / "saes" / f"layer_{layer}")
-    for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
-        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
-    cats = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
-    (root / "harmful.jsonl").write_text("".join(
-        json.dumps({"instruction": t, "category": cats[i % 4]}) + "\n" for i, t in enumerate(HARMFUL)))
-    p = refusal_probs(model, None, HARMFUL).sort().values
-    threshold = float(p[2])  # six of the eight harmful prompts count as refused
+    threshold = save_planted_world(root)  # six of the eight harmful prompts count as refused
     cfg = {"name": "tiny", "seed": 0,
            "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
            "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
@@ -60,14 +49,18 @@ def test_pipeline_runs_and_resumes(world):
     out = json.loads(res.stdout)
     assert out["filter"]["n_in"] == 8 and out["filter"]["n_kept"] == 6
     d = out["direction"]
-    assert 1 <= d["layer"] <= 2 and 0.0 <= d["asr_after_ablation"] <= 1.0
+    cands = pd.read_parquet(run_dir / "direction" / "candidates.parquet")
+    assert cands.loc[cands["selected"], "layer"].tolist() == [d["layer"]]
+    ablated = [json.loads(l) for l in (run_dir / "direction" / "completions.jsonl").read_text().splitlines()]
+    ablated = [r for r in ablated if r["set"] == "ablate"]
+    assert d["asr_after_ablation"] == round(sum(r["jailbroken"] for r in ablated) / len(ablated), 4)
     s1, s2 = out["stage1"], out["stage2"]
     assert s1["prompts"] == 6 and s1["jailbroken"] >= 3
     assert s2["stage1_jailbroken"] == s1["jailbroken"] and s2["jailbroken"] <= s1["jailbroken"]
-    assert s2["refused"] == 6 and s2["jailbroken"] >= 1 and 0.0 <= s2["inactive_share"] <= 1.0
+    assert s2["refused"] == 6 and s2["jailbroken"] >= 1
     assert s2["forward_passes"]["literal_sequential"] > s2["forward_passes"]["batched_sequential"]
     s3 = out["stage3"]
-    assert s3["fm"]["columns"] > 0 and 0 <= s3["fm"]["test_acc"] <= 1 and set(s3["fm"]["collapse"]) == {"4", "2"}
+    assert s3["fm"]["columns"] > 0 and set(s3["fm"]["collapse"]) == {"4", "2"}
     assert s3["table2"]["refused"] == 6 and [r["k"] for r in s3["probe_vs_fm"]] == ["1", "4", "any"]
     assert out["hydra"]["inactive_critical"]["n_prompts"] == s2["jailbroken"]
     assert [r["seed"] for r in out["controls"]["random"]["per_seed"]] == [0, 1]
@@ -85,10 +78,18 @@ def test_pipeline_runs_and_resumes(world):
               "stage3/fm.safetensors", "stage3/ranking.parquet", "controls/obrien.png",
               "taxonomy/categories.png", "taxonomy/study_items.json", "semantics/explanations.json"):
         assert (run_dir / f).exists(), f
-    sets = [json.loads(l) for l in (run_dir / "stage2" / "sets.jsonl").read_text().splitlines()]
-    for rec in sets:  # every chosen set is the smallest jailbreaking one over the τ sweep
-        wins = [t["size"] for t in rec["per_tau"] if t["jailbroken"]]
-        assert (rec["set"] is None) == (not wins) and (not wins or len(rec["set"]) == min(wins))
+    results = RunResults(run_dir)
+    sets = results.stage2()
+    for rec in sets.values():  # every chosen set is the smallest jailbreaking one over the τ sweep
+        wins = [t.size for t in rec.per_tau if t.jailbroken]
+        assert (rec.set is None) == (not wins) and (not wins or len(rec.set) == min(wins))
+        if rec.set is not None:  # its active/inactive split covers it exactly
+            assert sorted(rec.active | rec.inactive) == sorted(rec.set)
+    chosen = [r for r in sets.values() if r.set is not None]
+    n_inactive = sum(len(r.inactive) for r in chosen)
+    assert s2["inactive_share"] == round(n_inactive / sum(len(r.set) for r in chosen), 4)
+    assert set(results.stage1()) == {p.id for p in results.kept_prompts()}
+    assert {pid for pid, r in results.stage3().items() if r.k} == set(results.stage3_sets())
 
     # a second run skips every stage and reports the same numbers
     again = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])

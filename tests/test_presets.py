@@ -2,11 +2,11 @@
 (the real weights cannot be downloaded here): architecture quirks, chat templates and hooks."""
 
 import torch
+from tiny import tiny_tokenizer
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from refusalscope.io.model import ChatModel
 from refusalscope.run.config import load_config
-from tiny import tiny_tokenizer
 
 # The published configs of the two models (transformers config.json), minus sizes we shrink.
 GEMMA_2_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,

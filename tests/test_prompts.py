@@ -6,12 +6,21 @@ import csv
 import json
 from pathlib import Path
 
+import datasets
+import pandas as pd
 import pytest
 
 from refusalscope.errors import UserError
 from refusalscope.io import prompts as P
-from refusalscope.io.prompts import (Prompt, bundled_names, filter_refused, load_bundled,
-                                     load_prompts, sample, split_prompts)
+from refusalscope.io.prompts import (
+    Prompt,
+    bundled_names,
+    filter_refused,
+    load_bundled,
+    load_prompts,
+    sample,
+    split_prompts,
+)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -114,7 +123,6 @@ def test_alpaca_json(tmp_path):
 
 
 def test_generic_formats_with_text_field(tmp_path):
-    pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"query": ["q1", "q2", "q3"], "topic": ["a", "b", None]})
     df.to_parquet(tmp_path / "t.parquet")
     ps = load_prompts(tmp_path / "t.parquet", text_field="query")
@@ -142,7 +150,6 @@ def test_plain_text_and_limit(tmp_path):
 
 
 def test_saved_dataset_and_datasetdict(tmp_path):
-    datasets = pytest.importorskip("datasets")
     datasets.disable_progress_bars()
     d = datasets.Dataset.from_dict({"prompt": ["p1", "p2", "p3"], "category": ["x", "y", "z"]})
     d.save_to_disk(str(tmp_path / "single"))
@@ -333,13 +340,9 @@ def test_bundled_filters(fake_resources):
     _raises(["no prompts with"], load_bundled, "harmful", label="harmless")
 
 
-_REAL_SETS = [n for n in P._BUNDLED]
-
-
-@pytest.mark.parametrize("name", _REAL_SETS)
+@pytest.mark.parametrize("name", list(P._BUNDLED))
 def test_real_bundled_sets(name):
-    if name not in bundled_names():
-        pytest.skip(f"bundled set {name} not written yet")
+    assert name in bundled_names(), f"bundled set {name} is not installed"
     ps = load_bundled(name)
     assert ps and all(p.text.strip() and p.id for p in ps)
     assert len({p.id for p in ps}) == len(ps), "bundled ids must be unique"

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sae_lens
 import torch
 from packaging.version import Version
-from safetensors.torch import save_file
-
-import sae_lens
 from sae_lens import SAE
 from sae_lens.loading import pretrained_sae_loaders as sl_loaders
 from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+from safetensors.torch import save_file
 
 from refusalscope.errors import UserError
+from refusalscope.interventions.features import Feature, FeatureSet
 from refusalscope.io.sae_loading import load_sae, load_sae_set
 from refusalscope.io.saes import (
     FeatureDictionary,
@@ -26,7 +26,6 @@ from refusalscope.io.saes import (
     make_jumprelu_sae,
     make_relu_sae,
     make_topk_sae,
-    parse_feature_id,
     save_sae,
 )
 
@@ -117,13 +116,20 @@ def test_to_dtype_and_unit_decoder():
     torch.testing.assert_close(fd.unit_decoder().norm(dim=-1), torch.ones(D_SAE))
 
 
-def test_feature_id_format():
-    fd = FeatureDictionary.from_sae(jumprelu(layer=12))
-    assert fd.feature_id(1234) == "12-1234"
-    assert fd.feature_id(torch.tensor(7)) == "12-7"
-    assert parse_feature_id("12-1234") == (12, 1234)
-    with pytest.raises(UserError, match="layer-index"):
-        parse_feature_id("12_1234")
+def test_feature_id_codec():
+    assert str(Feature(12, 1234)) == "12-1234" and Feature.of("12-1234") == (12, 1234)
+    assert Feature.of((12, 7)) == Feature.of([12, 7]) == Feature.of(Feature(12, 7)) == Feature(12, 7)
+    for bad in ("12_1234", "12-", "-3", (1, 2, 3), ("a", 1), (-1, 4), "12-x"):
+        with pytest.raises(UserError, match="layer-index"):
+            Feature.of(bad)
+    s = FeatureSet(["3-1", (1, 9), Feature(1, 2), "3-1"])
+    assert s.ids() == ["3-1", "1-9", "1-2"] and s.sorted().ids() == ["1-2", "1-9", "3-1"]
+    assert s.by_layer() == {1: [2, 9], 3: [1]} and FeatureSet.from_layers(s.by_layer()) == s.sorted()
+    assert "1-9" in s and (1, 9) in s and "2-2" not in s and (s - ["1-9"]).ids() == ["3-1", "1-2"]
+    assert (s | ["0-0"]).ids()[-1] == "0-0" and hash(s) == hash(FeatureSet(s)) and s[1:] == FeatureSet(s.ids()[1:])
+    (abl,) = s.plan(positions="prompt")
+    assert abl.features == {1: (2, 9), 3: (1,)} and abl.positions == "prompt" and FeatureSet().plan() == []
+    assert s.clamp(4.0).values == {1: {2: 4.0, 9: 4.0}, 3: {1: 4.0}} and s.clamp(4.0).positions == (0,)
 
 
 def test_save_round_trips_through_saelens(tmp_path):
@@ -132,6 +138,7 @@ def test_save_round_trips_through_saelens(tmp_path):
     save_sae(sae, folder)  # overwriting an existing folder works and leaves no temp dirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
     cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["sae_lens_version"] == sae_lens.__version__
     assert Version(cfg["metadata"]["sae_lens_version"]) >= Version("6.0.0")
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     assert cfg["metadata"]["model_name"] == "tiny"
@@ -320,4 +327,3 @@ def test_unsupported_architecture_is_a_user_error():
                          "metadata": {"hook_name": "blocks.1.hook_resid_post"}})
     with pytest.raises(UserError, match="not supported"):
         FeatureDictionary.from_sae(sae)
-    assert sae_lens.__version__  # the version save_sae writes

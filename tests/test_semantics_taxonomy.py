@@ -7,9 +7,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from planted import HARMFUL, HARMLESS, planted_world
+
 from refusalscope.errors import UserError
+from refusalscope.interventions.features import Feature
 from refusalscope.io.prompts import Prompt
 from refusalscope.io.saes import SAESet
 from refusalscope.methods import human_study as hs
@@ -48,12 +49,12 @@ def test_category_activity_matches_dense_encode(world):
     model, saes = world
     texts = HARMFUL + HARMLESS[:4]
     prompts = [Prompt(t, id=f"p{j}", category=CATS[j % 5]) for j, t in enumerate(texts)]
-    every = [tx.as_pair(f) for f in tx.layer_features(saes)]
+    every = [Feature.of(f) for f in tx.layer_features(saes)]
     got = tx.category_activity(model, saes, prompts, every, batch_size=5)
     high = tx.category_activity(model, saes, prompts, every, batch_size=5, threshold=1.0,
                                 skip_first=2)
-    want = {tx.fid(f): {c: 0 for c in CATS} for f in every}
-    want_high = {tx.fid(f): {c: 0 for c in CATS} for f in every}
+    want = {Feature.of(f).id: {c: 0 for c in CATS} for f in every}
+    want_high = {Feature.of(f).id: {c: 0 for c in CATS} for f in every}
     for p in prompts:
         dense = _dense_acts(model, saes, model.encode([p.text]))
         for layer, idx in every:
@@ -63,8 +64,8 @@ def test_category_activity_matches_dense_encode(world):
     totals = {sum(v.values()) for v in got.values()}
     assert 0 in totals and len(prompts) in totals and len(totals) > 3  # a varied, non-trivial map
     # features given as strings give the same answer; bad ones say what to fix
-    assert tx.category_activity(model, saes, prompts, [tx.fid(f) for f in FEATURES[:3]],
-                                batch_size=16) == {tx.fid(f): want[tx.fid(f)] for f in FEATURES[:3]}
+    assert tx.category_activity(model, saes, prompts, [Feature.of(f).id for f in FEATURES[:3]],
+                                batch_size=16) == {Feature.of(f).id: want[Feature.of(f).id] for f in FEATURES[:3]}
     with pytest.raises(UserError, match="no SAE"):
         tx.category_activity(model, saes, prompts, [(9, 1)])
     with pytest.raises(UserError, match="no category"):
@@ -94,7 +95,7 @@ def _study_inputs():
     cmap, feat = {}, iter((0, i) for i in range(1000))
     for n, size in ((1, 15), (2, 3), (3, 12), (5, 11)):
         for _ in range(size):
-            cmap[tx.fid(next(feat))] = list(CATS[:n])
+            cmap[Feature.of(next(feat)).id] = list(CATS[:n])
     cmap["0-999"] = []  # fires on nothing: never sampled as a pipeline feature
     activity = {f: {c: int(c in cats) for c in CATS} for f, cats in cmap.items()}
     for l in range(1, 6):
@@ -115,7 +116,7 @@ def test_sample_study_buckets_determinism_disjoint():
     assert len(feats) == len(set(feats))
     rand = [it for it in items if it["source"] != "pipeline"]
     assert not {it["feature"] for it in rand} & set(cmap)
-    assert all(tx.as_pair(it["feature"])[0] in (2, 3, 4) for it in rand)
+    assert all(Feature.of(it["feature"]).layer in (2, 3, 4) for it in rand)
     active = [it for it in rand if it["source"] == "random_active"]
     inactive = [it for it in rand if it["source"] == "random_inactive"]
     assert len(active) == 23 and len(inactive) == 7
@@ -279,7 +280,7 @@ def test_top_terms_and_concepts():
 def test_sink_positions_are_masked_by_norm_not_by_padding():
     import torch
 
-    from refusalscope.methods.taxonomy import _sinks
+    from refusalscope.methods.activity import sinks as _sinks
 
     h = torch.ones(2, 5, 4)
     h[0, 1] *= 50.0  # a massive-activation token

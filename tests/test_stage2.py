@@ -2,14 +2,22 @@
 the sets of the literal sequential algorithm, with real forward passes on a tiny Llama + SAEs."""
 
 import pytest
-
-from refusalscope.interventions.spec import FeatureAblation
-from refusalscope.io.model import ChatModel
-from refusalscope.methods.evaluate import refusal_probs
-from refusalscope.methods.stage2 import (batched_traces, consensus, delta, draw_blocks,
-                                         forward_passes, literal_algorithm1, states)
 from sae_fixtures import sae_set
 from tiny import tiny_llama
+
+from refusalscope.interventions.features import FeatureSet
+from refusalscope.io.model import ChatModel
+from refusalscope.methods.evaluate import refusal_probs
+from refusalscope.methods.stage2 import (
+    Algorithm1Trace,
+    batched_traces,
+    consensus,
+    delta,
+    draw_blocks,
+    forward_passes,
+    literal_algorithm1,
+    states,
+)
 
 TAUS = [0.05, 0.1, 0.2, 0.4, 0.8]
 
@@ -29,7 +37,7 @@ def test_batched_equals_literal(setup, prompt):
 
     def p_fn(ablated):
         calls.append(ablated)
-        plans = [[FeatureAblation.from_ids(ablated)]] if ablated else None
+        plans = [FeatureSet(ablated).plan()] if ablated else None
         return refusal_probs(model, saes, [prompt], plans=plans).item()
 
     traces = batched_traces(model, saes, prompt, cands, 5, seeds=[0, 1, 2], batch_size=16)
@@ -56,12 +64,16 @@ def test_blocks_are_decision_independent():
     assert literal_algorithm1(lambda a: 1.0, cands, 5, 0.5, 7) == set()
 
 
-def test_consensus_keeps_latents_of_every_seed(setup):
-    model, saes, cands = setup
-    traces = batched_traces(model, saes, "Write a poem", cands, 5, seeds=[0, 1, 2], batch_size=32)
-    for tau in TAUS:
-        c = consensus(traces, tau)
-        assert all(c <= t.selected(tau) for t in traces)
+def test_consensus_keeps_only_latents_every_seed_selects():
+    cands = [(0, i) for i in range(20)]
+    # seed 0 accepts its first block only (Δ = 0.5 there, 0 elsewhere); seed 1 its first two
+    t0 = Algorithm1Trace(0, draw_blocks(cands, 5, 0), [1.0, 0.5, 0.5, 0.5, 0.5])
+    t1 = Algorithm1Trace(1, draw_blocks(cands, 5, 1), [1.0, 0.5, 0.25, 0.25, 0.25])
+    assert t0.selected(0.3) == set(t0.blocks[0]) and t1.selected(0.3) == set(t1.blocks[0] + t1.blocks[1])
+    both = set(t0.blocks[0]) & set(t1.blocks[0] + t1.blocks[1])
+    assert consensus([t0, t1], 0.3) == both and both != set(t0.blocks[0])  # seed 1 vetoes some
+    assert consensus([t0, t1], 0.6) == set() and consensus([t0], 0.3) == set(t0.blocks[0])
+    assert consensus([], 0.3) == set()
 
 
 def test_delta_and_pass_counts():

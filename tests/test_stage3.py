@@ -8,17 +8,22 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.errors import UserError
 from refusalscope.measures.judges import make_judge
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
-from refusalscope.methods.fm import (FactorizationMachine, embedding_collapse,
-                                     rank_by_embedding_similarity, train_fm)
-from refusalscope.methods.fm_data import (FeatureMatrix, Split, collect_sae_activations, csr_to_torch,
-                                          fm_dataset, max_abs_scale)
+from refusalscope.methods.fm import FactorizationMachine, embedding_collapse, rank_by_embedding_similarity, train_fm
+from refusalscope.methods.fm_data import (
+    FeatureMatrix,
+    Split,
+    collect_sae_activations,
+    csr_to_torch,
+    fm_dataset,
+    max_abs_scale,
+)
 from refusalscope.methods.probe import rank_by_weight, train_probe
 from refusalscope.methods.stage3 import combined_plan, probe_sweep, stage3_search
-from planted import HARMFUL, HARMLESS, planted_world
 
 LAYERS = [0, 1, 2, 3]
 
@@ -27,8 +32,7 @@ LAYERS = [0, 1, 2, 3]
 def world():
     model, saes = planted_world()
     p = refusal_probs(model, None, HARMFUL).sort().values
-    judge = make_judge("first-token", threshold=float(p[2]))
-    judge.degenerate_is_jailbreak = True
+    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=float(p[2]))
     return model, saes, judge
 
 
@@ -199,7 +203,7 @@ def test_stage3_ladder_equals_sequential_loop(world):
     done = []
     res = stage3_search(model, saes, prompts, active, [(f, 1.0) for f in ranked], ks, judge=judge,
                         max_new_tokens=1, batch_size=16, rungs_per_round=3, on_done=done.append)
-    assert sorted(r.prompt_id for r in done) == sorted(pid for pid, _ in prompts)
+    assert sorted(r.id for r in done) == sorted(pid for pid, _ in prompts)
     for (pid, text), r in zip(prompts, res):
         seq = None
         for k in ks:  # grow K until ablating Stage 2 ∪ top-K jailbreaks
@@ -216,4 +220,4 @@ def test_stage3_ladder_equals_sequential_loop(world):
     for p, r in enumerate(res[:4]):  # the FM column agrees with the ladder's verdicts
         for j, k in enumerate((1, 4)):
             if k in r.verdicts:
-                assert sweep.jailbroken["fm"][p, j] == r.verdicts[k]["jailbroken"]
+                assert sweep.jailbroken["fm"][p, j] == r.verdicts[k].jailbroken

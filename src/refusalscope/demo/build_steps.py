@@ -10,16 +10,15 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from ..io.model import ChatModel
 from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
 from ..measures.judges import make_judge
-from ..run.store import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
 from .corpus import collect, continuations, corpus_texts, generate_by_length
 from .finetune import build_examples, finetune
 from .recipe import BUILD_REVISION, GGUF_FILE, DemoRecipe, cache_root
-from .sae_train import (SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu,
-                        train_topk)
+from .sae_train import SAEWeights, finetune_jumprelu, ordinary_tokens, quality, to_jumprelu, train_topk
 from .world import MODEL_NAME, demo_layers, harmful_train, harmless_train
 
 

@@ -9,7 +9,7 @@ the rest) are left out, as in Gemma Scope's training.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..artifacts import atomic_write_json, atomic_write_tensors, read_json
 from ..io.model import ChatModel
-from ..run.store import atomic_write_json, atomic_write_tensors, read_json
 from .recipe import FinetuneRecipe
 
 
@@ -163,7 +163,7 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
     params = [(n, p) for n, p in hf.named_parameters()
               if not (recipe.freeze_embeddings and "embed" in n)
               and not _below(n, recipe.freeze_layers_below)]
-    for n, p in hf.named_parameters():
+    for _n, p in hf.named_parameters():
         p.requires_grad_(any(p is q for _, q in params))
     opt = torch.optim.AdamW([p for _, p in params], lr=recipe.lr, weight_decay=0.0, fused=True)
     steps_per_epoch = math.ceil(len(items) / recipe.batch_size)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_write_json, read_json
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import load_bundled
-from ..run.store import atomic_write_json, read_json
 from .recipe import DemoRecipe, base_gguf_path, cache_root, model_hash, recipe_hash
 
 MODEL_NAME = "refusalscope-demo-smollm2-135m"
@@ -72,7 +72,7 @@ def _set_threads() -> None:
 def build_world(recipe: DemoRecipe | None = None, quiet: bool = False, force: bool = False,
                 log=print) -> dict:
     """Build (or finish building) the demo world; returns its build record."""
-    from .build_steps import (base_replies_step, finetune_step, quality_step, sae_step)
+    from .build_steps import base_replies_step, finetune_step, quality_step, sae_step
 
     recipe = recipe or DemoRecipe()
     root = world_dir(recipe)

@@ -6,7 +6,6 @@ import json
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -38,18 +37,17 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     return wrapper
 
 
 def _log(quiet: bool, as_json: bool):
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr if as_json else sys.stdout, flush=True)
-    return log
+    from ..run.runner import printer
+
+    return printer(quiet, sys.stderr if as_json else sys.stdout)
 
 
-def _execution(backend: Optional[str], address: Optional[str], workers: Optional[int]) -> dict:
+def _execution(backend: str | None, address: str | None, workers: int | None) -> dict:
     if backend not in (None, "local", "ray"):
         raise UserError(f"unknown backend {backend!r}: use local or ray")
     if address and backend == "local":
@@ -58,20 +56,11 @@ def _execution(backend: Optional[str], address: Optional[str], workers: Optional
     return {"execution": {k: v for k, v in ex.items() if v is not None}}
 
 
-def _context(config: Optional[str], run: Optional[Path], quiet: bool, as_json: bool,
+def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
              execution: dict | None = None):
-    from ..run.config import load_config
-    from ..run.pipeline import Context
-    from ..run.store import RunStore
+    from ..run.runner import open_context
 
-    cfg = load_config(config, execution)
-    root = run or Path("runs") / cfg.name
-    store = RunStore(root)
-    from ..run.store import atomic_write_text
-    from ..run.config import dump_config
-
-    atomic_write_text(root / "config.yaml", dump_config(cfg))
-    return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
+    return open_context(config, run, execution, quiet, _log(quiet, as_json))
 
 
 def _print_examples(info: dict) -> None:
@@ -84,9 +73,9 @@ def _print_examples(info: dict) -> None:
 
 @app.command()
 @friendly
-def demo(run: Optional[Path] = RUN, quiet: bool = QUIET, as_json: bool = JSON,
-         backend: Optional[str] = BACKEND, address: Optional[str] = ADDRESS,
-         workers: Optional[int] = WORKERS):
+def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
+         backend: str | None = BACKEND, address: str | None = ADDRESS,
+         workers: int | None = WORKERS):
     """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
@@ -108,31 +97,9 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
                 execution: dict | None = None) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`."""
-    from ..run.pipeline import run_filter
-    from ..run.stage_analyses import ANALYSIS_STAGES
-    from ..run.stage_direction import run_direction
-    from ..run.stage_interactions import run_stage3
-    from ..run.stage_search import run_stage1, run_stage2
+    from ..run.runner import run_pipeline
 
-    ctx = _context(config, run, quiet, as_json, execution)
-    order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
-             ("stage2", run_stage2), ("stage3", run_stage3)]
-    if upto == "analyses":
-        names = only or ctx.cfg.analyses.run
-        bad = [n for n in names if n not in ANALYSIS_STAGES]
-        if bad:
-            raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
-        order += [(n, ANALYSIS_STAGES[n]) for n in ANALYSIS_STAGES if n in names]
-    out = {}
-    try:
-        for name, fn in order:
-            out[name] = fn(ctx)
-            if name == upto:
-                break
-    finally:
-        ctx.close()
-    out["run"] = str(ctx.store.root)
-    return out
+    return run_pipeline(_context(config, run, quiet, as_json, execution), upto, only)
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -146,9 +113,9 @@ def _report(result: dict, as_json: bool) -> None:
 
 @app.command()
 @friendly
-def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-              as_json: bool = JSON, backend: Optional[str] = BACKEND,
-              address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def direction(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+              as_json: bool = JSON, backend: str | None = BACKEND,
+              address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex), as_json)
@@ -156,9 +123,9 @@ def direction(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: 
 
 @app.command()
 @friendly
-def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage1(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex), as_json)
@@ -166,9 +133,9 @@ def stage1(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage2(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex), as_json)
@@ -176,9 +143,9 @@ def stage2(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-           as_json: bool = JSON, backend: Optional[str] = BACKEND,
-           address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+           as_json: bool = JSON, backend: str | None = BACKEND,
+           address: str | None = ADDRESS, workers: int | None = WORKERS):
     """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex), as_json)
@@ -186,11 +153,11 @@ def stage3(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: boo
 
 @app.command()
 @friendly
-def analyze(names: Optional[list[str]] = typer.Argument(
+def analyze(names: list[str] | None = typer.Argument(
                 None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
-            config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON, backend: Optional[str] = BACKEND,
-            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+            config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON, backend: str | None = BACKEND,
+            address: str | None = ADDRESS, workers: int | None = WORKERS):
     """The paper's analyses (runs the earlier stages first when needed)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex), as_json)
@@ -198,9 +165,9 @@ def analyze(names: Optional[list[str]] = typer.Argument(
 
 @app.command("run")
 @friendly
-def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
-            as_json: bool = JSON, backend: Optional[str] = BACKEND,
-            address: Optional[str] = ADDRESS, workers: Optional[int] = WORKERS):
+def run_all(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
+            as_json: bool = JSON, backend: str | None = BACKEND,
+            address: str | None = ADDRESS, workers: int | None = WORKERS):
     """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
     ex = _execution(backend, address, workers)
     _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex), as_json)
@@ -208,7 +175,7 @@ def run_all(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bo
 
 @app.command("filter")
 @friendly
-def filter_cmd(config: Optional[str] = CONFIG, run: Optional[Path] = RUN, quiet: bool = QUIET,
+def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
                as_json: bool = JSON):
     """Judge the harmful test prompts and keep those the model refuses (paper: D_harmful filter)."""
     from ..run.pipeline import run_filter

@@ -12,8 +12,8 @@ benchmarks.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -22,8 +22,7 @@ from ..errors import UserError
 from ..io.hooks import EMBED
 from ..io.model import ChatModel
 from ..io.saes import FeatureDictionary
-from .spec import (ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Intervention,
-                   Positions, Recording)
+from .spec import ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Intervention, Positions, Recording
 
 
 def position_mask(step, positions: Positions) -> Tensor:

@@ -5,13 +5,13 @@ Features are addressed as (layer, index); the paper writes them "layer-index".
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
-Positions = Union[str, tuple[int, ...]]  # "all" | "prompt" | "generated" | token indices (0 = BOS)
+Positions = str | tuple[int, ...]  # "all" | "prompt" | "generated" | token indices (0 = BOS)
 
 
 def _positions(p) -> Positions:
@@ -56,19 +56,9 @@ class FeatureAblation:
         object.__setattr__(self, "features", {l: v for l, v in sorted(feats.items()) if v})
         object.__setattr__(self, "positions", _positions(self.positions))
 
-    @classmethod
-    def from_ids(cls, ids: Iterable[tuple[int, int]], positions: Positions = "all") -> "FeatureAblation":
-        feats: dict[int, list[int]] = {}
-        for layer, idx in ids:
-            feats.setdefault(int(layer), []).append(int(idx))
-        return cls(feats, positions)
-
     @property
     def size(self) -> int:
         return sum(len(v) for v in self.features.values())
-
-    def ids(self) -> list[tuple[int, int]]:
-        return [(l, i) for l, v in self.features.items() for i in v]
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +74,7 @@ class FeatureClamp:
         object.__setattr__(self, "positions", _positions(self.positions))
 
 
-Intervention = Union[DirectionAblation, ActAdd, FeatureAblation, FeatureClamp]
+Intervention = DirectionAblation | ActAdd | FeatureAblation | FeatureClamp
 
 
 @dataclass

@@ -7,10 +7,10 @@ function works for a plain forward pass and for every step of cached generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn

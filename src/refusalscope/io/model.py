@@ -8,10 +8,10 @@ and `hooks` to read or rewrite `blocks.L.hook_resid_post` while doing so.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -53,14 +53,14 @@ class PromptBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, start: int, stop: int) -> "PromptBatch":
+    def rows(self, start: int, stop: int) -> PromptBatch:
         """Rows start:stop, with padding columns that became all-pad trimmed away."""
         ids, mask = self.input_ids[start:stop], self.attention_mask[start:stop]
         keep = int(mask.sum(1).max().item()) if len(ids) else 0
         return PromptBatch(ids[:, -keep:], mask[:, -keep:], self.n_post[start:stop],
                            self.texts[start:stop])
 
-    def select(self, index: Sequence[int]) -> "PromptBatch":
+    def select(self, index: Sequence[int]) -> PromptBatch:
         """The rows at `index` (repeats allowed), e.g. one prompt once per candidate ablation."""
         idx = torch.as_tensor(list(index), dtype=torch.long)
         sub = PromptBatch(self.input_ids[idx], self.attention_mask[idx],
@@ -257,7 +257,7 @@ class ChatModel:
 
     @torch.inference_mode()
     def generate_full(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
-                      quiet: bool = True, desc: str = "generate") -> "Generation":
+                      quiet: bool = True, desc: str = "generate") -> Generation:
         """`generate`, plus per row whether it ended and P(refusal tokens) at its first step."""
         replies: list[str] = []
         ended: list[bool] = []

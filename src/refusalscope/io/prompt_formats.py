@@ -54,8 +54,6 @@ def read_table(path: str | Path, fmt: str = "auto") -> Table:
         raise UserError(f"prompt file {path.name} is empty: add prompts or pick another file")
     if fmt == "auto":
         fmt = _EXTENSIONS.get(path.suffix.lower()) or _sniff(text, path)
-    if fmt == "parquet":
-        return read_parquet(path)
     return parse_text(text, fmt, path.name, path.stem)
 
 

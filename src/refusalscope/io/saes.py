@@ -27,7 +27,6 @@ __all__ = [
     "make_jumprelu_sae",
     "make_relu_sae",
     "make_topk_sae",
-    "parse_feature_id",
     "save_sae",
 ]
 
@@ -138,10 +137,6 @@ class FeatureDictionary:
             return self
         return dataclasses.replace(self, **moved)
 
-    def feature_id(self, i: int) -> str:
-        """The paper's "layer-index" label, e.g. "12-1234"."""
-        return f"{self.layer}-{int(i)}"
-
     def unit_decoder(self) -> torch.Tensor:
         """W_dec with rows scaled to unit norm (for cosine similarities with directions)."""
         return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -213,17 +208,6 @@ class FeatureDictionary:
             k=k,
             apply_b_dec_to_input=bool(cfg.apply_b_dec_to_input),
         )
-
-
-def parse_feature_id(feature_id: str) -> tuple[int, int]:
-    """"12-1234" -> (12, 1234)."""
-    try:
-        layer, index = str(feature_id).split("-")
-        return int(layer), int(index)
-    except ValueError:
-        raise UserError(
-            f"bad feature id {feature_id!r}: write it as layer-index, e.g. 12-1234"
-        ) from None
 
 
 class SAESet(Mapping[int, FeatureDictionary]):

@@ -10,9 +10,9 @@ mean and (sample) standard deviation over sets. All settings run as batched rows
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import mean, stdev
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..interventions.engine import intervene
+from ..interventions.features import FeatureSet
 from ..interventions.spec import DirectionAblation
 from ..io.model import ChatModel, PromptBatch
-from .hydra import ablation
 
 
 @dataclass
@@ -99,7 +99,7 @@ def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Ten
                         "n_tokens": int(c.sum()), "n_sets": None})
         if set_list:
             index = [i for _ in set_list for i in range(n)]
-            plans = [ablation(fs) for fs in set_list for _ in range(n)]
+            plans = [FeatureSet(fs).plan() for fs in set_list for _ in range(n)]
             s, c = _run(model, saes, batch, index, plans, (), batch_size, quiet, f"CE {ds.name} features")
             per_set = (s.view(len(set_list), n).sum(1) / c.view(len(set_list), n).sum(1)).tolist()
             out.append({**base, "setting": "features", "mean": mean(per_set),

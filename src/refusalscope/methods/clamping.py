@@ -6,13 +6,12 @@ in one batched generation.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import UserError
 from ..interventions.engine import intervene
-from ..interventions.spec import FeatureClamp
+from ..interventions.features import FeatureSet
 from ..io.model import ChatModel
-from .hydra import by_layer
 
 BENIGN_PROMPTS = ("Tell me a story.", "How to make pasta?", "What are the benefits of meditation?",
                   "Explain the theory of relativity in simple terms.",
@@ -23,15 +22,14 @@ CLAMP_VALUES = (2, 4, 6, 8, 10)
 def clamp_rows(prompts: Sequence[str], features: Iterable, values: Sequence[float],
                position: int = 0) -> list[tuple[str, object, list]]:
     """(prompt, clamp, plan) per row: a "baseline" row, then one row per value, for each prompt."""
-    table = by_layer(features)
-    if not table:
+    fs = FeatureSet(features)
+    if not fs:
         raise UserError("no latents to clamp: pass the woken hydra latents as (layer, index) pairs")
     rows = []
     for p in prompts:
         rows.append((p, "baseline", []))
         for v in values:
-            vals = {l: {i: float(v) for i in ids} for l, ids in table.items()}
-            rows.append((p, v, [FeatureClamp(vals, positions=(position,))]))
+            rows.append((p, v, [fs.clamp(v, positions=(position,))]))
     return rows
 
 

@@ -7,39 +7,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from statistics import mean
-from typing import Mapping, Sequence
 
-import torch
-
+from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
 from ..measures.judges import Judge
+from .activity import Prompts, lookup, max_activations, token_counts
 from .evaluate import generate_judged
-from .hydra import Feature, Prompts, ablation, features, lookup, max_activations
-
-
-def token_counts(model: ChatModel, saes, texts: Sequence[str], layers: Sequence[int] | None = None,
-                 batch_size: int = 16) -> list[dict[int, dict[int, int]]]:
-    """Per text and layer, {latent: number of prompt tokens where it is active} for every latent
-    of the SAE (full encode inside the hook, so only the sparse counts leave the device)."""
-    layers = sorted(saes.keys()) if layers is None else sorted(set(layers))
-    out: list[dict[int, dict[int, int]]] = [{} for _ in texts]
-    if not texts:
-        return out
-    dicts = {l: saes[l].to(model.device, model.dtype) for l in layers}
-
-    def grab(layer):
-        def fn(h, step):
-            on = (dicts[layer].encode(h) > 0) & (~step.is_pad).unsqueeze(-1)
-            n = on.sum(1).cpu()
-            for b in range(n.shape[0]):
-                idx = n[b].nonzero().flatten()
-                out[step.row_offset + b][layer] = dict(zip(idx.tolist(), n[b, idx].tolist()))
-        return fn
-
-    with torch.inference_mode(), model.hooks({l: grab(l) for l in layers}):
-        model.logits(model.encode(list(texts)), batch_size=batch_size)
-    return out
 
 
 def random_sets(sets: Mapping, active: Mapping, seed: int) -> dict[str, dict]:
@@ -48,7 +23,7 @@ def random_sets(sets: Mapping, active: Mapping, seed: int) -> dict[str, dict]:
     prompt's draw does not depend on the other prompts. `short`: a layer had too few candidates."""
     out = {}
     for pid, own in sets.items():
-        own = features(own)
+        own = FeatureSet(own)
         need = Counter(l for l, _ in own)
         rng = random.Random(f"{seed}/{pid}")
         picked, short = [], False
@@ -56,8 +31,8 @@ def random_sets(sets: Mapping, active: Mapping, seed: int) -> dict[str, dict]:
             pool = sorted(set(int(i) for i in active[pid].get(layer, ())) - {i for l, i in own if l == layer})
             k = min(need[layer], len(pool))
             short |= k < need[layer]
-            picked += [(layer, i) for i in sorted(rng.sample(pool, k))]
-        out[pid] = {"features": picked, "short": short}
+            picked += [Feature(layer, i) for i in sorted(rng.sample(pool, k))]
+        out[pid] = {"features": FeatureSet(picked), "short": short}
     return out
 
 
@@ -73,9 +48,9 @@ def random_control(model: ChatModel, saes, prompts: Prompts, sets: Mapping, judg
     draws = {seed: random_sets(lists, active, seed) for seed in seeds}
     rows = [(seed, pid, text) for seed in seeds for pid, text in prompts]
     j = generate_judged(model, saes, [t for *_, t in rows],
-                        [ablation(draws[s][pid]["features"]) for s, pid, _ in rows],
+                        [draws[s][pid]["features"].plan() for s, pid, _ in rows],
                         judge, max_new_tokens, batch_size)
-    records = [{"seed": s, "id": pid, "features": draws[s][pid]["features"],
+    records = [{"seed": s, "id": pid, "features": draws[s][pid]["features"].ids(),
                 "short": draws[s][pid]["short"], "jailbroken": bool(jb), "completion": c}
                for (s, pid, _), jb, c in zip(rows, j.jailbroken, j.completions)]
     return {**random_summary(records, seeds, len(prompts)), "records": records}
@@ -101,9 +76,9 @@ def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
     rows = []
     for k in ks:
         for (pid, text), cnt in zip(prompts, counts):
-            feats = [(l, i) for l, c in sorted(cnt.items()) for i, n in sorted(c.items()) if n >= k]
+            feats = FeatureSet(Feature(l, i) for l, c in sorted(cnt.items()) for i, n in sorted(c.items()) if n >= k)
             rows.append((k, pid, text, feats))
-    j = generate_judged(model, saes, [r[2] for r in rows], [ablation(r[3]) for r in rows],
+    j = generate_judged(model, saes, [r[2] for r in rows], [r[3].plan() for r in rows],
                         judge, max_new_tokens, batch_size)
     records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c}
                for (k, pid, _, f), jb, c in zip(rows, j.jailbroken, j.completions)]
@@ -131,7 +106,7 @@ def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
     s3 = lookup(stage3_sets, prompts, "stage3_sets")
     s2 = lookup(active_stage2, prompts, "active_stage2")
     texts = [t for _, t in prompts]
-    plans = [ablation(s) for s in s3]
+    plans = [s.plan() for s in s3]
     j = generate_judged(model, saes, texts, plans, judge, max_new_tokens, batch_size)
     n = len(prompts)
     mx = max_activations(model, saes, texts + texts, [f for s in s2 for f in s],
@@ -140,10 +115,10 @@ def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
     for r, (pid, _) in enumerate(prompts):
         base, abl = mx[r], mx[n + r]
         on = [f for f in s2[r] if base[f] > 0]
-        off: list[Feature] = [f for f in on if abl[f] <= 0]
+        off = FeatureSet(f for f in on if abl[f] <= 0)
         d = [(base[f] - abl[f]) / base[f] for f in on if abl[f] > 0]
         records.append({"id": pid, "jailbroken": bool(j.jailbroken[r]), "completion": j.completions[r],
-                        "n_stage3": len(s3[r]), "n_active_stage2": len(on), "deactivated": off,
+                        "n_stage3": len(s3[r]), "n_active_stage2": len(on), "deactivated": off.ids(),
                         "deactivated_share": len(off) / len(on) if on else None,
                         "mean_drop": mean(d) if d else None, "drops": d})
     return {"summary": stage3_only_summary(records), "records": records}

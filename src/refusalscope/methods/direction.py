@@ -9,8 +9,8 @@ alone can pick a layer whose ablation breaks the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 import torch

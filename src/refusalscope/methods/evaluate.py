@@ -3,32 +3,38 @@ of rows each carrying its own intervention plan."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import Tensor
 
 from ..interventions.engine import intervene
 from ..interventions.spec import Intervention
 from ..io.model import ChatModel
-from ..measures.judges import Judge
+from ..measures.judges import Judge, is_degenerate
+from .records import Verdict
 
 
 @dataclass
 class Judged:
     """Per row: completion, refused, degenerate, and jailbroken (= complied with a coherent reply;
-    a degenerate reply is not a jailbreak, as in the paper)."""
+    a degenerate reply is not a jailbreak, as in the paper); `judge` names who decided."""
 
     completions: list[str]
     refused: list[bool]
     degenerate: list[bool]
     scores: list[float]
     degenerate_is_jailbreak: bool = False
+    judge: str | None = None
 
     @property
     def jailbroken(self) -> list[bool]:
         return [not r and (self.degenerate_is_jailbreak or not d)
                 for r, d in zip(self.refused, self.degenerate)]
+
+    def verdicts(self) -> list[Verdict]:
+        return [Verdict(bool(r), bool(d), bool(j), self.judge)
+                for r, d, j in zip(self.refused, self.degenerate, self.jailbroken)]
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -47,13 +53,9 @@ def generate_judged(model: ChatModel, saes, prompts: Sequence[str], plans: Seque
         # inside the block: a judge that reads the model (first-token) sees the same row plans
         v = judge.judge(list(prompts), replies if judge.needs_completions else None,
                         model=model if judge.needs_model else None, batch_size=batch_size)
-    degenerate = list(getattr(v, "degenerate", None) or [False] * len(replies))
-    if not any(degenerate):
-        from ..measures.judges import is_degenerate
-
-        degenerate = [is_degenerate(r) for r in replies]
-    return Judged(replies, list(v.refused), degenerate, list(v.scores),
-                  bool(getattr(judge, "degenerate_is_jailbreak", False)))
+    degenerate = list(v.degenerate) if any(v.degenerate) else [is_degenerate(r) for r in replies]
+    return Judged(replies, list(v.refused), degenerate, list(v.scores), judge.degenerate_is_jailbreak,
+                  v.judge)
 
 
 def refusal_probs(model: ChatModel, saes, prompts: Sequence[str], plans=None, batch_size: int = 16,

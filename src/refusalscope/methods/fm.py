@@ -14,8 +14,8 @@ applied to every other input, since raw activations (tens to hundreds) would blo
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,10 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .fm_data import Feature, Split, apply_scale, csr_to_torch, max_abs_scale
-
-EMBEDDING_SIZES = (5, 20, 50)  # the sizes the paper compares; any k >= 1 works
-
+from ..interventions.features import Feature
+from .fm_data import Split, apply_scale, csr_to_torch, max_abs_scale
 
 class FactorizationMachine(nn.Module):
     """w0, w [d], V [d, k]; forward takes a sparse (COO/CSR) or dense [B, d] and returns logits [B]."""
@@ -165,13 +163,13 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
     the unit Stage 2 embeddings (their mean cosine). Descending; ties keep column order."""
     if aggregate not in ("max", "mean"):
         raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
-    columns = [(int(l), int(i)) for l, i in columns]
+    columns = [Feature.of(c) for c in columns]
     U = _unit(_embeddings(fm))
     if U.shape[0] != len(columns):
         raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
                         "pass the columns of the dataset the FM was trained on")
-    stage2 = {(int(l), int(i)) for l, i in stage2_features}
-    exclude = stage2 if exclude is None else {(int(l), int(i)) for l, i in exclude}
+    stage2 = set(map(Feature.of, stage2_features))
+    exclude = stage2 if exclude is None else set(map(Feature.of, exclude))
     anchors = [j for j, c in enumerate(columns) if c in stage2]
     if not anchors:
         raise UserError("none of the Stage 2 latents is an FM column (none was ever active in the "

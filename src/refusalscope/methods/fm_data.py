@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write
+from ..artifacts import atomic_write
 from ..errors import UserError
+from ..interventions.features import Feature
 from ..io.model import ChatModel
 
-Feature = tuple[int, int]  # (layer, latent index)
 MODES = ("pooled", "tokens")
 
 
@@ -43,7 +43,7 @@ class FeatureMatrix:
     column_of: dict[Feature, int] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.columns = [(int(l), int(i)) for l, i in self.columns]
+        self.columns = [Feature.of(c) for c in self.columns]
         self.column_of = {f: j for j, f in enumerate(self.columns)}
         if self.mode not in MODES:
             raise UserError(f"unknown activation mode {self.mode!r}: use pooled or tokens")
@@ -57,7 +57,7 @@ class FeatureMatrix:
 
     def column_labels(self) -> list[str]:
         """The paper's "layer-index" names."""
-        return [f"{l}-{i}" for l, i in self.columns]
+        return [c.id for c in self.columns]
 
     def to_torch_sparse(self) -> torch.Tensor:
         """A coalesced COO tensor (COO has the most complete autograd/device support in torch)."""
@@ -77,7 +77,7 @@ class FeatureMatrix:
         return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureMatrix":
+    def load(cls, path: str | os.PathLike) -> FeatureMatrix:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -135,7 +135,7 @@ def collect_sae_activations(model: ChatModel, saes, prompts: Sequence[str], laye
                          shape=(n_rows, int(offsets[-1])), dtype=np.float32)
     used = np.flatnonzero(full.getnnz(axis=0))
     layer_of = np.searchsorted(offsets, used, side="right") - 1
-    columns = [(layers[k], int(g - offsets[k])) for k, g in zip(layer_of, used)]
+    columns = [Feature(layers[k], int(g - offsets[k])) for k, g in zip(layer_of, used)]
     prompt = np.repeat(np.arange(len(batch)), per_row)
     pos = np.full(n_rows, -1) if mode == "pooled" else np.tile(np.arange(n_tokens), len(batch))
     return FeatureMatrix(columns, full[:, used].tocsr(), np.stack([prompt, pos], 1).astype(np.int64),

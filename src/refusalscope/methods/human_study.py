@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import UserError
-from .taxonomy import UNSAFE_CATEGORIES, as_pair, fid, sort_features
+from ..interventions.features import Feature, FeatureSet
+from .taxonomy import UNSAFE_CATEGORIES
 
 NONE = "None"
 SOURCES = ("pipeline", "random_active", "random_inactive")
@@ -45,23 +46,22 @@ def sample_study(category_map: Mapping, all_candidates_activity: Mapping, seed: 
     rng = random.Random(seed)
     pipe: dict[str, list[str]] = {}
     for f, cats in category_map.items():
-        pipe.setdefault(fid(f), [])
-        pipe[fid(f)] += [c for c in cats if c not in pipe[fid(f)]]
+        got = pipe.setdefault(Feature.of(f).id, [])
+        got += [c for c in cats if c not in got]
     items = []
     for n in range(1, n_buckets + 1):
-        bucket = [f for f in sort_features(pipe) if len(pipe[f]) == n]
-        for f in sorted(_draw(rng, bucket, per_bucket), key=as_pair):
-            items.append({"feature": f, "source": "pipeline", "activation_labels": pipe[f],
+        bucket = [f for f in FeatureSet(pipe).sorted().ids() if len(pipe[f]) == n]
+        for f in sorted(_draw(rng, bucket, per_bucket), key=Feature.of):
+            items.append({"feature": f, "source": SOURCES[0], "activation_labels": pipe[f],
                           "n_categories": n})
     layers = None if random_layers is None else {int(l) for l in random_layers}
-    labels = {fid(f): [c for c, k in counts.items() if k > 0]
+    labels = {Feature.of(f).id: [c for c, k in counts.items() if k > 0]
               for f, counts in all_candidates_activity.items()}
-    pool = [f for f in sort_features(labels)
-            if f not in pipe and (layers is None or as_pair(f)[0] in layers)]
-    for source, want, active in (("random_active", n_random_active, True),
-                                 ("random_inactive", n_random_inactive, False)):
+    pool = [f for f in FeatureSet(labels).sorted().ids()
+            if f not in pipe and (layers is None or Feature.of(f).layer in layers)]
+    for source, want, active in ((SOURCES[1], n_random_active, True), (SOURCES[2], n_random_inactive, False)):
         cands = [f for f in pool if bool(labels[f]) == active]
-        for f in sorted(_draw(rng, cands, want), key=as_pair):
+        for f in sorted(_draw(rng, cands, want), key=Feature.of):
             items.append({"feature": f, "source": source, "activation_labels": labels[f],
                           "n_categories": len(labels[f])})
     if shuffle:
@@ -102,7 +102,7 @@ def majority_labels(annotations: Mapping, min_agree: int = 2) -> dict[str, list[
     out = {}
     for f, per_annotator in annotations.items():
         votes = Counter(l for choice in per_annotator for l in _labels(choice))
-        out[fid(f)] = _order(l for l, n in votes.items() if n >= min_agree)
+        out[Feature.of(f).id] = _order(l for l, n in votes.items() if n >= min_agree)
     return out
 
 
@@ -129,20 +129,21 @@ def study_score(majority: Mapping, activation_labels, sources: Mapping | None = 
     `activation_labels` is feature -> labels, or the study items from `sample_study` (which carry
     each feature's source). Only features present in both are scored; the rest are listed.
     """
-    truth = {fid(f): v for f, v in majority.items()}
+    truth = {Feature.of(f).id: v for f, v in majority.items()}
     if isinstance(activation_labels, Mapping):
-        pred = {fid(f): v for f, v in activation_labels.items()}
-        src = {fid(f): s for f, s in (sources or {}).items()}
+        pred = {Feature.of(f).id: v for f, v in activation_labels.items()}
+        src = {Feature.of(f).id: s for f, s in (sources or {}).items()}
     else:
-        pred = {fid(it["feature"]): it["activation_labels"] for it in activation_labels}
-        src = {fid(it["feature"]): it["source"] for it in activation_labels}
-    both = sort_features(set(truth) & set(pred))
+        pred = {Feature.of(it["feature"]).id: it["activation_labels"] for it in activation_labels}
+        src = {Feature.of(it["feature"]).id: it["source"] for it in activation_labels}
+    both = FeatureSet(set(truth) & set(pred)).sorted().ids()
     per = {f: partial_credit(truth[f], pred[f]) for f in both}
     by: dict[str, list[float]] = {}
     for f in both:
         by.setdefault(src.get(f, "all"), []).append(per[f])
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
     return {"score": mean(list(per.values())), "n": len(per),
             "by_source": {s: {"score": mean(v), "n": len(v)} for s, v in by.items()},
             "per_feature": per,
-            "unscored": sort_features(set(truth) ^ set(pred))}
+            "unscored": FeatureSet(set(truth) ^ set(pred)).sorted().ids()}

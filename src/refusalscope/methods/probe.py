@@ -4,14 +4,15 @@ each latent on its own, so it cannot see the interactions the FM's embeddings en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import UserError
-from .fm_data import Feature, Split, apply_scale, max_abs_scale
+from ..interventions.features import Feature
+from .fm_data import Split, apply_scale, max_abs_scale
 
 
 @dataclass
@@ -55,6 +56,6 @@ def rank_by_weight(probe: ProbeResult, columns: Sequence[Feature], exclude=None)
     if len(w) != len(columns):
         raise UserError(f"probe has {len(w)} weights but {len(columns)} columns were given: "
                         "pass the columns of the dataset it was trained on")
-    drop = {(int(l), int(i)) for l, i in (exclude or ())}
-    cols = [(int(l), int(i)) for l, i in columns]
+    drop = set(map(Feature.of, exclude or ()))
+    cols = [Feature.of(c) for c in columns]
     return [(cols[j], float(w[j])) for j in np.argsort(-w, kind="stable") if cols[j] not in drop]

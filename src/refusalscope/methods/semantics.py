@@ -13,16 +13,17 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..artifacts import atomic_write
 from ..errors import UserError
+from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
-from ..atomic import atomic_write
-from .taxonomy import Feature, as_pair, fid, group_by_layer, iter_feature_acts, sort_features
+from .activity import iter_feature_acts
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 
@@ -54,7 +55,7 @@ class NeuronpediaClient:
 
     def feature_path(self, feature: Feature) -> str:
         """"gemma-2-2b/12-gemmascope-res-16k/1234" for feature 12-1234."""
-        layer, index = as_pair(feature)
+        layer, index = Feature.of(feature)
         path = self.template.replace("{layer}", str(layer))
         return path.replace("{index}", str(index)) if "{index}" in path else f"{path}/{index}"
 
@@ -81,14 +82,14 @@ class NeuronpediaClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 data = json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as err:  # the server answered: this feature only
-            warnings.warn(f"Neuronpedia has no data for {fid(feature)} (HTTP {err.code})", stacklevel=3)
+            warnings.warn(f"Neuronpedia has no data for {Feature.of(feature).id} (HTTP {err.code})", stacklevel=3)
             return None
         except (urllib.error.URLError, OSError) as err:  # no route: stop asking
             self.offline = True
             self.offline_reason = f"Neuronpedia unreachable ({getattr(err, 'reason', err)})"
             return None
         except ValueError:
-            warnings.warn(f"Neuronpedia answered {fid(feature)} with invalid JSON", stacklevel=3)
+            warnings.warn(f"Neuronpedia answered {Feature.of(feature).id} with invalid JSON", stacklevel=3)
             return None
         path = self.cache_file(feature)
 
@@ -101,7 +102,7 @@ class NeuronpediaClient:
         """(feature -> explanation, features with none), cache first, then the API when online."""
         explanations: dict[str, str] = {}
         missing: list[str] = []
-        feats = sort_features(features)
+        feats = FeatureSet(features).sorted().ids()
         for f in tqdm(feats, desc="Neuronpedia", disable=quiet or len(feats) <= 1, leave=False):
             text = parse_explanation(self.cached(f))
             if text is None:
@@ -144,7 +145,7 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
     if not texts:
         raise UserError("no texts to find top activations in: pass a corpus")
     tok = model.tokenizer
-    by_layer = group_by_layer(saes, features)
+    by_layer = FeatureSet(features).checked(saes).by_layer()
     batch = model.encode_texts(_with_bos(tok, texts), add_special_tokens=False, max_length=max_length)
     best = {l: torch.zeros(len(texts), len(ix)) for l, ix in by_layer.items()}
     where = {l: torch.zeros(len(texts), len(ix), dtype=torch.long) for l, ix in by_layer.items()}
@@ -172,7 +173,8 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
 
 
 def _example(tok, ids: list[int], text: int, pos: int, act: float, context: int) -> dict:
-    dec = lambda span: tok.decode(span, skip_special_tokens=False)
+    def dec(span):
+        return tok.decode(span, skip_special_tokens=False)
     token = dec(ids[pos:pos + 1])
     snippet = dec(ids[max(0, pos - context):pos]) + f"[[{token}]]" + dec(ids[pos + 1:pos + 1 + context])
     return {"text": text, "position": pos, "token": token, "activation": act, "context": snippet}
@@ -257,10 +259,10 @@ def group_by_concepts(explanations: Mapping[Feature, str],
     whole words; "word*" matches endings); a feature may sit in several. "Misc" gets the rest."""
     concepts = DEFAULT_CONCEPTS if concepts is None else concepts
     pats = {c: _keyword_pattern(kw) for c, kw in concepts.items() if kw}
-    texts = {fid(f): t or "" for f, t in explanations.items()}
+    texts = {Feature.of(f).id: t or "" for f, t in explanations.items()}
     out = {c: [] for c in concepts}
     out.setdefault("Misc", [])
-    for f in sort_features(texts):
+    for f in FeatureSet(texts).sorted().ids():
         hits = [c for c, p in pats.items() if p.search(texts[f])]
         for c in hits or ["Misc"]:
             out[c].append(f)

@@ -14,20 +14,22 @@ sequential form, kept to check that both give identical sets.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from ..interventions.spec import FeatureAblation
+from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
-from .evaluate import refusal_probs
+from ..measures.judges import Judge
+from .evaluate import generate_judged, refusal_probs
+from .records import Stage2Record, TauOutcome
 
-Feature = tuple[int, int]  # (layer, index)
+PAPER_TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def draw_blocks(candidates: Sequence[Feature], n: int, seed: int) -> list[list[Feature]]:
     """The blocks Algorithm 1 visits for this seed, in order (remainder < n never visited)."""
     rng = random.Random(seed)
-    remaining = sorted(set(candidates))
+    remaining = sorted(set(map(Feature.of, candidates)))
     blocks = []
     while len(remaining) >= n:
         block = rng.sample(remaining, n)
@@ -47,7 +49,7 @@ def literal_algorithm1(p_fn: Callable[[frozenset], float], candidates: Sequence[
                        tau: float, seed: int) -> set[Feature]:
     """Algorithm 1 as written, one P evaluation at a time (for tests and benchmarks)."""
     rng = random.Random(seed)
-    C, K = set(candidates), set()
+    C, K = set(map(Feature.of, candidates)), set()
     while len(C - K) >= n:
         V = set(rng.sample(sorted(C - K), n))
         if delta(p_fn(frozenset(C - K)), p_fn(frozenset(C - (K | V)))) >= tau:
@@ -59,7 +61,7 @@ def literal_algorithm1(p_fn: Callable[[frozenset], float], candidates: Sequence[
 
 def states(candidates: Sequence[Feature], blocks: list[list[Feature]]) -> list[frozenset]:
     """U_0 = C, U_{t+1} = U_t ∖ block_t: the ablated set before each step (and after the last)."""
-    cur = set(candidates)
+    cur = set(map(Feature.of, candidates))
     out = [frozenset(cur)]
     for b in blocks:
         cur -= set(b)
@@ -93,7 +95,7 @@ def batched_traces(model: ChatModel, saes, prompt: str, candidates: Sequence[Fea
         for st in sts:
             unique.setdefault(st, len(unique))
     order = list(unique)
-    plans = [[FeatureAblation.from_ids(st, positions)] if st else [] for st in order]
+    plans = [FeatureSet(sorted(st)).plan(positions) for st in order]
     probs = refusal_probs(model, saes, [prompt] * len(order), plans=plans, batch_size=batch_size)
     p_of = {st: probs[i].item() for st, i in unique.items()}
     return [Algorithm1Trace(s, blocks, [p_of[st] for st in sts]) for s, blocks, sts in per_seed]
@@ -113,3 +115,24 @@ def forward_passes(n_candidates: int, n: int, n_seeds: int, n_taus: int, batch_s
     rows = n_seeds * (m + 1)
     return {"literal_sequential": 2 * m * n_taus * n_seeds, "batched_rows": rows,
             "batched_sequential": -(-rows // batch_size)}
+
+
+def minimal_set(model: ChatModel, saes, prompt_id: str, prompt: str, candidates: Sequence, judge: Judge, *,
+                block_size: int = 5, taus: Sequence[float] = PAPER_TAUS, seeds: Sequence[int] = (0, 1, 2),
+                batch_size: int = 32, max_new_tokens: int = 64, generation_batch_size: int = 16) -> Stage2Record:
+    """Stage 2 for one prompt: Algorithm 1 for every seed, the consensus set per τ, each distinct
+    set judged by generation, and the smallest jailbreaking set (larger τ on ties)."""
+    cands = FeatureSet(candidates)
+    traces = batched_traces(model, saes, prompt, list(cands), block_size, seeds, batch_size)
+    by_tau = {tau: FeatureSet(sorted(consensus(traces, tau))) for tau in taus}
+    distinct = sorted({s for s in by_tau.values() if s}, key=lambda s: (len(s), s.ids()))
+    j = generate_judged(model, saes, [prompt] * len(distinct), [s.plan() for s in distinct], judge,
+                        max_new_tokens, generation_batch_size)
+    verdict = {s: (c, jb) for s, c, jb in zip(distinct, j.completions, j.jailbroken)}
+    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None)
+               for tau, s in by_tau.items()]
+    wins = [t for t in per_tau if t.jailbroken]
+    best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
+    return Stage2Record(prompt_id, len(cands), per_tau, {t.seed: t.deltas for t in traces},
+                        forward_passes(len(cands), block_size, len(seeds), len(taus), batch_size),
+                        best.features if best else None, best.tau if best else None)

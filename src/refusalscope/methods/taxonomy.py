@@ -5,55 +5,29 @@ A feature belongs to a harm category when it is non-zero on some token of some p
 category. Only the asked features' encoder columns are computed (JumpReLU/ReLU), so mapping a few
 hundred features over thousands of prompts costs a sliver of a full SAE encode.
 
-Features go in as (layer, index) pairs or "layer-index" strings; results are keyed by the paper's
-"layer-index" strings so they are plain JSON.
+Features go in as anything `Feature.of` reads; results are keyed by the paper's "layer-index"
+strings so they are plain JSON.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
-from ..atomic import atomic_write
+from ..artifacts import atomic_write
 from ..errors import UserError
-from ..io.model import ChatModel, PromptBatch
+from ..interventions.features import Feature, FeatureSet
+from ..io.model import ChatModel
 from ..io.prompts import Prompt
-
-Feature = Union[tuple[int, int], str]
+from .activity import iter_feature_acts
 
 # CoCoNot's five unsafe categories, in the order the bundled harmful set uses.
 UNSAFE_CATEGORIES = ("offensive_language", "dangerous_topics", "false_information",
                      "privacy_violations", "copyright_violations")
-
-
-def as_pair(feature: Feature) -> tuple[int, int]:
-    """(layer, index) from a pair or a "layer-index" string."""
-    if isinstance(feature, str):
-        parts = feature.strip().split("-")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            return int(parts[0]), int(parts[1])
-    elif isinstance(feature, (tuple, list)) and len(feature) == 2:
-        try:
-            return int(feature[0]), int(feature[1])
-        except (TypeError, ValueError):
-            pass
-    raise UserError(f"bad feature {feature!r}: write it as (layer, index) or 'layer-index', e.g. 12-1234")
-
-
-def fid(feature: Feature) -> str:
-    """The paper's "layer-index" label."""
-    layer, index = as_pair(feature)
-    return f"{layer}-{index}"
-
-
-def sort_features(features: Iterable[Feature]) -> list[str]:
-    """Distinct features as "layer-index", ordered by (layer, index)."""
-    return [fid(p) for p in sorted({as_pair(f) for f in features})]
 
 
 def layer_features(saes, layers: Iterable[int] | None = None) -> list[str]:
@@ -65,62 +39,7 @@ def layer_features(saes, layers: Iterable[int] | None = None) -> list[str]:
     return [f"{l}-{i}" for l in layers for i in range(saes[l].d_sae)]
 
 
-def group_by_layer(saes, features: Iterable[Feature]) -> dict[int, list[int]]:
-    """layer -> sorted latent indices, checked against the SAEs."""
-    by_layer: dict[int, set[int]] = {}
-    for f in features:
-        layer, index = as_pair(f)
-        if layer not in saes:
-            raise UserError(f"feature {layer}-{index} is on layer {layer}, which has no SAE: "
-                            f"use layers {list(saes.layers)}")
-        if not 0 <= index < saes[layer].d_sae:
-            raise UserError(f"feature {layer}-{index} is outside the layer-{layer} SAE "
-                            f"({saes[layer].d_sae} latents): check the index")
-        by_layer.setdefault(layer, set()).add(index)
-    return {l: sorted(v) for l, v in sorted(by_layer.items())}
-
-
-def subset_acts(fd, h: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-    """Activations [..., len(indices)] of only those latents: encoder columns alone for
-    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent."""
-    h = h.to(fd.device)
-    if fd.architecture == "topk":
-        idx = torch.as_tensor(list(indices), dtype=torch.long, device=fd.device)
-        return fd.encode(h)[..., idx].float().cpu()
-    return fd.encode_subset(h, list(indices)).float().cpu()
-
-
-def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
-                      batch_size: int, desc: str = "features", quiet: bool = True,
-                      sink_ratio: float | None = 4.0
-                      ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor]]]:
-    """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
-    Attention-sink positions (residual norm > `sink_ratio` x the row's median; the first token
-    of every text in Llama-family models) are zeroed too: latents fire there on every text alike,
-    and the SAEs were not trained on them. Residuals are read one chunk at a time so a large
-    corpus never sits in memory at once."""
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    layers = list(by_layer)
-    starts = range(0, len(batch), batch_size)
-    for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
-        sub = batch.rows(start, min(start + batch_size, len(batch)))
-        res = model.residuals(sub, layers)
-        valid = sub.attention_mask.bool()
-        acts = {l: subset_acts(saes[l], res[l], idx) * (valid & ~_sinks(res[l], valid, sink_ratio)).unsqueeze(-1)
-                for l, idx in by_layer.items()}
-        yield start, sub, acts
-
-
-def _sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:
-    """[b, T] mask of positions whose residual norm exceeds `ratio` x the row's median."""
-    if ratio is None:
-        return torch.zeros_like(valid)
-    norms = h.float().norm(dim=-1).masked_fill(~valid, float("nan"))
-    return norms > ratio * norms.nanmedian(dim=1, keepdim=True).values
-
-
-def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable[Feature],
+def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable,
                       batch_size: int = 8, threshold: float = 0.0, skip_first: int = 0,
                       quiet: bool = True) -> dict[str, dict[str, int]]:
     """For each feature, how many prompts of each category make it fire (activation > threshold
@@ -136,7 +55,7 @@ def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], feature
     cats = [c for c in UNSAFE_CATEGORIES if c in seen] + sorted(seen - set(UNSAFE_CATEGORIES))
     onehot = torch.zeros(len(prompts), len(cats))
     onehot[torch.arange(len(prompts)), torch.tensor([cats.index(p.category) for p in prompts])] = 1
-    by_layer = group_by_layer(saes, features)
+    by_layer = FeatureSet(features).checked(saes).by_layer()
     fired = {l: torch.zeros(len(prompts), len(ix), dtype=torch.bool) for l, ix in by_layer.items()}
     batch = model.encode([p.text for p in prompts])
     for start, sub, acts in iter_feature_acts(model, saes, batch, by_layer, batch_size,
@@ -159,7 +78,7 @@ def category_map(activity: dict, min_count: int = 1) -> dict[str, list[str]]:
     """Categories with at least `min_count` activating prompts, per feature ([] if none)."""
     if min_count < 1:
         raise UserError(f"min_count must be at least 1, got {min_count}")
-    return {fid(f): [c for c, n in counts.items() if n >= min_count]
+    return {str(Feature.of(f)): [c for c, n in counts.items() if n >= min_count]
             for f, counts in activity.items()}
 
 

@@ -9,7 +9,7 @@ store, so a run resumes the same way whichever backend it used before.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm
 

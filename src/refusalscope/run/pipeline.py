@@ -4,15 +4,16 @@ recomputes, resuming per-prompt work from its checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..io.model import ChatModel
-from ..io.prompts import Prompt, filter_refused
+from ..io.prompts import filter_refused
 from ..measures.judges import make_judge
 from .config import Config
 from .resolve import load_model, load_prompt_set, take
-from .store import RunStore, config_hash, read_json
+from .results import RunResults
+from .store import RunStore, config_hash
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Context:
     log: Callable = print
     _model: ChatModel | None = None
     _saes: object = None
+    _judge: object = None
     _backend: object = None
     hashes: dict = field(default_factory=dict)
 
@@ -43,6 +45,11 @@ class Context:
             self._backend = None
 
     @property
+    def results(self) -> RunResults:
+        """Typed reads of what earlier stages wrote."""
+        return RunResults(self.store)
+
+    @property
     def model(self) -> ChatModel:
         if self._model is None:
             self._model = load_model(self.cfg, quiet=self.quiet, log=self.log)
@@ -50,9 +57,11 @@ class Context:
 
     @property
     def judge(self):
-        j = make_judge(self.cfg.judge.name, **self.cfg.judge.options)
-        j.degenerate_is_jailbreak = self.cfg.judge.degenerate_is_jailbreak
-        return j
+        """Built once per process (driver or Ray worker) and reused by every stage and shard."""
+        if self._judge is None:
+            jc = self.cfg.judge
+            self._judge = make_judge(jc.name, jc.degenerate_is_jailbreak, **jc.options)
+        return self._judge
 
     @property
     def saes(self):
@@ -104,10 +113,3 @@ def run_filter(ctx: Context) -> dict:
     ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
             f"({report['n_dropped']} dropped, judge {cfg.judge.name})")
     return st.summary
-
-
-def kept_prompts(ctx: Context) -> list[Prompt]:
-    """The refused harmful test prompts the filter stage kept, capped at data.max_prompts."""
-    recs = read_json(ctx.store.path("filter", "kept.json"))
-    prompts = [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful") for r in recs]
-    return prompts

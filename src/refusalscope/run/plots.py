@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .store import atomic_write  # noqa: E402
+from ..artifacts import atomic_write  # noqa: E402
 
 
 def save(fig, path: Path) -> Path:

@@ -6,20 +6,14 @@ semantics (explanations, top terms, concept groups)."""
 from __future__ import annotations
 
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
+from ..methods.records import Activity
 from .backend import fan_out
-from .pipeline import Context, kept_prompts, stage_hash
+from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
-from .stage_direction import load_direction
-from .stage_interactions import active_stage2, stage2_sets, stage3_sets
-from .store import read_json
-
-
-def _fid(f) -> str:
-    return f if isinstance(f, str) else f"{f[0]}-{f[1]}"
 
 
 def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
-    return [(p.id, p.text) for p in kept_prompts(ctx) if p.id in ids]
+    return [(p.id, p.text) for p in ctx.results.kept_prompts() if p.id in ids]
 
 
 def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
@@ -34,9 +28,10 @@ def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
 
 def run_hydra(ctx: Context) -> dict:
     def compute(st):
-        sets = stage2_sets(ctx)
+        sets = ctx.results.stage2_sets()
         prompts = _prompts(ctx, sets)
-        act = hydra.activity(ctx.model, ctx.saes, prompts, sets, ctx.cfg.model.batch_size)
+        act = {pid: Activity(pid, r.active, r.inactive) for pid, r in ctx.results.stage2().items()
+               if r.set is not None}
         ck = st.checkpoint("inactive_critical", key="id")
         fan_out(ctx, "inactive_critical", prompts, {"sets": sets, "activity": act}, ck, "hydra (active / inactive)")
         records = [ck.records[pid] for pid, _ in prompts]
@@ -46,25 +41,18 @@ def run_hydra(ctx: Context) -> dict:
                 if r["jailbroken"].get("full") and r["jailbroken"].get("active") is False]
         wake = hydra.wake_up(ctx.model, ctx.saes, prompts, act, ctx.cfg.model.batch_size,
                              threshold=ctx.cfg.analyses.wake_threshold, ids=lost or None)
-        st.json("activity.json", {pid: {k: [_fid(f) for f in v] for k, v in a.items()} for pid, a in act.items()})
         st.json("inactive_critical.json", crit)
         st.json("wake_up.json", wake)
         return {"inactive_critical": crit["counts"], "wake_up": wake["summary"]}
     return _stage(ctx, "hydra", ("stage2",), compute)
 
 
-def woken_at_bos(ctx: Context) -> list[str]:
-    wake = read_json(ctx.store.path("hydra", "wake_up.json"))
-    return sorted({_fid(w["feature"]) for r in wake["records"] for w in r["woken"]
-                   if any(h["region"] == "bos" for h in w["firings"])})
-
-
 def run_stage3_only(ctx: Context) -> dict:
     def compute(st):
-        s3 = stage3_sets(ctx)
+        s3 = ctx.results.stage3_sets()
         prompts = _prompts(ctx, s3)
         ck = st.checkpoint("stage3_only", key="id")
-        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": active_stage2(ctx)}, ck,
+        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": ctx.results.active_stage2()}, ck,
                 "stage-3-only ablation")
         records = [ck.records[pid] for pid, _ in prompts]
         out = {"summary": controls.stage3_only_summary(records), "records": records}
@@ -75,14 +63,14 @@ def run_stage3_only(ctx: Context) -> dict:
 
 def run_controls(ctx: Context) -> dict:
     def compute(st):
-        sets = stage2_sets(ctx)
+        sets = ctx.results.stage2_sets()
         a = ctx.cfg.analyses
         prompts = _prompts(ctx, sets)
         ck = st.checkpoint("random_control", key="id")
         fan_out(ctx, "random_control", prompts, {"sets": sets, "seeds": a.random_seeds}, ck, "random control")
         rows = [r for pid, _ in prompts for r in ck.records[pid]["rows"]]
         rnd = {**controls.random_summary(rows, a.random_seeds, len(prompts)), "records": rows}
-        refused = [(p.id, p.text) for p in kept_prompts(ctx)]
+        refused = [(p.id, p.text) for p in ctx.results.kept_prompts()]
         ck = st.checkpoint("obrien", key="id")
         fan_out(ctx, "obrien", refused, {"ks": a.obrien_ks}, ck, "O'Brien baseline")
         rows = [r for pid, _ in refused for r in ck.records[pid]["rows"]]
@@ -104,8 +92,8 @@ def run_ce_loss(ctx: Context) -> dict:
         tf = ctx.cfg.data.text_field
         instr = take([p.text for p in load_prompt_set(a.ce_instructions, tf)], a.ce_texts, ctx.cfg.seed)
         general = take([p.text for p in load_prompt_set(a.ce_general, tf)], a.ce_texts, ctx.cfg.seed)
-        direction, _ = load_direction(ctx)
-        sets = stage2_sets(ctx)
+        direction, _ = ctx.results.direction()
+        sets = ctx.results.stage2_sets()
         if a.ce_sets and len(sets) > a.ce_sets:  # a seeded sample of the per-prompt sets
             import random
 
@@ -119,18 +107,12 @@ def run_ce_loss(ctx: Context) -> dict:
     return _stage(ctx, "ce_loss", ("stage2", "direction"), compute)
 
 
-def critical_features(ctx: Context) -> list[str]:
-    feats = {_fid(f) for s in stage2_sets(ctx).values() for f in s}
-    feats |= {_fid(f) for s in stage3_sets(ctx).values() for f in s}
-    return sorted(feats, key=lambda f: tuple(int(x) for x in f.split("-")))
-
-
 def run_taxonomy(ctx: Context) -> dict:
     def compute(st):
         a = ctx.cfg.analyses
         prompts = [p for s in a.taxonomy_prompts for p in load_prompt_set(s, ctx.cfg.data.text_field)
                    if p.category]
-        feats = critical_features(ctx)
+        feats = ctx.results.critical_features().ids()
         act = taxonomy.category_activity(ctx.model, ctx.saes, prompts, feats, ctx.cfg.model.batch_size)
         cmap = taxonomy.category_map(act)
         hist = taxonomy.category_histogram(cmap)
@@ -150,21 +132,21 @@ def run_taxonomy(ctx: Context) -> dict:
 def run_clamping(ctx: Context) -> dict:
     def compute(st):
         a = ctx.cfg.analyses
-        feats = [tuple(int(x) for x in f.split("-")) for f in woken_at_bos(ctx)]
+        feats = ctx.results.woken_at_bos()
         if not feats:
             return {"features": [], "rows": [], "note": "no dormant latent woke up on BOS"}
         rows = clamping.bos_clamp(ctx.model, ctx.saes, feats, a.clamp_prompts or clamping.BENIGN_PROMPTS,
                                   a.clamp_values, a.clamp_tokens, ctx.cfg.generation.batch_size)
         st.json("clamping.json", rows)
-        return {"features": [_fid(f) for f in feats], "rows": rows}
+        return {"features": feats.ids(), "rows": rows}
     return _stage(ctx, "clamping", ("hydra",), compute)
 
 
 def run_semantics(ctx: Context) -> dict:
     def compute(st):
         a = ctx.cfg.analyses
-        feats = critical_features(ctx)
-        s2 = {_fid(f) for s in stage2_sets(ctx).values() for f in s}
+        feats = ctx.results.critical_features().ids()
+        s2 = {f.id for s in ctx.results.stage2_sets().values() for f in s}
         expl, missing, source = {}, [], "activations"
         if ctx.cfg.saes.neuronpedia_id:
             from ..demo.recipe import cache_root
@@ -174,7 +156,7 @@ def run_semantics(ctx: Context) -> dict:
             expl, missing = client.explain(feats)
             source = "neuronpedia"
         texts = [p.text for p in load_prompt_set("bundled:general")]
-        texts += [ctx.model.format_chat(p.text) for p in kept_prompts(ctx)]
+        texts += [ctx.model.format_chat(p.text) for p in ctx.results.kept_prompts()]
         top = semantics.top_activations(ctx.model, ctx.saes, texts[: a.explain_texts], feats,
                                         batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
         for f in feats:

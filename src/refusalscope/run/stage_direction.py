@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..interventions.spec import ActAdd, DirectionAblation
-from ..methods.direction import (candidate_layers, cosine_profile, mean_differences,
-                                 score_candidates, select_direction)
+from ..methods.direction import candidate_layers, cosine_profile, mean_differences, score_candidates, select_direction
 from ..methods.evaluate import generate_judged
 from . import plots
-from .pipeline import Context, kept_prompts, stage_hash
+from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
 from .store import atomic_write_tensors, read_tensors
 
@@ -25,7 +24,7 @@ def run_direction(ctx: Context) -> dict:
     safe_tr = take([p.text for p in load_prompt_set(cfg.data.harmless_train, tf)], dc.n_train, cfg.seed)
     harm_val = take([p.text for p in load_prompt_set(cfg.data.harmful_val, tf)], dc.n_val, cfg.seed)
     safe_val = take([p.text for p in load_prompt_set(cfg.data.harmless_val, tf)], dc.n_val, cfg.seed)
-    kept = kept_prompts(ctx)
+    kept = ctx.results.kept_prompts()
     n_eval = cfg.data.max_prompts or len(kept)
     safe_test = take([p.text for p in load_prompt_set(cfg.data.harmless_test, tf)], n_eval, cfg.seed)
     model, bs = ctx.model, cfg.model.batch_size
@@ -94,10 +93,3 @@ def run_direction(ctx: Context) -> dict:
     ctx.log(f"direction: ablating r̂({choice.layer}) jailbreaks {summary['asr_after_ablation']:.0%} of "
             f"refused prompts; ActAdd makes {summary['refusal_harmless_actadd']:.0%} of harmless prompts refuse")
     return summary
-
-
-def load_direction(ctx: Context) -> tuple[torch.Tensor, int]:
-    t = read_tensors(ctx.store.path("direction", "direction.safetensors"))
-    layer = ctx.store.status("direction")["summary"]["layer"]
-    return t["direction"], int(layer)
-

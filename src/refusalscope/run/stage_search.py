@@ -7,14 +7,12 @@ import time
 
 import pandas as pd
 
-from ..interventions.engine import intervene
-from ..interventions.spec import Recording
-from ..methods.stage1 import aligned_latents, ladder
+from ..methods.ladder import ladder
+from ..methods.records import Stage2Record
+from ..methods.stage1 import aligned_latents
 from . import plots
 from .backend import fan_out
-from .pipeline import Context, kept_prompts, stage_hash
-from .stage_direction import load_direction
-from .store import read_jsonl, read_tensors
+from .pipeline import Context, stage_hash
 
 
 def stage1_layers(ctx: Context) -> list[int]:
@@ -27,10 +25,10 @@ def run_stage1(ctx: Context) -> dict:
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     s1 = ctx.cfg.stage1
-    direction, _ = load_direction(ctx)
+    direction, _ = ctx.results.direction()
     layers = stage1_layers(ctx)
     ranked, cosines = aligned_latents(ctx.saes, direction, layers, s1.k_max)
-    prompts = kept_prompts(ctx)
+    prompts = ctx.results.kept_prompts()
     with ctx.store.stage(name, h) as st:
         st.tensors("ranked.safetensors", {**{f"index.{l}": r for l, r in ranked.items()},
                                           **{f"cos.{l}": c for l, c in cosines.items()}},
@@ -56,21 +54,15 @@ def run_stage1(ctx: Context) -> dict:
     return st.summary
 
 
-def stage1_candidates(ctx: Context) -> tuple[dict[str, int], dict]:
-    recs = read_jsonl(ctx.store.path("stage1", "results.jsonl"))
-    t = read_tensors(ctx.store.path("stage1", "ranked.safetensors"))
-    ranked = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("index.")}
-    return {r["id"]: r["k"] for r in recs if r["k"] is not None}, ranked
-
-
 def run_stage2(ctx: Context) -> dict:
     name = "stage2"
     h = stage_hash(ctx, name, ("judge", "generation", "stage2"), ("stage1",))
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     s2 = ctx.cfg.stage2
-    k_of, ranked = stage1_candidates(ctx)
-    prompts = [p for p in kept_prompts(ctx) if p.id in k_of]
+    k_of = {pid: r.k for pid, r in ctx.results.stage1().items() if r.k is not None}
+    ranked = ctx.results.stage1_ranked()
+    prompts = [p for p in ctx.results.kept_prompts() if p.id in k_of]
     with ctx.store.stage(name, h) as st:
         ck = st.checkpoint("sets", key="id")
         ctx.log(f"stage 2: Algorithm 1 on {len(prompts)} prompts (N={s2.block_size}, "
@@ -78,14 +70,14 @@ def run_stage2(ctx: Context) -> dict:
         t0, passes = time.perf_counter(), {"literal_sequential": 0, "batched_sequential": 0, "batched_rows": 0}
         fan_out(ctx, "stage2", [(p.id, p.text, k_of[p.id]) for p in prompts], {"ranked": ranked}, ck,
                 "stage 2 (Algorithm 1)")
-        records = [ck.records[p.id] for p in prompts]
+        records = [Stage2Record.from_json(ck.records[p.id]) for p in prompts]
         for r in records:
             for k in passes:
-                passes[k] += r["passes"][k]
-        table1, inactive = table_one(ctx, prompts, records, len(kept_prompts(ctx)))
-        st.jsonl("sets.jsonl", [{**r, "inactive": inactive.get(r["id"])} for r in records])
-        rows = [{"id": r["id"], **{k: t[k] for k in ("tau", "size", "jailbroken")}}
-                for r in records for t in r["per_tau"]]
+                passes[k] += r.passes[k]
+        table1 = table_one(records, len(ctx.results.kept_prompts()))
+        st.jsonl("sets.jsonl", [r.to_json() for r in records])
+        rows = [{"id": r.id, "tau": t.tau, "size": t.size, "jailbroken": t.jailbroken}
+                for r in records for t in r.per_tau]
         frame = pd.DataFrame(rows, columns=["id", "tau", "size", "jailbroken"])
         st.table("per_tau.parquet", frame)
         if len(frame):
@@ -97,30 +89,14 @@ def run_stage2(ctx: Context) -> dict:
     return st.summary
 
 
-def table_one(ctx: Context, prompts, records, n_refused: int) -> tuple[dict, dict]:
+def table_one(records: list[Stage2Record], n_refused: int) -> dict:
     """Paper Table 1: unique latents, jailbroken / refused prompts, mean set size, and the share
     of each prompt's set that is inactive (zero at every prompt token) on that prompt."""
-    sets = {r["id"]: r["set"] for r in records if r["set"]}
-    inactive = {}
-    for p in prompts:
-        feats = sets.get(p.id)
-        if not feats:
-            continue
-        ids = [tuple(int(x) for x in f.split("-")) for f in feats]
-        by_layer: dict[int, list[int]] = {}
-        for l, i in ids:
-            by_layer.setdefault(l, []).append(i)
-        rec = Recording(by_layer)
-        with intervene(ctx.model, ctx.saes, record=rec):
-            ctx.model.logits(ctx.model.encode([p.text]))
-        acts = rec.max_activation(1)
-        zero = [f"{l}-{i}" for l, ii in by_layer.items() for c, i in enumerate(ii) if acts[l][0, c] <= 0]
-        inactive[p.id] = zero
-    unique = {f for s in sets.values() for f in s}
-    sizes = [len(s) for s in sets.values()]
-    total = sum(sizes)
-    return {"unique_latents": len(unique), "jailbroken": len(sets), "refused": n_refused,
-            "stage1_jailbroken": len(prompts),
+    sets = [r for r in records if r.set is not None]
+    sizes = [len(r.set) for r in sets]
+    inactive = [r.inactive for r in sets if r.inactive is not None]
+    return {"unique_latents": len({f for r in sets for f in r.set}), "jailbroken": len(sets),
+            "refused": n_refused, "stage1_jailbroken": len(records),
             "mean_set_size": round(sum(sizes) / max(1, len(sizes)), 2),
-            "inactive_share": round(sum(len(v) for v in inactive.values()) / max(1, total), 4),
-            "inactive_latents_unique": len({f for v in inactive.values() for f in v})}, inactive
+            "inactive_share": round(sum(len(v) for v in inactive) / max(1, sum(sizes)), 4),
+            "inactive_latents_unique": len({f for v in inactive for f in v})}

@@ -1,6 +1,6 @@
-"""Pipeline stage `stage3`: the factorization machine over SAE activations, the ranking of new
-latents by embedding similarity to the Stage 2 set, the ablation sweep (paper Table 2), and the
-linear-probe comparison."""
+"""Pipeline stage `stage3` (interaction discovery): the factorization machine over SAE
+activations, the ranking of new latents by embedding similarity to the Stage 2 set, the ablation
+sweep (paper Table 2), and the linear-probe comparison."""
 
 from __future__ import annotations
 
@@ -11,34 +11,19 @@ import torch
 
 from ..methods.fm import embedding_collapse, rank_by_embedding_similarity, train_fm
 from ..methods.fm_data import collect_sae_activations, fm_dataset
-from ..methods.hydra import activity
 from ..methods.probe import rank_by_weight, train_probe
+from ..methods.records import Stage3Record
 from ..methods.stage3 import probe_sweep
 from .backend import fan_out
-from .pipeline import Context, kept_prompts, stage_hash
+from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
-from .stage_direction import load_direction
-from .store import read_jsonl
-
-Feature = tuple[int, int]
-
-
-def parse(f: str) -> Feature:
-    layer, idx = f.split("-")
-    return int(layer), int(idx)
-
-
-def stage2_sets(ctx: Context) -> dict[str, list[Feature]]:
-    """Per jailbroken prompt, its Stage 2 set."""
-    recs = read_jsonl(ctx.store.path("stage2", "sets.jsonl"))
-    return {r["id"]: [parse(f) for f in r["set"]] for r in recs if r["set"]}
 
 
 def fm_layers(ctx: Context) -> list[int]:
     sc = ctx.cfg.stage3
     if sc.layers != "auto":
         return list(sc.layers)
-    _, lstar = load_direction(ctx)
+    _, lstar = ctx.results.direction()
     layers = [l for l in ctx.saes.keys() if 2 <= l <= lstar]
     if not layers:  # l* sits below layer 2 (small models): take every SAE layer up to l*
         layers = [l for l in ctx.saes.keys() if l <= max(lstar, min(ctx.saes.keys()))]
@@ -60,7 +45,7 @@ def run_stage3(ctx: Context) -> dict:
     n = min(len(harmful), len(harmless))
     harmful, harmless = harmful[:n], harmless[:n]
     layers = fm_layers(ctx)
-    sets = stage2_sets(ctx)
+    sets = ctx.results.stage2_sets()
     s2_union = sorted({f for s in sets.values() for f in s})
     with ctx.store.stage(name, h) as st:
         t0 = time.perf_counter()
@@ -82,25 +67,21 @@ def run_stage3(ctx: Context) -> dict:
                                       "columns": torch.tensor(data.columns), "scale": torch.from_numpy(res.scale)})
         ranked = rank_by_embedding_similarity(res.model, data.columns, set(s2_union), aggregate=sc.aggregate)
         top = ranked[: max(max(sc.ks), max(sc.probe_ks))]
-        st.table("ranking.parquet", pd.DataFrame({"feature": [f"{l}-{i}" for (l, i), _ in top],
+        st.table("ranking.parquet", pd.DataFrame({"feature": [f.id for f, _ in top],
                                                   "similarity": [s for _, s in top]}))
         probe = train_probe(data.train, data.test, data.val, seed=ctx.cfg.seed)
         probe_ranked = rank_by_weight(probe, data.columns, exclude=set(s2_union))
-        prompts = [(p.id, p.text) for p in kept_prompts(ctx)]
-        act = activity(model, saes, [(pid, t) for pid, t in prompts if pid in sets],
-                       sets, ctx.cfg.model.batch_size)
-        active2 = {pid: [parse(f) if isinstance(f, str) else tuple(f) for f in a["active"]]
-                   for pid, a in act.items()}
+        prompts = [(p.id, p.text) for p in ctx.results.kept_prompts()]
+        active2 = ctx.results.active_stage2()
         ck = st.checkpoint("results", key="id")
         fan_out(ctx, "stage3", prompts, {"active2": active2, "top": top}, ck, "stage 3 (K ladder)")
-        records = [ck.records[pid] for pid, _ in prompts]
-        st.jsonl("results.jsonl", [{**r, "active_stage2": [f"{l}-{i}" for l, i in active2.get(r["id"], [])]}
-                                   for r in records])
+        records = [Stage3Record.from_json(ck.records[pid]) for pid, _ in prompts]
+        st.jsonl("results.jsonl", [r.to_json() for r in records])
         sweep = probe_sweep(model, saes, prompts, active2, probe_ranked, top, sc.probe_ks, judge=ctx.judge,
                             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, quiet=ctx.quiet)
         vs = sweep.counts()
         st.table("probe_vs_fm.parquet", vs)
-        found = [r["k"] for r in records if r["k"] is not None]
+        found = [r.k for r in records if r.k is not None]
         st.summary = {
             "fm": {"train_acc": res.train_acc, "val_acc": res.val_acc, "test_acc": res.test_acc,
                    "best_epoch": res.best_epoch, "columns": len(data.columns), "rows": len(data.train)
@@ -108,7 +89,7 @@ def run_stage3(ctx: Context) -> dict:
             "probe": {"train_acc": probe.train_acc, "test_acc": probe.test_acc},
             "table2": {"refused": len(prompts), "jailbroken": len(found),
                        "mean_k": round(sum(found) / max(1, len(found)), 1),
-                       "unique_stage3_latents": len({f for r in records if r["k"] for f, _ in top[: r["k"]]}),
+                       "unique_stage3_latents": len({f for r in records if r.k for f, _ in top[: r.k]}),
                        "k_histogram": {str(k): found.count(k) for k in sorted(set(found))}},
             "probe_vs_fm": vs.to_dict(orient="records"), "layers": layers,
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -116,18 +97,3 @@ def run_stage3(ctx: Context) -> dict:
     ctx.log(f"stage 3: FM test accuracy {res.test_acc:.3f}; {t2['jailbroken']} of {t2['refused']} "
             f"prompts jailbroken with Stage 2 + top-K Stage 3 latents")
     return st.summary
-
-
-def stage3_sets(ctx: Context) -> dict[str, list[Feature]]:
-    """Per prompt jailbroken in Stage 3, its top-K* Stage 3 latents."""
-    ranking = pd.read_parquet(ctx.store.path("stage3", "ranking.parquet"))["feature"].tolist()
-    out = {}
-    for r in read_jsonl(ctx.store.path("stage3", "results.jsonl")):
-        if r["k"]:
-            out[r["id"]] = [parse(f) for f in ranking[: r["k"]]]
-    return out
-
-
-def active_stage2(ctx: Context) -> dict[str, list[Feature]]:
-    return {r["id"]: [parse(f) for f in r["active_stage2"]]
-            for r in read_jsonl(ctx.store.path("stage3", "results.jsonl"))}

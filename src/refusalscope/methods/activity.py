@@ -1,0 +1,152 @@
+"""Where latents fire: the measurements every analysis shares.
+
+- on prompts, under optional per-row ablation plans (`max_activations`, `activity`,
+  `token_counts`): the engine's Recording reads each layer before that layer's own ablation,
+  so a latent is seen as it computes from the stream it gets;
+- on a corpus, chunk by chunk (`iter_feature_acts`), for top activations and the taxonomy;
+- which part of a chat-formatted prompt a token sits in (`prefix_lengths`, `region`), for the
+  hydra analysis's "system tokens".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..interventions.engine import intervene
+from ..interventions.features import Feature, FeatureSet
+from ..interventions.spec import Recording
+from ..io.model import ChatModel, PromptBatch
+from .records import Activity
+
+Prompts = Sequence[tuple[str, str]]  # (prompt id, text)
+REGIONS = ("bos", "system", "instruction", "post_instruction")
+
+
+# ----------------------------------------------------------------- per-prompt tables
+def require(table: Mapping, prompts: Prompts, what: str) -> None:
+    missing = [pid for pid, _ in prompts if pid not in table]
+    if missing:
+        raise UserError(f"{what} has no entry for prompt ids {missing[:5]}: pass one per prompt")
+
+
+def lookup(sets: Mapping, prompts: Prompts, what: str = "sets") -> list[FeatureSet]:
+    """Each prompt's set, in prompt order (a missing prompt is a one-line error)."""
+    require(sets, prompts, what)
+    return [FeatureSet(sets[pid]) for pid, _ in prompts]
+
+
+# ----------------------------------------------------------------- on prompts
+def max_activations(model: ChatModel, saes, texts: Sequence[str], feats: Iterable,
+                    plans=None, batch_size: int = 16) -> list[dict[Feature, float]]:
+    """Per text, the largest activation of each latent over its prompt tokens, under optional
+    per-row plans."""
+    table = FeatureSet(feats).by_layer()
+    if not table or not texts:
+        return [{} for _ in texts]
+    rec = Recording(table)
+    with intervene(model, saes, rows=plans, record=rec):
+        model.logits(model.encode(list(texts)), batch_size=batch_size)
+    mx = rec.max_activation(len(texts))
+    return [{Feature(l, i): float(mx[l][r, c]) for l, ids in table.items() for c, i in enumerate(ids)}
+            for r in range(len(texts))]
+
+
+def activity(model: ChatModel, saes, prompts: Prompts, sets: Mapping, batch_size: int = 16) -> dict[str, Activity]:
+    """Per prompt, its set split into latents active on the plain prompt (nonzero at some prompt
+    token) and inactive ones (zero at every token)."""
+    lists = lookup(sets, prompts)
+    mx = max_activations(model, saes, [t for _, t in prompts], [f for s in lists for f in s],
+                         batch_size=batch_size)
+    return {pid: Activity(pid, FeatureSet(f for f in s if m[f] > 0), FeatureSet(f for f in s if m[f] <= 0))
+            for (pid, _), s, m in zip(prompts, lists, mx)}
+
+
+def token_counts(model: ChatModel, saes, texts: Sequence[str], layers: Sequence[int] | None = None,
+                 batch_size: int = 16) -> list[dict[int, dict[int, int]]]:
+    """Per text and layer, {latent: number of prompt tokens where it is active} for every latent
+    of the SAE (full encode inside the hook, so only the sparse counts leave the device)."""
+    layers = sorted(saes.keys()) if layers is None else sorted(set(layers))
+    out: list[dict[int, dict[int, int]]] = [{} for _ in texts]
+    if not texts:
+        return out
+    dicts = {l: saes[l].to(model.device, model.dtype) for l in layers}
+
+    def grab(layer):
+        def fn(h, step):
+            on = (dicts[layer].encode(h) > 0) & (~step.is_pad).unsqueeze(-1)
+            n = on.sum(1).cpu()
+            for b in range(n.shape[0]):
+                idx = n[b].nonzero().flatten()
+                out[step.row_offset + b][layer] = dict(zip(idx.tolist(), n[b, idx].tolist()))
+        return fn
+
+    with torch.inference_mode(), model.hooks({l: grab(l) for l in layers}):
+        model.logits(model.encode(list(texts)), batch_size=batch_size)
+    return out
+
+
+def prefix_lengths(model: ChatModel, instructions: Sequence[str], tokenizer=None) -> list[int]:
+    """Tokens before the user instruction in each chat-formatted prompt (BOS, system block, user
+    header): the paper's "system tokens". Same formatting and tokenization as `model.encode`."""
+    tok = tokenizer or model.tokenizer
+    out = []
+    for ins in instructions:
+        text = model.format_chat(ins)
+        start = text.rfind(ins) if ins and ins in text else len(text)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        out.append(sum(1 for s, _ in enc["offset_mapping"] if s < start))
+    return out
+
+
+def region(position: int, prefix_len: int, n_tokens: int, n_post: int) -> str:
+    """Which of REGIONS token `position` of a chat-formatted prompt sits in."""
+    if position == 0:
+        return "bos"
+    if position < prefix_len:
+        return "system"
+    return "instruction" if position < n_tokens - n_post else "post_instruction"
+
+
+# ----------------------------------------------------------------- on a corpus
+def subset_acts(fd, h: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """Activations [..., len(indices)] of only those latents: encoder columns alone for
+    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent."""
+    h = h.to(fd.device)
+    if fd.architecture == "topk":
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=fd.device)
+        return fd.encode(h)[..., idx].float().cpu()
+    return fd.encode_subset(h, list(indices)).float().cpu()
+
+
+def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
+                      batch_size: int, desc: str = "features", quiet: bool = True,
+                      sink_ratio: float | None = 4.0
+                      ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor]]]:
+    """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
+    With `sink_ratio`, attention-sink positions (residual norm > sink_ratio x the row's median;
+    the first token of every text in Llama-family models) are zeroed too: latents fire there on
+    every text alike. Residuals are read one chunk at a time so a large corpus never sits in
+    memory at once."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    layers = list(by_layer)
+    starts = range(0, len(batch), batch_size)
+    for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
+        sub = batch.rows(start, min(start + batch_size, len(batch)))
+        res = model.residuals(sub, layers)
+        valid = sub.attention_mask.bool()
+        acts = {l: subset_acts(saes[l], res[l], idx) * (valid & ~sinks(res[l], valid, sink_ratio)).unsqueeze(-1)
+                for l, idx in by_layer.items()}
+        yield start, sub, acts
+
+
+def sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:
+    """[b, T] mask of positions whose residual norm exceeds `ratio` x the row's median."""
+    if ratio is None:
+        return torch.zeros_like(valid)
+    norms = h.float().norm(dim=-1).masked_fill(~valid, float("nan"))
+    return norms > ratio * norms.nanmedian(dim=1, keepdim=True).values
