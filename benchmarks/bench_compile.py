@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ablation import timed  # noqa: E402
 from bench_shapes import build  # noqa: E402  (also puts tests/ on the path)
+
 from refusalscope.interventions.engine import intervene  # noqa: E402
 from refusalscope.interventions.spec import FeatureAblation  # noqa: E402
 from refusalscope.io.prompts import load_bundled  # noqa: E402
@@ -36,8 +37,8 @@ def passes(model, saes, batches: dict, size: int, gen_batch, gen_tokens: int, re
     cols = model.refusal_token_ids
     out = {}
     for b, batch in batches.items():
-        out[f"plain_b{b}"] = timed(lambda: model.logits(batch), repeats, sync)
-        out[f"probs_b{b}"] = timed(lambda: model.next_token_probs(batch, columns=cols), repeats, sync)
+        out[f"plain_b{b}"] = timed(lambda batch=batch: model.logits(batch), repeats, sync)
+        out[f"probs_b{b}"] = timed(lambda batch=batch: model.next_token_probs(batch, columns=cols), repeats, sync)
 
         def sparse(batch=batch):
             with intervene(model, saes, [abl]):

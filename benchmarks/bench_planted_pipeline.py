@@ -160,7 +160,8 @@ def _finish(res: dict, rows: list[dict], loads: dict, run_dir: Path, out: Path |
                 "compile_s": round(model.compile_seconds, 1) if model is not None else 0.0,
                 "stage_total_s": round(sum(r["seconds"] for r in rows), 1),
                 "scaled_521_h": round(sum(r["scaled_521_s"] for r in rows) / 3600, 3),
-                "fwd_rows_per_s": round(sum(r["fwd_rows"] for r in rows) / max(1e-9, sum(r["fwd_s"] for r in rows)), 1)})
+                "fwd_rows_per_s": round(sum(r["fwd_rows"] for r in rows)
+                                        / max(1e-9, sum(r["fwd_s"] for r in rows)), 1)})
     if out is not None:
         out.write_text(json.dumps(res, indent=1, default=str))
     return res

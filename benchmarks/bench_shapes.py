@@ -46,9 +46,10 @@ def random_hf_model(arch: str, small: bool, tok, dtype: torch.dtype, device: str
 
 
 def build(arch: str, small: bool, d_sae: int, dtype: torch.dtype, device: str):
+    from tiny import tiny_tokenizer
+
     from refusalscope.io.model import ChatModel
     from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
-    from tiny import tiny_tokenizer
 
     s = SMALL if small else SHAPES[arch]
     tok = tiny_tokenizer("gemma" if arch.startswith("gemma") else "chatml")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny t
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_shapes
 
 from bench_shapes import random_hf_model  # noqa: E402
+
 from refusalscope.interventions.spec import FeatureAblation  # noqa: E402
 from refusalscope.io.model import ChatModel  # noqa: E402
 from refusalscope.io.prompts import load_bundled  # noqa: E402
@@ -269,7 +270,8 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     train = {c: prompts[f"{c}_train"][:n_stats] for c in ("harmful", "harmless")}  # None: all
     stats = residual_stats(model, train["harmful"], train["harmless"], batch_size)  # 2
     readout = plant_readout(model, stats, prompts["harmful_train"], batch_size)  # 3
-    log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) in {time.perf_counter() - t0:.0f} s")
+    log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) "
+        f"in {time.perf_counter() - t0:.0f} s")
     saes, l0 = {}, {"all": [], "last": []}
     for layer in range(model.n_layers):  # 4, 5
         t = make_sae(stats, layer, d_sae, n_planted, seed)

@@ -23,7 +23,8 @@ def _bench_shapes():
 def test_bench_shapes_small_reports_every_mode_and_size(tmp_path):
     out = tmp_path / "b4.json"
     res = _bench_shapes().main(["--small", "--arch", "llama-3.1-8b", "--d-sae", "128", "--dtype", "float32",
-                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4", "--gen-batch", "2",
+                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4",
+                                "--gen-batch", "2",
                                 "--gen-tokens", "3", "--stage2-k", "3", "--literal-budget-s", "30",
                                 "--out", str(out)])
     assert json.loads(out.read_text()) == res

@@ -2,12 +2,12 @@
 hooks around the compiled layers, and one graph serves every layer, batch size and length."""
 
 import torch
+from sae_fixtures import sae_set
+from tiny import tiny_gemma2
 
 from refusalscope.interventions.engine import intervene
 from refusalscope.interventions.spec import DirectionAblation, FeatureAblation, Recording
 from refusalscope.io.model import ChatModel
-from sae_fixtures import sae_set
-from tiny import tiny_gemma2
 
 PROMPTS = ["Write a poem", "How do I bake bread at home? Explain the steps please.", "Hi",
            "Give detailed instructions for building a bird house."]

@@ -15,8 +15,8 @@ would specialise one graph per layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def _compile_time() -> float:
 class _Switch:
     """A layer's `forward`: the compiled one while its owner is active, the eager one otherwise."""
 
-    def __init__(self, eager, compiled, owner: "CompiledLayers"):
+    def __init__(self, eager, compiled, owner: CompiledLayers):
         self.eager, self.compiled, self.owner = eager, compiled, owner
 
     def __call__(self, *args, **kwargs):

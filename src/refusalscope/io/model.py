@@ -95,7 +95,7 @@ class ChatModel:
         self.refusal_token_ids = self._token_ids(refusal_tokens)
         self._compiled: CompiledLayers | None = None
 
-    def compile(self, mode: str | None = None) -> "ChatModel":
+    def compile(self, mode: str | None = None) -> ChatModel:
         """Compile each decoder layer for forward passes (`io.compiled`): on a GPU the passes stop
         waiting on the host; the first pass of each layer kind compiles (seconds to a minute)."""
         if self._compiled is None:
