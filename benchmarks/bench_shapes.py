@@ -29,25 +29,31 @@ SHAPES = {  # from the models' config.json (hidden, mlp, layers, heads, kv heads
 SMALL = dict(hidden=64, mlp=128, layers=4, heads=4, kv=2, head_dim=16, vocab=512)
 
 
-def build(arch: str, small: bool, d_sae: int, dtype: torch.dtype, device: str):
-    from tiny import tiny_tokenizer
+def random_hf_model(arch: str, small: bool, tok, dtype: torch.dtype, device: str, seed: int = 0):
+    """A random-weight HF model of `arch` at its real shape (or SMALL), sized for `tok`."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from refusalscope.io.model import ChatModel
-    from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
 
     s = SMALL if small else SHAPES[arch]
     gemma = arch.startswith("gemma")
-    tok = tiny_tokenizer("gemma" if gemma else "chatml")
     common = dict(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                   num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                   num_key_value_heads=s["kv"], head_dim=s["head_dim"], max_position_embeddings=4096,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = Gemma2Config(**common) if gemma else LlamaConfig(**common)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
-        hf = (Gemma2ForCausalLM if gemma else LlamaForCausalLM)(cfg).to(dtype).eval()
-    model = ChatModel(hf, tok, name=arch)
+        return (Gemma2ForCausalLM if gemma else LlamaForCausalLM)(cfg).to(dtype).eval()
+
+
+def build(arch: str, small: bool, d_sae: int, dtype: torch.dtype, device: str):
+    from tiny import tiny_tokenizer
+
+    from refusalscope.io.model import ChatModel
+    from refusalscope.io.saes import FeatureDictionary, SAESet, make_jumprelu_sae
+
+    s = SMALL if small else SHAPES[arch]
+    tok = tiny_tokenizer("gemma" if arch.startswith("gemma") else "chatml")
+    model = ChatModel(random_hf_model(arch, small, tok, dtype, device), tok, name=arch)
     d, g = s["hidden"], torch.Generator(device=device).manual_seed(0)
     saes = {}
     for layer in range(s["layers"]):

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
            "stages": rows, "total_hours": total / 3600}
     print(f"Projected paper run: {res['arch']} × {res['d_sae']} SAEs at {res['layers']} layers on {res['device']}, "
           f"{args.prompts} prompts (per forward row {c['forward_row_s'] * 1e3:.2f} ms, per Stage 2 row "
-          f"{c['stage2_row_s'] * 1e3:.2f} ms, per generated row {c['generated_row_s'] * 1e3:.1f} ms at batch {c['gen_batch']})")
+          f"{c['stage2_row_s'] * 1e3:.2f} ms, per generated row {c['generated_row_s'] * 1e3:.1f} ms "
+          f"at batch {c['gen_batch']})")
     print(f"{'stage':<20}{'fwd rows':>10}{'gen rows':>10}{'hours':>8}  assumed")
     for r in rows:
         print(f"{r['stage']:<20}{r['forward_rows']:>10}{r['generated_rows']:>10}{r['hours']:>8.2f}  {r['assumed']}")

@@ -23,7 +23,8 @@ def _bench_shapes():
 def test_bench_shapes_small_reports_every_mode_and_size(tmp_path):
     out = tmp_path / "b4.json"
     res = _bench_shapes().main(["--small", "--arch", "llama-3.1-8b", "--d-sae", "128", "--dtype", "float32",
-                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4", "--gen-batch", "2",
+                                "--device", "cpu", "--sizes", "3", "9", "--repeats", "1", "--batch", "4",
+                                "--gen-batch", "2",
                                 "--gen-tokens", "3", "--stage2-k", "3", "--literal-budget-s", "30",
                                 "--out", str(out)])
     assert json.loads(out.read_text()) == res
@@ -60,3 +61,67 @@ def test_gpu_script_says_what_is_missing_without_cuda():
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
     assert res.returncode == 2 and "no CUDA device" in res.stderr and "--small" in res.stderr
+
+
+def _bench(name):
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    return root, _bench("planted_world").build_world(root, "gemma-2-2b", small=True, log=lambda *_: None)
+
+
+def test_planted_world_refuses_harmful_prompts_and_flips_when_planted_latents_go(small_world):
+    root, info = small_world
+    c = info["check"]
+    assert c["harmful_refused"] > c["harmless_refused"] + 0.2 and c["flipped_of_refused"] >= 0.8
+    assert c["p_ablated_median"] < c["threshold"] <= c["p_harmful_median"]
+    target = min(64, info["d_sae"] // 8)  # random latents as sparse as the builder aims for
+    assert target / 2 <= info["l0_mean"]["all"] <= 2 * target and info["l0_mean"]["last"] <= 2 * target
+    from refusalscope.io.sae_loading import load_sae_set
+    from refusalscope.run.config import load_config
+
+    cfg = load_config(str(root / "config.yaml"))  # the gemma-2-2b-it preset pointed at the world
+    assert cfg.stage1.k_max == 200 and cfg.stage3.ks[-1] == 2000 and cfg.judge.name == "first-token"
+    saes = load_sae_set(cfg.saes.path, range(info["layers"]), quiet=True)  # Gemma Scope params.npz
+    planted = json.loads((root / "world.json").read_text())
+    assert saes[2].d_sae == info["d_sae"] and planted == info
+
+
+def test_planted_world_writes_llama_scope_checkpoints(tmp_path):
+    info = _bench("planted_world").build_world(tmp_path, "llama-3.1-8b", small=True, d_sae=64, n_planted=4,
+                                               log=lambda *_: None)
+    from refusalscope.io.sae_loading import load_sae_set
+
+    assert (tmp_path / "saes" / "llama_scope_lxr_8x" / "l3r_8x" / "checkpoints" / "final.safetensors").exists()
+    saes = load_sae_set(str(tmp_path / "saes" / "llama_scope_lxr_8x" / "l{layer}r_8x"), range(4), quiet=True)
+    assert saes[3].d_sae == 64 and info["check"]["flipped_of_refused"] >= 0.5
+
+
+def test_planted_pipeline_small_measures_every_stage(small_world, tmp_path):
+    root, _ = small_world
+    out = tmp_path / "b6.json"
+    # stage3_only is left out: it fails when Stage 3 jailbreaks a prompt Stage 2 did not
+    # (active_stage2 has no entry for it; methods/controls.stage3_only), which this world provokes
+    analyses = ["hydra", "controls", "ce_loss", "taxonomy", "clamping", "semantics"]
+    res = _bench("bench_planted_pipeline").main(["--small", "--world", str(root), "--prompts", "6",
+                                                 "--run", str(tmp_path / "run"), "--out", str(out),
+                                                 "--analyses", *analyses])
+    assert json.loads(out.read_text())["stage_total_s"] == res["stage_total_s"]
+    stages = [r["stage"] for r in res["stages"]]
+    assert stages == ["filter", "direction", "stage1", "stage2", "stage3", *analyses]
+    by = {r["stage"]: r for r in res["stages"]}
+    assert by["filter"]["fwd_rows"] == 6 and by["filter"]["gen_rows"] == 6  # the first-token judge's pass
+    assert by["stage2"]["fwd_rows"] > 0 and by["stage1"]["gen_rows"] > 0
+    assert by["stage1"]["summary"]["jailbroken"] >= 1  # the planted latents flip refused prompts
+    n = res["prompts_refused"]
+    assert by["stage2"]["scaled_521_s"] == pytest.approx(by["stage2"]["seconds"] / n * 521, rel=0.02, abs=0.2)
+    assert by["direction"]["scaled_521_s"] == pytest.approx(by["direction"]["seconds"], abs=0.06)  # fixed: not scaled

@@ -31,15 +31,16 @@ GEMMA = (
 )
 
 
-def tiny_tokenizer(style: str = "chatml") -> PreTrainedTokenizerFast:
+def tiny_tokenizer(style: str = "chatml", corpus=None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `corpus` (default: a few sentences) with a chat template."""
     specials = (["<|im_start|>", "<|im_end|>"] if style == "chatml"
                 else ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     if style == "chatml":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
                                        eos_token="<|im_end|>", pad_token="<|im_end|>")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -30,7 +30,6 @@ class StepInfo:
     n_new: int  # tokens in this chunk: the last n_new columns of attention_mask
     prompt_len: int | None = None  # padded prompt width; columns >= prompt_len were generated
     row_offset: int = 0  # index of row 0 of this chunk in the caller's full batch
-    extras: dict = field(default_factory=dict)  # per-call data for interventions (e.g. row plans)
 
     @cached_property
     def columns(self) -> Tensor:
@@ -77,7 +76,6 @@ class StreamHooks:
         self.step: StepInfo | None = None
         self.prompt_len: int | None = None
         self.row_offset: int = 0
-        self.extras: dict = {}
         decoder.register_forward_pre_hook(self._track, with_kwargs=True)
 
     def _track(self, module, args, kwargs):
@@ -88,7 +86,7 @@ class StreamHooks:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             mask = torch.ones(ref.shape[0], n_new, dtype=torch.long, device=ref.device)
-        self.step = StepInfo(mask, n_new, self.prompt_len, self.row_offset, self.extras)
+        self.step = StepInfo(mask, n_new, self.prompt_len, self.row_offset)
         return None
 
     def _check_point(self, point: HookPoint) -> None:

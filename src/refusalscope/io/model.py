@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from .compiled import CompiledLayers
 from .hooks import EMBED, HookFn, HookPoint, StreamHooks
 
 
@@ -92,6 +93,19 @@ class ChatModel:
         self.layers = decoder.layers
         self._hooks = StreamHooks(decoder, self.layers)
         self.refusal_token_ids = self._token_ids(refusal_tokens)
+        self._compiled: CompiledLayers | None = None
+
+    def compile(self, mode: str | None = None) -> ChatModel:
+        """Compile each decoder layer for forward passes (`io.compiled`): on a GPU the passes stop
+        waiting on the host; the first pass of each layer kind compiles (seconds to a minute)."""
+        if self._compiled is None:
+            self._compiled = CompiledLayers(self.layers, mode=mode)
+        return self
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time spent in passes that compiled a graph (0 when not compiled)."""
+        return self._compiled.compile_seconds if self._compiled is not None else 0.0
 
     # ----------------------------------------------------------------- properties
     @property
@@ -109,11 +123,6 @@ class ChatModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.hf.parameters()).dtype
-
-    @property
-    def step(self):
-        """The StepInfo of the forward chunk being computed (valid inside hook functions)."""
-        return self._hooks.step
 
     def _token_ids(self, tokens: Sequence[str]) -> list[int]:
         ids = []
@@ -167,17 +176,11 @@ class ChatModel:
 
     # ----------------------------------------------------------------- hooks
     @contextmanager
-    def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None,
-              extras: dict | None = None) -> Iterator[None]:
+    def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None) -> Iterator[None]:
         """Install residual hooks (layer index or "embed" → function(s)) for a `with` block."""
         fns = {k: (v if isinstance(v, list) else [v]) for k, v in (fns or {}).items()}
-        old = self._hooks.extras
-        self._hooks.extras = dict(extras or {})
-        try:
-            with self._hooks.installed(fns):
-                yield
-        finally:
-            self._hooks.extras = old
+        with self._hooks.installed(fns):
+            yield
 
     @contextmanager
     def _chunk(self, prompt_len: int | None, row_offset: int):
@@ -200,7 +203,8 @@ class ChatModel:
         mask = sub.attention_mask.to(self.device)
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        return self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
+        with self._compiled.on() if self._compiled is not None else nullcontext():
+            return self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
 
     def logits(self, batch: PromptBatch, last: int | None = 1, batch_size: int | None = None,
                quiet: bool = True) -> Tensor:
@@ -212,10 +216,18 @@ class ChatModel:
             out.append(res.logits.float().cpu())
         return _cat_left_padded(out)
 
-    def next_token_probs(self, batch: PromptBatch, batch_size: int | None = None,
-                         quiet: bool = True) -> Tensor:
-        """P(next token) at the last prompt position, [B, V] (fp32)."""
-        return torch.softmax(self.logits(batch, 1, batch_size, quiet)[:, -1], dim=-1)
+    def next_token_probs(self, batch: PromptBatch, batch_size: int | None = None, quiet: bool = True,
+                         columns: Sequence[int] | None = None) -> Tensor:
+        """P(next token) at the last prompt position, fp32 on CPU: [B, V], or [B, len(columns)] for
+        the given token ids. The softmax runs where the logits are, so a pass that needs P("I")
+        copies B numbers, not B × V (51 MB per pass of 64 rows at Gemma's vocabulary)."""
+        out = []
+        cols = None if columns is None else torch.as_tensor(list(columns), dtype=torch.long, device=self.device)
+        for start, sub in self._chunks(batch, batch_size, "forward", quiet):
+            with self._chunk(None, start):
+                p = torch.softmax(self._forward(sub, 1).logits[:, -1].float(), dim=-1)
+            out.append((p if cols is None else p[:, cols]).cpu())
+        return torch.cat(out)
 
     def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
                   batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
@@ -314,8 +326,10 @@ def _cat_left_padded(chunks: list[Tensor]) -> Tensor:
 
 def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "auto",
                     device: str = "auto", name: str | None = None, system_prompt: str | None = None,
-                    refusal_tokens: Sequence[str] = ("I",), quiet: bool = False) -> ChatModel:
-    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers)."""
+                    refusal_tokens: Sequence[str] = ("I",), quiet: bool = False,
+                    compile: bool = False) -> ChatModel:
+    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers);
+    `compile` compiles the decoder layers for forward passes (`ChatModel.compile`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -336,5 +350,6 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
         raise UserError(f"could not load model {source!r} ({str(err).splitlines()[0]}): without "
                         "network access, download it first and pass the local folder") from err
     hf.to(dev)
-    return ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,
-                     refusal_tokens=refusal_tokens)
+    model = ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,
+                      refusal_tokens=refusal_tokens)
+    return model.compile() if compile else model
