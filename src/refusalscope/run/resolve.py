@@ -19,11 +19,11 @@ def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
             log("the demo world is not built yet: building it now (one time, about 20 minutes)")
             build_world(quiet=quiet, log=log)
         model = load_demo_model(device=m.device, system_prompt=m.system_prompt,
-                                refusal_tokens=m.refusal_tokens)
+                                refusal_tokens=m.refusal_tokens, compile=cfg.execution.compile)
     else:
         model = load_chat_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device,
                                 system_prompt=m.system_prompt, refusal_tokens=m.refusal_tokens,
-                                quiet=quiet)
+                                quiet=quiet, compile=cfg.execution.compile)
     return model
 
 
