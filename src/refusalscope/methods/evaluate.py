@@ -64,9 +64,10 @@ def refusal_probs(model: ChatModel, saes, prompts: Sequence[str], plans=None, ba
     """P(refusal token) at the last prompt position per row ([n]); with full=True the whole
     next-token distribution ([n, V])."""
     batch = model.encode(list(prompts))
+    cols = None if full else model.refusal_token_ids  # only B numbers leave the device
     with intervene(model, saes, shared=shared, rows=plans):
-        probs = model.next_token_probs(batch, batch_size=batch_size, quiet=quiet)
-    return probs if full else probs[:, model.refusal_token_ids].sum(1)
+        probs = model.next_token_probs(batch, batch_size=batch_size, quiet=quiet, columns=cols)
+    return probs if full else probs.sum(1)
 
 
 def kl_divergence(p: Tensor, q: Tensor) -> Tensor:
