@@ -16,8 +16,8 @@ def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
     return [(p.id, p.text) for p in ctx.results.kept_prompts() if p.id in ids]
 
 
-def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
-    h = stage_hash(ctx, name, ("judge", "generation", "analyses", "seed"), deps)
+def _stage(ctx: Context, name: str, compute) -> dict:
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     with ctx.store.stage(name, h) as st:
@@ -44,7 +44,7 @@ def run_hydra(ctx: Context) -> dict:
         st.json("inactive_critical.json", crit)
         st.json("wake_up.json", wake)
         return {"inactive_critical": crit["counts"], "wake_up": wake["summary"]}
-    return _stage(ctx, "hydra", ("stage2",), compute)
+    return _stage(ctx, "hydra", compute)
 
 
 def run_stage3_only(ctx: Context) -> dict:
@@ -58,7 +58,7 @@ def run_stage3_only(ctx: Context) -> dict:
         out = {"summary": controls.stage3_only_summary(records), "records": records}
         st.json("stage3_only.json", out)
         return out["summary"]
-    return _stage(ctx, "stage3_only", ("stage3",), compute)
+    return _stage(ctx, "stage3_only", compute)
 
 
 def run_controls(ctx: Context) -> dict:
@@ -83,7 +83,7 @@ def run_controls(ctx: Context) -> dict:
         return {"random": {"per_seed": [{k: r[k] for k in ("seed", "jailbroken", "asr")} for r in rnd["per_seed"]],
                            "n_prompts": len(sets)},
                 "obrien": [{k: r[k] for k in ("k", "jailbroken", "asr", "mean_set_size")} for r in obr["per_k"]]}
-    return _stage(ctx, "controls", ("stage2",), compute)
+    return _stage(ctx, "controls", compute)
 
 
 def run_ce_loss(ctx: Context) -> dict:
@@ -104,7 +104,7 @@ def run_ce_loss(ctx: Context) -> dict:
                                 direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
         st.json("table9.json", rows)
         return {"rows": rows}
-    return _stage(ctx, "ce_loss", ("stage2", "direction"), compute)
+    return _stage(ctx, "ce_loss", compute)
 
 
 def run_taxonomy(ctx: Context) -> dict:
@@ -126,7 +126,7 @@ def run_taxonomy(ctx: Context) -> dict:
         st.json("category_activity.json", act)
         st.json("study_items.json", study)
         return {"histogram": hist, "study": human_study.study_breakdown(study), "n_features": len(feats)}
-    return _stage(ctx, "taxonomy", ("stage3",), compute)
+    return _stage(ctx, "taxonomy", compute)
 
 
 def run_clamping(ctx: Context) -> dict:
@@ -139,7 +139,7 @@ def run_clamping(ctx: Context) -> dict:
                                   a.clamp_values, a.clamp_tokens, ctx.cfg.generation.batch_size)
         st.json("clamping.json", rows)
         return {"features": feats.ids(), "rows": rows}
-    return _stage(ctx, "clamping", ("hydra",), compute)
+    return _stage(ctx, "clamping", compute)
 
 
 def run_semantics(ctx: Context) -> dict:
@@ -169,7 +169,7 @@ def run_semantics(ctx: Context) -> dict:
         st.json("concepts.json", {"groups": groups, "top_terms": terms})
         return {"source": source, "n_features": len(feats), "missing": len(missing), "top_terms": terms[:15],
                 "groups": {k: {c: len(v) for c, v in g.items()} for k, g in groups.items()}}
-    return _stage(ctx, "semantics", ("stage3",), compute)
+    return _stage(ctx, "semantics", compute)
 
 
 ANALYSIS_STAGES = {"hydra": run_hydra, "stage3_only": run_stage3_only, "controls": run_controls,
