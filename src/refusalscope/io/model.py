@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .hooks import EMBED, HookFn, HookPoint, StreamHooks
+from .oom import halve_on_oom
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -83,7 +84,7 @@ class ChatModel:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 f"model {name!r} has no chat template: use an instruction-tuned model or set "
-                "tokenizer.chat_template (refusalscope needs chat-formatted prompts)"
+                "model.chat_template in the config (refusalscope needs chat-formatted prompts)"
             )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -202,6 +203,7 @@ class ChatModel:
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         return self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
 
+    @halve_on_oom
     def logits(self, batch: PromptBatch, last: int | None = 1, batch_size: int | None = None,
                quiet: bool = True) -> Tensor:
         """Logits of the last `last` positions (all positions if None), fp32 on CPU: [B, last, V]."""
@@ -217,6 +219,7 @@ class ChatModel:
         """P(next token) at the last prompt position, [B, V] (fp32)."""
         return torch.softmax(self.logits(batch, 1, batch_size, quiet)[:, -1], dim=-1)
 
+    @halve_on_oom
     def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
                   batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
         """Residual stream at each layer: [B, positions, d] for the last `positions` tokens
@@ -243,6 +246,7 @@ class ChatModel:
         """Greedy completions (special tokens stripped), hooks applied at every step."""
         return self.generate_full(batch, max_new_tokens, batch_size, quiet, desc).texts
 
+    @halve_on_oom
     @torch.inference_mode()
     def generate_full(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
                       quiet: bool = True, desc: str = "generate") -> Generation:
@@ -314,8 +318,10 @@ def _cat_left_padded(chunks: list[Tensor]) -> Tensor:
 
 def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "auto",
                     device: str = "auto", name: str | None = None, system_prompt: str | None = None,
-                    refusal_tokens: Sequence[str] = ("I",), quiet: bool = False) -> ChatModel:
-    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers)."""
+                    refusal_tokens: Sequence[str] = ("I",), quiet: bool = False,
+                    chat_template: str | None = None, trust_remote_code: bool = False) -> ChatModel:
+    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers).
+    `trust_remote_code` (off unless the config turns it on) lets a repository run its own code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -329,6 +335,7 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
         raise UserError(f"model folder {src} not found: pass a local model folder, a .gguf file "
                         "or a HuggingFace hub id")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, **kwargs)
@@ -336,5 +343,7 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
         raise UserError(f"could not load model {source!r} ({str(err).splitlines()[0]}): without "
                         "network access, download it first and pass the local folder") from err
     hf.to(dev)
+    if chat_template:
+        tok.chat_template = chat_template
     return ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,
                      refusal_tokens=refusal_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts, sample
@@ -10,8 +12,21 @@ from ..io.saes import SAESet
 from .config import Config
 
 
+def chat_template_text(value: str | None) -> str | None:
+    """`model.chat_template`: the Jinja text itself, or a file that holds it."""
+    if not value or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.chat_template {value!r} is neither a Jinja template nor a file: pass the "
+                        "template text or the path of a file that holds it")
+    return path.read_text(encoding="utf-8")
+
+
 def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     m = cfg.model
+    if m.trust_remote_code:
+        log(f"model.trust_remote_code is on: the code in {m.source} runs in this process")
     if m.source == "demo":
         from ..demo.world import build_world, is_built, load_demo_model
 
@@ -23,7 +38,9 @@ def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     else:
         model = load_chat_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device,
                                 system_prompt=m.system_prompt, refusal_tokens=m.refusal_tokens,
-                                quiet=quiet)
+                                quiet=quiet, chat_template=chat_template_text(m.chat_template),
+                                trust_remote_code=m.trust_remote_code)
+    model.log = log  # out-of-memory retries say so in the run's log
     return model
 
 
