@@ -27,6 +27,10 @@ RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<conf
 BACKEND = typer.Option(None, "--backend", help="local (default) or ray: fan per-prompt work out over Ray workers.")
 ADDRESS = typer.Option(None, "--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
 WORKERS = typer.Option(None, "--workers", min=1, help="Ray workers (default: one per GPU, else one per CPU).")
+ACCEPT = typer.Option(False, "--accept-version",
+                      help="Continue a run directory written by another refusalscope release, keeping its finished stages.")
+NO_DEPS = typer.Option(False, "--no-deps",
+                       help="Run only this stage: the stages it needs must have finished already (with this config).")
 
 
 def friendly(fn):
@@ -37,6 +41,14 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            from ..artifacts import disk_full
+
+            if not disk_full(err):
+                raise
+            typer.echo(f"error: no space left on the disk ({err.filename or err}): free space and run the same "
+                       "command again (finished work is kept)", err=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -58,19 +70,22 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
-             execution: dict | None = None):
-    from ..run.config import load_config
+             execution: dict | None = None, accept_version: bool = False):
+    """Config and run store, the store locked for this process (the caller closes the context)."""
+    from ..run.config import dump_config, load_config
     from ..run.pipeline import Context
-    from ..run.store import RunStore
+    from ..run.store import RunStore, atomic_write_text
 
     cfg = load_config(config, execution)
     root = run or Path("runs") / cfg.name
-    store = RunStore(root)
-    from ..run.config import dump_config
-    from ..run.store import atomic_write_text
-
-    atomic_write_text(root / "config.yaml", dump_config(cfg))
-    return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
+    log = _log(quiet, as_json)
+    ctx = Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log)
+    try:
+        atomic_write_text(root / "config.yaml", dump_config(cfg))
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
 
 
 def _print_examples(info: dict) -> None:
@@ -85,7 +100,7 @@ def _print_examples(info: dict) -> None:
 @friendly
 def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
          backend: str | None = BACKEND, address: str | None = ADDRESS,
-         workers: int | None = WORKERS):
+         workers: int | None = WORKERS, accept_version: bool = ACCEPT):
     """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
@@ -93,7 +108,8 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
     info = build_world(quiet=quiet, log=log)
     result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
     ex = _execution(backend, address, workers)
-    result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex))
+    result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex,
+                              accept_version=accept_version))
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -104,30 +120,51 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 
 
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
-                execution: dict | None = None) -> dict:
+                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
-    analyses are the ones `analyses.run` lists, or `only`."""
+    analyses are the ones `analyses.run` lists, or `only`, with the stages they need. Every input
+    is checked first (run/preflight.py), so a mistake costs seconds, not the stages before it."""
+    from ..run.inputs import PIPELINE, needed, stage_hashes
     from ..run.pipeline import run_filter
+    from ..run.preflight import preflight
     from ..run.stage3 import run_stage3
     from ..run.stage_analyses import ANALYSIS_STAGES
     from ..run.stage_direction import run_direction
     from ..run.stage_search import run_stage1, run_stage2
 
-    ctx = _context(config, run, quiet, as_json, execution)
-    order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
-             ("stage2", run_stage2), ("stage3", run_stage3)]
-    if upto == "analyses":
-        names = only or ctx.cfg.analyses.run
-        bad = [n for n in names if n not in ANALYSIS_STAGES]
+    if upto == "analyses" and only:
+        bad = [n for n in only if n not in ANALYSIS_STAGES]
         if bad:
             raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
-        order += [(n, ANALYSIS_STAGES[n]) for n in ANALYSIS_STAGES if n in names]
-    out = {}
+    ctx = _context(config, run, quiet, as_json, execution, accept_version)
     try:
-        for name, fn in order:
-            out[name] = fn(ctx)
-            if name == upto:
-                break
+        asked = ([*PIPELINE, *(only or ctx.cfg.analyses.run)] if upto == "analyses"
+                 else list(PIPELINE[:PIPELINE.index(upto) + 1]))
+        if no_deps:
+            asked = [upto] if upto != "analyses" else list(only or ctx.cfg.analyses.run)
+        names = needed(asked)
+        hashes = stage_hashes(ctx.cfg)
+        done = [n for n in names if ctx.store.is_done(n, hashes[n])]
+        if no_deps:
+            missing = [n for n in names if n not in asked and n not in done]
+            if missing:
+                raise UserError(f"{asked[0]} needs {missing[-1]}, which has not finished in {ctx.store.root} with "
+                                f"this config: run `refusalscope {missing[-1]}` first, or drop --no-deps")
+            names = asked
+        todo = [n for n in names if n not in done]
+        if todo:
+            preflight(ctx, todo)
+        ctx.log(f"run {ctx.store.root}: " + (f"{', '.join(n for n in names if n in done)} done; " if done else "")
+                + (f"running {', '.join(todo)}" if todo else "nothing to run"))
+        fns = {"filter": run_filter, "direction": run_direction, "stage1": run_stage1, "stage2": run_stage2,
+               "stage3": run_stage3, **ANALYSIS_STAGES}
+        out = {}
+        for name in names:
+            out[name] = fns[name](ctx)
+            if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:
+                raise UserError(f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "
+                                f"prompts (judge {ctx.cfg.judge.name}; replies in {ctx.store.root}/filter/"
+                                "completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model")
     finally:
         ctx.close()
     out["run"] = str(ctx.store.root)
@@ -147,40 +184,48 @@ def _report(result: dict, as_json: bool) -> None:
 @friendly
 def direction(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
               as_json: bool = JSON, backend: str | None = BACKEND,
-              address: str | None = ADDRESS, workers: int | None = WORKERS):
+              address: str | None = ADDRESS, workers: int | None = WORKERS,
+              accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage1(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage2(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
@@ -189,31 +234,32 @@ def analyze(names: list[str] | None = typer.Argument(
                 None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
             config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
-            address: str | None = ADDRESS, workers: int | None = WORKERS):
+            address: str | None = ADDRESS, workers: int | None = WORKERS,
+            accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """The paper's analyses (runs the earlier stages first when needed)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command("run")
 @friendly
 def run_all(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
-            address: str | None = ADDRESS, workers: int | None = WORKERS):
+            address: str | None = ADDRESS, workers: int | None = WORKERS,
+            accept_version: bool = ACCEPT):
     """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex, accept_version=accept_version),
+            as_json)
 
 
 @app.command("filter")
 @friendly
 def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
-               as_json: bool = JSON):
+               as_json: bool = JSON, accept_version: bool = ACCEPT):
     """Judge the harmful test prompts and keep those the model refuses (paper: D_harmful filter)."""
-    from ..run.pipeline import run_filter
-
-    ctx = _context(config, run, quiet, as_json)
-    summary = run_filter(ctx)
+    summary = _run_stages(config, run, quiet, as_json, "filter", accept_version=accept_version)["filter"]
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

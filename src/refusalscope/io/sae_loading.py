@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from refusalscope.errors import UserError
+from refusalscope.io.sae_check import read_sae_header
 from refusalscope.io.sae_formats import (
-    detect_format,
     gemma_scope_disk_loader,
     llama_scope_disk_loader,
     llama_scope_norm_scaling_factor,
@@ -96,7 +96,7 @@ def _from_folder(
     from sae_lens import SAE
 
     folder = resolve_folder(path)
-    fmt = detect_format(folder)
+    fmt = read_sae_header(folder).layout  # a damaged or incomplete folder is a one-line error
     if fmt == "saelens":
         return SAE.load_from_disk(folder, device=device, dtype=dtype)
     if fmt == "gemma_scope":

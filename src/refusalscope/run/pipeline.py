@@ -11,9 +11,9 @@ from ..io.model import ChatModel
 from ..io.prompts import filter_refused
 from ..measures.judges import make_judge
 from .config import Config
+from .inputs import stage_hashes
 from .resolve import load_model, load_prompt_set, take
 from .results import RunResults
-from .inputs import stage_hashes
 from .store import RunStore
 
 
@@ -44,6 +44,8 @@ class Context:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if self.store is not None:
+            self.store.close()
 
     @property
     def results(self) -> RunResults:

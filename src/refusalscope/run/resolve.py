@@ -44,24 +44,24 @@ def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     return model
 
 
-def sae_layers(cfg: Config, model: ChatModel) -> list[int]:
+def sae_layers(cfg: Config, n_layers: int, name: str) -> list[int]:
     layers = cfg.saes.layers
     if layers == "all":
         if cfg.saes.source == "demo":
             from ..demo.world import demo_layers
 
-            return demo_layers(n_layers=model.n_layers)
-        return list(range(model.n_layers))
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
+            return demo_layers(n_layers=n_layers)
+        return list(range(n_layers))
+    bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise UserError(f"saes.layers has {bad}, but {model.name} has layers 0..{model.n_layers - 1}: "
+        raise UserError(f"saes.layers has {bad}, but {name} has layers 0..{n_layers - 1}: "
                         "fix saes.layers in the config")
     return list(layers)
 
 
 def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
     s = cfg.saes
-    layers = sae_layers(cfg, model)
+    layers = sae_layers(cfg, model.n_layers, model.name)
     if s.source == "demo":
         from ..demo.world import sae_dir
 
