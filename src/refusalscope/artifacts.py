@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .run.store import StageRecord
 
 TMP_MARK = ".tmp"  # temp files are ".<name>.<random>.tmp<suffix>": a run store removes orphans
+_UMASK = os.umask(0o022)  # read once: mkstemp makes 0600 files, artifacts get the usual 0666 & ~umask
+os.umask(_UMASK)
 
 
 def disk_full(err: BaseException) -> bool:
@@ -52,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         os.replace(tmp, path)
     except BaseException as err:

@@ -266,6 +266,25 @@ def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool 
         print_table("Refusal filter", [summary])
 
 
+@app.command("compare")
+@friendly
+def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
+                b: Path = typer.Argument(..., help="Another run directory.")):
+    """Whether two runs hold the same results (artifacts byte for byte, manifests minus timings);
+    exit 1 and one line per difference when they do not."""
+    from ..run.compare import compare_runs
+    from ..run.store import RunStore
+
+    for root in (a, b):
+        RunStore(root, create=False)
+    diffs = compare_runs(a, b)
+    for d in diffs:
+        print(d)
+    if diffs:
+        raise typer.Exit(1)
+    print(f"same results in {a} and {b}")
+
+
 @world_app.command("build")
 @friendly
 def world_build(force: bool = typer.Option(False, help="Rebuild from scratch."), quiet: bool = QUIET,

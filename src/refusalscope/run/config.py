@@ -148,6 +148,7 @@ class AnalysesConfig(Section):
     clamp_tokens: int = Field(24, ge=1)
     explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
+    neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
 
 
 class ExecutionConfig(Section):

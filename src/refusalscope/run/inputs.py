@@ -49,7 +49,8 @@ STAGES: dict[str, StageInputs] = {
     "taxonomy": StageInputs(("analyses.taxonomy_prompts", "seed"), ("analyses.taxonomy_prompts",), ("stage3",)),
     "clamping": StageInputs(("generation", "analyses.clamp_values", "analyses.clamp_prompts",
                              "analyses.clamp_tokens"), (), ("hydra",)),
-    "semantics": StageInputs(("analyses.explain_texts", "analyses.neuronpedia_cache", "saes.neuronpedia_id"),
+    "semantics": StageInputs(("analyses.explain_texts", "analyses.neuronpedia_cache", "analyses.neuronpedia_url",
+                              "saes.neuronpedia_id"),
                              (), ("stage3",)),
 }
 assert set(STAGES) == {*PIPELINE, *ANALYSES}

@@ -25,6 +25,10 @@ def chat_template_text(value: str | None) -> str | None:
 
 def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     m = cfg.model
+    if quiet:  # transformers' own "Loading weights" bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if m.trust_remote_code:
         log(f"model.trust_remote_code is on: the code in {m.source} runs in this process")
     if m.source == "demo":

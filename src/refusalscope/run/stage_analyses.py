@@ -5,6 +5,8 @@ semantics (explanations, top terms, concept groups)."""
 
 from __future__ import annotations
 
+import warnings
+
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
 from ..methods.records import Activity
 from .backend import fan_out
@@ -151,10 +153,16 @@ def run_semantics(ctx: Context) -> dict:
         if ctx.cfg.saes.neuronpedia_id:
             from ..demo.recipe import cache_root
 
-            client = semantics.NeuronpediaClient(a.neuronpedia_cache or cache_root() / "neuronpedia",
-                                                 ctx.cfg.saes.neuronpedia_id)
-            expl, missing = client.explain(feats)
+            cache = a.neuronpedia_cache or cache_root() / "neuronpedia"
+            client = semantics.NeuronpediaClient(cache, ctx.cfg.saes.neuronpedia_id, base_url=a.neuronpedia_url)
+            with warnings.catch_warnings():  # said once below, as one line of the run's log
+                warnings.simplefilter("ignore")
+                expl, missing = client.explain(feats)
             source = "neuronpedia"
+            if client.offline_reason:
+                ctx.log(f"semantics: {client.offline_reason}: {len(expl)} of {len(feats)} explanations from the "
+                        f"cache {cache}, none for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+                        "those are explained by their top activations and the run continues")
         texts = [p.text for p in load_prompt_set("bundled:general")]
         texts += [ctx.model.format_chat(p.text) for p in ctx.results.kept_prompts()]
         top = semantics.top_activations(ctx.model, ctx.saes, texts[: a.explain_texts], feats,
