@@ -11,6 +11,7 @@ are handed to the `Context`, so nothing is built twice.
 from __future__ import annotations
 
 import importlib.util
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,14 @@ def check_backend(ctx: Context) -> None:
         return
     if importlib.util.find_spec("ray") is None:
         raise UserError("--backend ray needs Ray: pip install 'refusalscope[ray]' (or use --backend local)")
+    address = ctx.cfg.execution.address
+    if address and address != "auto":  # Ray itself retries an absent head for minutes
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot reach Ray at {address} ({getattr(err, 'strerror', None) or err}): check "
+                            "--address or start the cluster with `ray start --head`") from None
     ctx.backend  # noqa: B018 - connects now (a wrong address fails here), reused by every stage
 
 
