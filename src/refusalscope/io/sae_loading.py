@@ -3,6 +3,7 @@ Scope `checkpoints/final.safetensors` folders, one or many layers at once."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from functools import partial
@@ -56,7 +57,7 @@ def _is_offline_error(exc: BaseException) -> bool:
         ("requests.exceptions", ("ConnectionError", "Timeout")),
     ):
         try:
-            module = __import__(mod, fromlist=list(names))
+            module = importlib.import_module(mod)
             kinds += [getattr(module, n) for n in names if hasattr(module, n)]
         except ImportError:
             pass
