@@ -221,6 +221,12 @@ ROWS = [
     Row("sae-placeholder", "SAE path without {layer} for several layers", RUN,
         "saes.path '{world}/saes/layer_0' has no {layer} placeholder but 4 layers were asked for: put {layer} where "
         "the layer number goes", lambda c: c.cfg["saes"].update(path=str(c.world / "saes" / "layer_0")), given='saes: {path: /data/saes/layer_0}'),
+    Row("direction-layers", "direction candidate layer the model lacks", RUN,
+        "direction.layers has [7], but {model} has layers 0..3: fix direction.layers in the config",
+        cfg(direction={"layers": [1, 7]})),
+    Row("stage3-layers", "Stage 3 layer without an SAE", RUN,
+        "stage3.layers has [5], which have no SAE (SAE layers: 0..3): pick stage3.layers among the SAE layers",
+        cfg(stage3={"layers": [1, 5]})),
     Row("sae-release", "unknown SAE release", RUN,
         "unknown SAE release 'no-such-release': pass a release from the SAELens registry "
         "(sae_lens.loading.pretrained_saes_directory) or saes.source: local with a folder",

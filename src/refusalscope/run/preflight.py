@@ -90,6 +90,23 @@ def model_info(cfg) -> ModelInfo | None:
                      getattr(text, "max_position_embeddings", None), tok)
 
 
+def check_layers(cfg, info: ModelInfo | None, stages) -> None:
+    """Layer lists in the config against the model's depth and the SAEs' layers."""
+    if info is None:
+        return
+    if "direction" in stages and cfg.direction.layers != "auto":
+        bad = [l for l in cfg.direction.layers if l >= info.n_layers]
+        if bad:
+            raise UserError(f"direction.layers has {bad}, but {info.name} has layers 0..{info.n_layers - 1}: fix "
+                            "direction.layers in the config")
+    if "stage3" in stages and cfg.stage3.layers != "auto":
+        have = sae_layers(cfg, info.n_layers, info.name)
+        bad = [l for l in cfg.stage3.layers if l not in have]
+        if bad:
+            raise UserError(f"stage3.layers has {bad}, which have no SAE (SAE layers: {have[0]}..{have[-1]}): pick "
+                            "stage3.layers among the SAE layers")
+
+
 def check_saes(cfg, info: ModelInfo | None) -> None:
     s = cfg.saes
     if s.source == "demo" or info is None:
@@ -207,6 +224,7 @@ def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     info = model_info(ctx.cfg)
     if any(s not in ("filter", "direction") for s in stages):
         check_saes(ctx.cfg, info)
+    check_layers(ctx.cfg, info, stages)
     check_prompts(ctx.cfg, stages, info, ctx.log)
     check_judge(ctx)
     check_backend(ctx)
