@@ -54,10 +54,9 @@ def friendly(fn):
 
 
 def _log(quiet: bool, as_json: bool):
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr if as_json else sys.stdout, flush=True)
-    return log
+    from ..run.runner import printer
+
+    return printer(quiet, sys.stderr if as_json else sys.stdout)
 
 
 def _execution(backend: str | None, address: str | None, workers: int | None) -> dict:
@@ -71,21 +70,9 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
              execution: dict | None = None, accept_version: bool = False):
-    """Config and run store, the store locked for this process (the caller closes the context)."""
-    from ..run.config import dump_config, load_config
-    from ..run.pipeline import Context
-    from ..run.store import RunStore, atomic_write_text
+    from ..run.runner import open_context
 
-    cfg = load_config(config, execution)
-    root = run or Path("runs") / cfg.name
-    log = _log(quiet, as_json)
-    ctx = Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log)
-    try:
-        atomic_write_text(root / "config.yaml", dump_config(cfg))
-    except BaseException:
-        ctx.close()
-        raise
-    return ctx
+    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version)
 
 
 def _print_examples(info: dict) -> None:
@@ -122,53 +109,11 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
                 execution: dict | None = None, accept_version: bool = False, no_deps: bool = False) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
-    analyses are the ones `analyses.run` lists, or `only`, with the stages they need. Every input
-    is checked first (run/preflight.py), so a mistake costs seconds, not the stages before it."""
-    from ..run.inputs import PIPELINE, needed, stage_hashes
-    from ..run.pipeline import run_filter
-    from ..run.preflight import preflight
-    from ..run.stage3 import run_stage3
-    from ..run.stage_analyses import ANALYSIS_STAGES
-    from ..run.stage_direction import run_direction
-    from ..run.stage_search import run_stage1, run_stage2
+    analyses are the ones `analyses.run` lists, or `only`. Every input is checked first."""
+    from ..run.runner import check_analyses, run_pipeline
 
-    if upto == "analyses" and only:
-        bad = [n for n in only if n not in ANALYSIS_STAGES]
-        if bad:
-            raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
-    ctx = _context(config, run, quiet, as_json, execution, accept_version)
-    try:
-        asked = ([*PIPELINE, *(only or ctx.cfg.analyses.run)] if upto == "analyses"
-                 else list(PIPELINE[:PIPELINE.index(upto) + 1]))
-        if no_deps:
-            asked = [upto] if upto != "analyses" else list(only or ctx.cfg.analyses.run)
-        names = needed(asked)
-        hashes = stage_hashes(ctx.cfg)
-        done = [n for n in names if ctx.store.is_done(n, hashes[n])]
-        if no_deps:
-            missing = [n for n in names if n not in asked and n not in done]
-            if missing:
-                raise UserError(f"{asked[0]} needs {missing[-1]}, which has not finished in {ctx.store.root} with "
-                                f"this config: run `refusalscope {missing[-1]}` first, or drop --no-deps")
-            names = asked
-        todo = [n for n in names if n not in done]
-        if todo:
-            preflight(ctx, todo)
-        ctx.log(f"run {ctx.store.root}: " + (f"{', '.join(n for n in names if n in done)} done; " if done else "")
-                + (f"running {', '.join(todo)}" if todo else "nothing to run"))
-        fns = {"filter": run_filter, "direction": run_direction, "stage1": run_stage1, "stage2": run_stage2,
-               "stage3": run_stage3, **ANALYSIS_STAGES}
-        out = {}
-        for name in names:
-            out[name] = fns[name](ctx)
-            if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:
-                raise UserError(f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "
-                                f"prompts (judge {ctx.cfg.judge.name}; replies in {ctx.store.root}/filter/"
-                                "completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model")
-    finally:
-        ctx.close()
-    out["run"] = str(ctx.store.root)
-    return out
+    check_analyses(only)
+    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version), upto, only, no_deps)
 
 
 def _report(result: dict, as_json: bool) -> None:
