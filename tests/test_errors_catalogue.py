@@ -280,7 +280,7 @@ ROWS = [
         "cannot reach Ray at ray://127.0.0.1:9 (Connection refused): check --address or start the cluster with "
         "`ray start --head`"),
     Row("rundir-unwritable", "run directory that cannot be created", "run -c {cfg} -r /proc/1/forbidden -q",
-        "cannot create the run directory /proc/1/forbidden (No such file or directory): pass a folder you can "
+        "cannot create the run directory /proc/1/forbidden ({*}): pass a folder you can "
         "write with -r"),
     Row("rundir-in-use", "run directory in use by another process", RUN,
         "run directory {run} is in use by pid {*} on {host} (started {*}): refusalscope {run}: wait for it to finish "
