@@ -63,14 +63,15 @@ def where(run: Path) -> str:
     return running[0] if running else (f"after {list(stages)[-1]}" if stages else "startup")
 
 
-def trial(i: int, rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, work: Path) -> dict:
+def trial(i: int, rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, work: Path,
+          rules=RULES) -> dict:
     run = work / f"trial-{i:03d}"
     shutil.rmtree(run, ignore_errors=True)
     cmd = cmd_of(run)
     kills = []
     t0 = time.perf_counter()
     for _ in range(rng.choice((1, 1, 2, 3))):
-        rule = rng.choice(RULES)
+        rule = rng.choice(rules)
         if rule == "time":
             point = round(rng.uniform(0.5, t_ref), 2)
             fired, _ = timed_kill(cmd, point)
@@ -97,6 +98,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/bench/kill-sweep", help="folder for the world and the trial runs")
     ap.add_argument("--out", default="runs/bench/kill_sweep.json")
+    ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="how kill points are picked")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="window for timed kills (default: the reference's wall time, long on a loaded machine)")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     world = work / "world"
@@ -114,16 +118,18 @@ def main() -> int:
     counts = json.loads((work / "counts.json").read_text())
     print(f"reference: {t_ref:.1f} s, {counts['write']} atomic writes, {counts['append']} checkpoint appends",
           flush=True)
+    window = args.seconds or t_ref
     rng = random.Random(args.seed)
     trials = []
     for i in range(args.trials):
-        trials.append(trial(i, rng, cmd_of, ref, counts, t_ref, work))
+        trials.append(trial(i, rng, cmd_of, ref, counts, window, work, args.rules))
         t = trials[-1]
         kills = ", ".join(f"{k['rule']}@{k['point']}->{k['stage'] or 'missed'}" for k in t["kills"])
         print(f"trial {i:3d}: {kills}  identical={t['identical']}  {t['seconds']} s", flush=True)
         summary = summarise(trials)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"reference": {"seconds": round(t_ref, 1), **counts},
+                                              "rules": args.rules, "time_window_s": round(window, 1),
                                               "summary": summary, "trials": trials}, indent=2))
     print_summary(summarise(trials))
     return 0 if all(t["identical"] for t in trials) else 1
