@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,19 +39,24 @@ RULES = ("time", "write", "append")
 
 
 def timed_kill(cmd: list[str], delay: float) -> tuple[bool, float]:
-    """Run `cmd` and SIGKILL its process group after `delay` s; (killed, seconds)."""
+    """Run `cmd` and SIGKILL its process group after `delay` s; (killed, seconds). A run that ends
+    by itself before then must have ended well."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), "count:/dev/null", "--", *cmd],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        proc.wait(timeout=delay)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), "count:/dev/null", "--", *cmd],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True, time.perf_counter() - t0
+        if rc != 0:
+            err.seek(0)
+            raise RuntimeError(f"the run ended with {rc} before its kill at {delay} s: {err.read()[-800:]}")
         return False, time.perf_counter() - t0
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return True, time.perf_counter() - t0
 
 
 def where(run: Path) -> str:
