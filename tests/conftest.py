@@ -4,3 +4,29 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The planted tiny world on disk (tests/tiny_world.py), shared by the whole session."""
+    from tiny_world import write_tiny_world
+
+    return write_tiny_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_world):
+    """An uninterrupted `refusalscope run` of the tiny world in its own process, and how many atomic
+    writes and checkpoint appends it made: what interrupted and broken runs are compared with."""
+    from faults import run_cli
+
+    counts = tiny_world / "counts.json"
+    proc = run_cli(f"count:{counts}", "run", "-c", str(tiny_world / "cfg.yaml"), "-r",
+                   str(tiny_world / "reference"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    return tiny_world / "reference", json.loads(counts.read_text())

@@ -86,11 +86,12 @@ def open_run(run_dir: str | os.PathLike) -> RunResults:
 
 
 def run(config: Any = "demo", run_dir: str | os.PathLike | None = None, upto: str = "analyses",
-        quiet: bool = False) -> RunResults:
-    """Run (or resume) the pipeline on a config (preset name, YAML file or Config) into run_dir."""
+        quiet: bool = False, accept_version: bool = False) -> RunResults:
+    """Run (or resume) the pipeline on a config (preset name, YAML file or Config) into run_dir.
+    `accept_version` continues a run directory written by another refusalscope release."""
     from .run.runner import open_context, run_pipeline
 
-    out = run_pipeline(open_context(config, run_dir, quiet=quiet), upto)
+    out = run_pipeline(open_context(config, run_dir, quiet=quiet, accept_version=accept_version), upto)
     return RunResults(out["run"])
 
 

@@ -1,9 +1,12 @@
 """Artifact files, usable from every layer: atomic writes (a temp file in the target folder,
 renamed into place, so a killed process never leaves half a file behind), tolerant reads, an
-append-only JSONL checkpoint for resumable loops, and the stable hash of config sections."""
+append-only JSONL checkpoint for resumable loops, and the stable hash of config sections. Equal
+contents give equal bytes (resumed runs are compared byte for byte), and a full disk ends in a
+one-line error that leaves every earlier file as it was."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,22 +19,49 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .run.store import StageRecord
+
+TMP_MARK = ".tmp"  # temp files are ".<name>.<random>.tmp<suffix>": a run store removes orphans
+_UMASK = os.umask(0o022)  # read once: mkstemp makes 0600 files, artifacts get the usual 0666 & ~umask
+os.umask(_UMASK)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` (an OSError, or a library's wrapper of one) means no space or quota left."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
+def disk_full_error(path: Path, err: BaseException) -> UserError:
+    return UserError(f"no space left on the disk of {Path(path).parent} while writing {Path(path).name} "
+                     f"({type(err).__name__}): free space and run the same command again (finished work is kept)")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_MARK + path.suffix, dir=path.parent)
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(path, err) from None
+        raise
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(err):
+            raise disk_full_error(path, err) from None
         raise
     return path
 
@@ -56,7 +86,22 @@ def atomic_write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 def atomic_write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # views: own storage
     meta = {k: json.dumps(v, default=_jsonable) for k, v in (metadata or {}).items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_tensors(tensors, tmp, meta))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    """`safetensors.save_file` with the header's metadata in sorted order: safetensors writes it
+    in hash-map order, which changes from process to process, so equal tensors gave unequal files."""
+    save_file(tensors, str(path), metadata=metadata or None)
+    if metadata and len(metadata) > 1:
+        with open(path, "r+b") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) <= n:  # same keys, same length; pad as safetensors does
+                f.seek(8)
+                f.write(text + b" " * (n - len(text)))
 
 
 def atomic_write_table(path: Path, frame: pd.DataFrame) -> Path:
@@ -126,11 +171,17 @@ class Checkpoint:
         return item in self.records
 
     def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record; a torn line left by a kill or a full disk is dropped on reopening."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=_jsonable) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if disk_full(err):
+                raise disk_full_error(self.path, err) from None
+            raise
         self.records[record[self.key]] = record
 
     def __len__(self) -> int:

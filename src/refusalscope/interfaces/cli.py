@@ -27,6 +27,10 @@ RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<conf
 BACKEND = typer.Option(None, "--backend", help="local (default) or ray: fan per-prompt work out over Ray workers.")
 ADDRESS = typer.Option(None, "--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
 WORKERS = typer.Option(None, "--workers", min=1, help="Ray workers (default: one per GPU, else one per CPU).")
+ACCEPT = typer.Option(False, "--accept-version",
+                      help="Continue a run directory written by another refusalscope release, keeping its finished stages.")
+NO_DEPS = typer.Option(False, "--no-deps",
+                       help="Run only this stage: the stages it needs must have finished already (with this config).")
 
 
 def friendly(fn):
@@ -37,6 +41,14 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            from ..artifacts import disk_full
+
+            if not disk_full(err):
+                raise
+            typer.echo(f"error: no space left on the disk ({err.filename or err}): free space and run the same "
+                       "command again (finished work is kept)", err=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -57,10 +69,10 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
-             execution: dict | None = None):
+             execution: dict | None = None, accept_version: bool = False):
     from ..run.runner import open_context
 
-    return open_context(config, run, execution, quiet, _log(quiet, as_json))
+    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version)
 
 
 def _print_examples(info: dict) -> None:
@@ -75,7 +87,7 @@ def _print_examples(info: dict) -> None:
 @friendly
 def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
          backend: str | None = BACKEND, address: str | None = ADDRESS,
-         workers: int | None = WORKERS):
+         workers: int | None = WORKERS, accept_version: bool = ACCEPT):
     """The main job on the embedded demo world: build it (once), then run the whole pipeline."""
     from ..demo.world import build_world
 
@@ -83,7 +95,8 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
     info = build_world(quiet=quiet, log=log)
     result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
     ex = _execution(backend, address, workers)
-    result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex))
+    result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex,
+                              accept_version=accept_version))
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -94,12 +107,13 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 
 
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
-                execution: dict | None = None) -> dict:
+                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
-    analyses are the ones `analyses.run` lists, or `only`."""
-    from ..run.runner import run_pipeline
+    analyses are the ones `analyses.run` lists, or `only`. Every input is checked first."""
+    from ..run.runner import check_analyses, run_pipeline
 
-    return run_pipeline(_context(config, run, quiet, as_json, execution), upto, only)
+    check_analyses(only)
+    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version), upto, only, no_deps)
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -115,40 +129,48 @@ def _report(result: dict, as_json: bool) -> None:
 @friendly
 def direction(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
               as_json: bool = JSON, backend: str | None = BACKEND,
-              address: str | None = ADDRESS, workers: int | None = WORKERS):
+              address: str | None = ADDRESS, workers: int | None = WORKERS,
+              accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Derive the refusal direction and pick l* by attack success rate (runs `filter` first)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "direction", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage1(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 1: smallest top-K-per-layer ablation that jailbreaks each refused prompt."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage1", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage2(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 2: Algorithm 1 over the τ sweep and three seeds; prints the paper's Table 1."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage2", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
 @friendly
 def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
            as_json: bool = JSON, backend: str | None = BACKEND,
-           address: str | None = ADDRESS, workers: int | None = WORKERS):
+           address: str | None = ADDRESS, workers: int | None = WORKERS,
+           accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """Stage 3: factorization machine, ranked interacting latents, Table 2, FM vs linear probe."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "stage3", execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command()
@@ -157,35 +179,55 @@ def analyze(names: list[str] | None = typer.Argument(
                 None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
             config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
-            address: str | None = ADDRESS, workers: int | None = WORKERS):
+            address: str | None = ADDRESS, workers: int | None = WORKERS,
+            accept_version: bool = ACCEPT, no_deps: bool = NO_DEPS):
     """The paper's analyses (runs the earlier stages first when needed)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", names or None, execution=ex,
+                        accept_version=accept_version, no_deps=no_deps), as_json)
 
 
 @app.command("run")
 @friendly
 def run_all(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
-            address: str | None = ADDRESS, workers: int | None = WORKERS):
+            address: str | None = ADDRESS, workers: int | None = WORKERS,
+            accept_version: bool = ACCEPT):
     """The whole pipeline on a config: stages 1–3 and the analyses (resumes where it stopped)."""
     ex = _execution(backend, address, workers)
-    _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex), as_json)
+    _report(_run_stages(config, run, quiet, as_json, "analyses", execution=ex, accept_version=accept_version),
+            as_json)
 
 
 @app.command("filter")
 @friendly
 def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
-               as_json: bool = JSON):
+               as_json: bool = JSON, accept_version: bool = ACCEPT):
     """Judge the harmful test prompts and keep those the model refuses (paper: D_harmful filter)."""
-    from ..run.pipeline import run_filter
-
-    ctx = _context(config, run, quiet, as_json)
-    summary = run_filter(ctx)
+    summary = _run_stages(config, run, quiet, as_json, "filter", accept_version=accept_version)["filter"]
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         print_table("Refusal filter", [summary])
+
+
+@app.command("compare")
+@friendly
+def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
+                b: Path = typer.Argument(..., help="Another run directory.")):
+    """Whether two runs hold the same results (artifacts byte for byte, manifests minus timings);
+    exit 1 and one line per difference when they do not."""
+    from ..run.compare import compare_runs
+    from ..run.store import RunStore
+
+    for root in (a, b):
+        RunStore(root, create=False)
+    diffs = compare_runs(a, b)
+    for d in diffs:
+        print(d)
+    if diffs:
+        raise typer.Exit(1)
+    print(f"same results in {a} and {b}")
 
 
 @world_app.command("build")

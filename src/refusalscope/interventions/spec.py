@@ -102,5 +102,12 @@ class Recording:
         return out
 
     def prompt_activations(self) -> list[dict]:
-        """The prompt-step entries (token positions intact), for per-token analyses."""
-        return [st for st in self.steps if st["prompt"]]
+        """The prompt-step entries (token positions intact), for per-token analyses. A chunk that
+        ran out of memory is run again in halves (`io.oom`): only the last entries of a row count."""
+        entries = [st for st in self.steps if st["prompt"]]
+        last = {}
+        for i, st in enumerate(entries):
+            for r in range(st["row_offset"], st["row_offset"] + st["token_index"].shape[0]):
+                last[r] = i
+        keep = set(last.values())
+        return [st for i, st in enumerate(entries) if i in keep]

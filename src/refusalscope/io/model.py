@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from .compiled import CompiledLayers
 from .hooks import EMBED, HookFn, HookPoint, StreamHooks
+from .oom import halve_on_oom
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -84,7 +85,7 @@ class ChatModel:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 f"model {name!r} has no chat template: use an instruction-tuned model or set "
-                "tokenizer.chat_template (refusalscope needs chat-formatted prompts)"
+                "model.chat_template in the config (refusalscope needs chat-formatted prompts)"
             )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -206,6 +207,7 @@ class ChatModel:
         with self._compiled.on() if self._compiled is not None else nullcontext():
             return self.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
 
+    @halve_on_oom
     def logits(self, batch: PromptBatch, last: int | None = 1, batch_size: int | None = None,
                quiet: bool = True) -> Tensor:
         """Logits of the last `last` positions (all positions if None), fp32 on CPU: [B, last, V]."""
@@ -216,6 +218,7 @@ class ChatModel:
             out.append(res.logits.float().cpu())
         return _cat_left_padded(out)
 
+    @halve_on_oom
     def next_token_probs(self, batch: PromptBatch, batch_size: int | None = None, quiet: bool = True,
                          columns: Sequence[int] | None = None) -> Tensor:
         """P(next token) at the last prompt position, fp32 on CPU: [B, V], or [B, len(columns)] for
@@ -229,6 +232,7 @@ class ChatModel:
             out.append((p if cols is None else p[:, cols]).cpu())
         return torch.cat(out)
 
+    @halve_on_oom
     def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
                   batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
         """Residual stream at each layer: [B, positions, d] for the last `positions` tokens
@@ -255,6 +259,7 @@ class ChatModel:
         """Greedy completions (special tokens stripped), hooks applied at every step."""
         return self.generate_full(batch, max_new_tokens, batch_size, quiet, desc).texts
 
+    @halve_on_oom
     @torch.inference_mode()
     def generate_full(self, batch: PromptBatch, max_new_tokens: int = 64, batch_size: int | None = None,
                       quiet: bool = True, desc: str = "generate") -> Generation:
@@ -327,8 +332,10 @@ def _cat_left_padded(chunks: list[Tensor]) -> Tensor:
 def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "auto",
                     device: str = "auto", name: str | None = None, system_prompt: str | None = None,
                     refusal_tokens: Sequence[str] = ("I",), quiet: bool = False,
+                    chat_template: str | None = None, trust_remote_code: bool = False,
                     compile: bool = False) -> ChatModel:
-    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers);
+    """Load from a hub id, a local directory, or a `.gguf` file (dequantised by transformers).
+    `trust_remote_code` (off unless the config turns it on) lets a repository run its own code;
     `compile` compiles the decoder layers for forward passes (`ChatModel.compile`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -343,6 +350,7 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
         raise UserError(f"model folder {src} not found: pass a local model folder, a .gguf file "
                         "or a HuggingFace hub id")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, **kwargs)
@@ -350,6 +358,8 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
         raise UserError(f"could not load model {source!r} ({str(err).splitlines()[0]}): without "
                         "network access, download it first and pass the local folder") from err
     hf.to(dev)
+    if chat_template:
+        tok.chat_template = chat_template
     model = ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,
                       refusal_tokens=refusal_tokens)
     return model.compile() if compile else model

@@ -49,6 +49,7 @@ class Prompt:
     split: str | None = None
     label: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    line: int | None = field(default=None, compare=False)  # line (or row) in its file, for messages
 
 
 def load_prompts(path: str | Path, fmt: str = "auto", *, text_field: str | None = None,
@@ -155,7 +156,7 @@ def _check_label(label: str | None) -> None:
 def _with_label(p: Prompt, label: str) -> Prompt:
     if p.label == label:
         return p
-    return Prompt(p.text, p.id, p.category, p.subcategory, p.source, p.split, label, p.meta)
+    return Prompt(p.text, p.id, p.category, p.subcategory, p.source, p.split, label, p.meta, p.line)
 
 
 def _find(columns: Sequence[str], names: Sequence[str]) -> str | None:
@@ -212,6 +213,7 @@ def _to_prompts(table: Table, text_field: str | None, limit: int | None,
             split=_opt(row.get(split_f) if split_f else None) or table.split,
             label=row_label if row_label in LABELS else label,
             meta=meta,
+            line=num,
         ))
     return out
 

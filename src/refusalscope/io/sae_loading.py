@@ -3,6 +3,7 @@ Scope `checkpoints/final.safetensors` folders, one or many layers at once."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from functools import partial
@@ -12,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from refusalscope.errors import UserError
+from refusalscope.io.sae_check import read_sae_header
 from refusalscope.io.sae_formats import (
-    detect_format,
     gemma_scope_disk_loader,
     llama_scope_disk_loader,
     llama_scope_norm_scaling_factor,
@@ -56,7 +57,7 @@ def _is_offline_error(exc: BaseException) -> bool:
         ("requests.exceptions", ("ConnectionError", "Timeout")),
     ):
         try:
-            module = __import__(mod, fromlist=list(names))
+            module = importlib.import_module(mod)
             kinds += [getattr(module, n) for n in names if hasattr(module, n)]
         except ImportError:
             pass
@@ -96,7 +97,7 @@ def _from_folder(
     from sae_lens import SAE
 
     folder = resolve_folder(path)
-    fmt = detect_format(folder)
+    fmt = read_sae_header(folder).layout  # a damaged or incomplete folder is a one-line error
     if fmt == "saelens":
         return SAE.load_from_disk(folder, device=device, dtype=dtype)
     if fmt == "gemma_scope":

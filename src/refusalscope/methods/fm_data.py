@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_write
+from ..artifacts import atomic_write, save_tensors
 from ..errors import UserError
 from ..interventions.features import Feature
 from ..io.model import ChatModel
@@ -74,7 +74,7 @@ class FeatureMatrix:
                    "shape": torch.tensor(v.shape, dtype=torch.int64)}
         meta = {"mode": self.mode, "n_tokens": json.dumps(self.n_tokens)}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return atomic_write(Path(path), lambda tmp: save_tensors(tensors, tmp, meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureMatrix:

@@ -128,14 +128,17 @@ def make_backend(ctx):
 
 def fan_out(ctx, task: str, items: Sequence, payload: dict, ck, desc: str) -> None:
     """Run `task` on the items (tuples whose first element is the prompt id) not yet in the
-    checkpoint `ck`, adding each returned record to it as its shard finishes."""
-    todo = [it for it in items if it[0] not in ck]
+    checkpoint `ck`, adding each returned record to it as its shard finishes. Shards are cut from
+    all the items, so a resumed run batches every prompt with the same neighbours as an
+    uninterrupted one (same padding, same numbers); a shard cut short by a kill is redone whole."""
+    size = ctx.cfg.execution.shard_size
+    todo = [it for part in shards(items, size) if any(it[0] not in ck for it in part) for it in part]
     if not todo:
         return
     backend = ctx.backend
     if ck.owner is not None:  # provenance in the manifest (results do not depend on it)
         ck.owner.executed[task] = {"backend": backend.name, "workers": backend.workers,
-                                   "items": len(todo), "shards": len(shards(todo, ctx.cfg.execution.shard_size))}
+                                   "items": len(todo), "shards": len(shards(todo, size))}
     for records in backend.map(task, todo, payload, desc):
         for r in records:
             ck.add(r)

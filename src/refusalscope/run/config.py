@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
 
@@ -20,14 +20,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Constrained items: the error names the key and the offending position (e.g. 'stage2.taus.1').
+def _tau(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"τ = {v} is outside (0, 1]: use thresholds above 0 and at most 1")
+    return v
+
+
+Tau = Annotated[float, AfterValidator(_tau)]
+Positive = Annotated[int, Field(ge=1)]
+Layer = Annotated[int, Field(ge=0)]
+BackPosition = Annotated[int, Field(le=-1)]
+NonEmpty = Field(min_length=1)
+
+
 class ModelConfig(Section):
     source: str = Field("demo", description="'demo', a HuggingFace hub id, a local folder or a .gguf file")
     gguf_file: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     system_prompt: str | None = Field(None, description="None keeps the chat template's default")
-    refusal_tokens: list[str] = ["I"]
+    refusal_tokens: list[str] = Field(["I"], min_length=1)
     batch_size: int = Field(16, ge=1)
+    chat_template: str | None = Field(None, description="Jinja chat template (or a file holding one) for models without one")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code (off: never by default)")
 
 
 class SAEConfig(Section):
@@ -35,7 +51,7 @@ class SAEConfig(Section):
     release: str | None = None
     sae_id: str | None = Field(None, description="template with {layer}, e.g. layer_{layer}/width_16k/canonical")
     path: str | None = Field(None, description="local folder template with {layer}")
-    layers: list[int] | Literal["all"] = "all"
+    layers: Annotated[list[Layer], NonEmpty] | Literal["all"] = "all"
     neuronpedia_id: str | None = Field(None, description="template, e.g. gemma-2-2b/{layer}-gemmascope-res-16k")
 
 
@@ -63,8 +79,9 @@ class GenerationConfig(Section):
 
 
 class DirectionConfig(Section):
-    positions: list[int] = Field([-1], description="post-instruction positions, counted back from the last token")
-    layers: list[int] | Literal["auto"] = Field("auto", description="candidate layers; auto: 1 .. 0.8·n_layers")
+    positions: list[BackPosition] = Field([-1], min_length=1,
+                                          description="post-instruction positions, counted back from the last token (-1, -2, ...)")
+    layers: Annotated[list[Layer], NonEmpty] | Literal["auto"] = Field("auto", description="candidate layers; auto: 1 .. 0.8·n_layers")
     n_train: int | None = Field(None, ge=2, description="cap on train prompts per class")
     n_val: int = Field(32, ge=2)
     max_kl: float = Field(0.1, gt=0, description="KL(plain || ablated) on harmless prompts allowed")
@@ -73,36 +90,43 @@ class DirectionConfig(Section):
 
 
 class Stage1Config(Section):
-    exclude_layers: list[int] = Field([0, 1], description="paper: early layers carry grammar")
+    exclude_layers: list[Layer] = Field([0, 1], description="paper: early layers carry grammar")
     k_start: int = Field(10, ge=1)
     k_step: int = Field(10, ge=1)
     k_max: int = Field(200, ge=1)
     positions: Literal["all", "prompt"] = "all"
     rungs_per_round: int = Field(3, ge=1, description="K rungs generated together per round")
 
+    @model_validator(mode="after")
+    def _ladder(self):
+        if self.k_max < self.k_start:
+            raise ValueError(f"k_max ({self.k_max}) is below k_start ({self.k_start}): raise k_max or lower k_start")
+        return self
+
 
 class Stage2Config(Section):
     block_size: int = Field(5, ge=1, description="N of Algorithm 1")
-    taus: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    seeds: list[int] = [0, 1, 2]
+    taus: list[Tau] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], min_length=1,
+                            description="consensus thresholds τ of Algorithm 1, each in (0, 1]")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
     batch_size: int = Field(32, ge=1, description="rows per forward pass")
 
 
 class Stage3Config(Section):
-    harmful: list[str] = Field(["bundled:harmful"], description="prompt sets labelled 1 (paper: AdvBench)")
-    harmless: list[str] = Field(["bundled:harmless"], description="prompt sets labelled 0 (paper: Alpaca)")
+    harmful: list[str] = Field(["bundled:harmful"], min_length=1, description="prompt sets labelled 1 (paper: AdvBench)")
+    harmless: list[str] = Field(["bundled:harmless"], min_length=1, description="prompt sets labelled 0 (paper: Alpaca)")
     n_per_class: int | None = Field(None, ge=4, description="cap per label (equal numbers are used)")
-    layers: list[int] | Literal["auto"] = Field("auto", description="auto: SAE layers from 2 to l*")
+    layers: Annotated[list[Layer], NonEmpty] | Literal["auto"] = Field("auto", description="auto: SAE layers from 2 to l*")
     n_tokens: int = Field(4, ge=1, description="last tokens recorded (the post-instruction template)")
     mode: Literal["pooled", "tokens"] = "pooled"
     embedding_size: int = Field(20, ge=1)
-    collapse_sizes: list[int] = Field([5], description="extra FM sizes trained only for the collapse check")
-    lr: float = 1e-3
+    collapse_sizes: list[Positive] = Field([5], description="extra FM sizes trained only for the collapse check")
+    lr: float = Field(1e-3, gt=0)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     aggregate: Literal["max", "mean"] = "max"
-    ks: list[int] = list(range(100, 2001, 100))
-    probe_ks: list[int] = [100, 500, 1000, 2000]
+    ks: list[Positive] = Field(list(range(100, 2001, 100)), min_length=1)
+    probe_ks: list[Positive] = Field([100, 500, 1000, 2000], min_length=1)
     rungs_per_round: int = Field(3, ge=1)
 
 
@@ -112,18 +136,19 @@ ANALYSES = ("hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping
 class AnalysesConfig(Section):
     run: list[Literal[ANALYSES]] = list(ANALYSES)
     wake_threshold: float = Field(0.1, ge=0, description="relative P(I) change that keeps a prompt (hydra step 2)")
-    random_seeds: list[int] = [0, 1, 2]
-    obrien_ks: list[int] = [1, 2, 3, 4, 5, 6, 8, 10]
+    random_seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
+    obrien_ks: list[Positive] = Field([1, 2, 3, 4, 5, 6, 8, 10], min_length=1)
     ce_instructions: str = Field("bundled:harmless:test", description="paper: Alpaca")
     ce_general: str = Field("bundled:general", description="paper: The Pile")
     ce_texts: int = Field(100, ge=1)
     ce_sets: int | None = Field(None, ge=1, description="cap on per-prompt feature sets averaged (None: all)")
-    taxonomy_prompts: list[str] = Field(["bundled:harmful"], description="prompts with unsafe categories (paper: CoCoNot)")
-    clamp_values: list[float] = [2, 4, 6, 8, 10]
+    taxonomy_prompts: list[str] = Field(["bundled:harmful"], min_length=1, description="prompts with unsafe categories (paper: CoCoNot)")
+    clamp_values: list[float] = Field([2, 4, 6, 8, 10], min_length=1)
     clamp_prompts: list[str] | None = Field(None, description="None: the paper's five benign prompts")
     clamp_tokens: int = Field(24, ge=1)
     explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
+    neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
 
 
 class ExecutionConfig(Section):
@@ -140,7 +165,7 @@ class ExecutionConfig(Section):
 
 class Config(Section):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelConfig = ModelConfig()
     saes: SAEConfig = SAEConfig()
     data: DataConfig = DataConfig()
@@ -157,7 +182,7 @@ class Config(Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if not v or "/" in v:
-            raise ValueError("name must be a non-empty string without '/'")
+            raise ValueError("name must be a non-empty string without '/': fix the name")
         return v
 
     def section(self, *names: str) -> dict:
@@ -186,10 +211,15 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _describe(err: ValidationError, origin: str) -> str:
     e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"])
+    # a union's branch name (e.g. 'list[...]' of "layers: list | 'all'") is no key: drop it
+    where = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("literal"))))
     if e["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{where}': remove it or check its spelling"
-    return f"{origin}: '{where}': {e['msg']}: fix this value"
+    if e["type"] == "value_error":  # our validators' messages say what to do
+        return f"{origin}: '{where}': {e['msg'].removeprefix('Value error, ')}"
+    if e["type"] == "too_short":
+        return f"{origin}: '{where}': the list is empty: give at least one value"
+    return f"{origin}: '{where}': {e['msg']} (got {e.get('input')!r}): fix this value"
 
 
 def config_from_dict(data: dict, origin: str = "config") -> Config:

@@ -11,9 +11,10 @@ from ..io.model import ChatModel
 from ..io.prompts import filter_refused
 from ..measures.judges import make_judge
 from .config import Config
+from .inputs import stage_hashes
 from .resolve import load_model, load_prompt_set, take
 from .results import RunResults
-from .store import RunStore, config_hash
+from .store import RunStore
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Context:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+        if self.store is not None:
+            self.store.close()
 
     @property
     def results(self) -> RunResults:
@@ -72,18 +75,18 @@ class Context:
         return self._saes
 
 
-def stage_hash(ctx: Context, name: str, sections: tuple[str, ...], depends: tuple[str, ...] = (),
-               extra: dict | None = None) -> str:
-    h = config_hash({"stage": name, "cfg": ctx.cfg.section(*sections), "extra": extra or {},
-                     "deps": {d: ctx.hashes[d] for d in depends}})
-    ctx.hashes[name] = h
-    return h
+def stage_hash(ctx: Context, name: str) -> str:
+    """The stage's hash over what it reads (`inputs.STAGES`): its config fields, prompt files and
+    the hashes of the stages it depends on."""
+    if name not in ctx.hashes:
+        ctx.hashes.update(stage_hashes(ctx.cfg))
+    return ctx.hashes[name]
 
 
 def run_filter(ctx: Context) -> dict:
     """Generate on the harmful test prompts, judge, and keep the ones the model refuses."""
     name = "filter"
-    h = stage_hash(ctx, name, ("model", "data", "judge", "generation", "seed"))
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     cfg = ctx.cfg
@@ -92,13 +95,14 @@ def run_filter(ctx: Context) -> dict:
     with ctx.store.stage(name, h) as st:
         model = ctx.model
         ck = st.checkpoint("completions", key="id")
-        todo = [p for p in prompts if p.id not in ck]
         size = cfg.generation.batch_size
         judge = ctx.judge
         from tqdm.auto import tqdm
 
-        for start in tqdm(range(0, len(todo), size), desc="judge harmful prompts", disable=ctx.quiet):
-            chunk = todo[start:start + size]
+        # chunks are cut from all prompts, so a resumed run pads each prompt as an uninterrupted one does
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        for chunk in tqdm([c for c in chunks if any(p.id not in ck for p in c)], desc="judge harmful prompts",
+                          disable=ctx.quiet):
             texts = [p.text for p in chunk]
             replies = model.generate(model.encode(texts), max_new_tokens=cfg.generation.max_new_tokens)
             v = judge.judge(texts, replies if judge.needs_completions else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts, sample
@@ -10,8 +12,25 @@ from ..io.saes import SAESet
 from .config import Config
 
 
+def chat_template_text(value: str | None) -> str | None:
+    """`model.chat_template`: the Jinja text itself, or a file that holds it."""
+    if not value or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.chat_template {value!r} is neither a Jinja template nor a file: pass the "
+                        "template text or the path of a file that holds it")
+    return path.read_text(encoding="utf-8")
+
+
 def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     m = cfg.model
+    if quiet:  # transformers' own "Loading weights" bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if m.trust_remote_code:
+        log(f"model.trust_remote_code is on: the code in {m.source} runs in this process")
     if m.source == "demo":
         from ..demo.world import build_world, is_built, load_demo_model
 
@@ -23,28 +42,30 @@ def load_model(cfg: Config, quiet: bool = False, log=print) -> ChatModel:
     else:
         model = load_chat_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device,
                                 system_prompt=m.system_prompt, refusal_tokens=m.refusal_tokens,
-                                quiet=quiet, compile=cfg.execution.compile)
+                                quiet=quiet, chat_template=chat_template_text(m.chat_template),
+                                trust_remote_code=m.trust_remote_code, compile=cfg.execution.compile)
+    model.log = log  # out-of-memory retries say so in the run's log
     return model
 
 
-def sae_layers(cfg: Config, model: ChatModel) -> list[int]:
+def sae_layers(cfg: Config, n_layers: int, name: str) -> list[int]:
     layers = cfg.saes.layers
     if layers == "all":
         if cfg.saes.source == "demo":
             from ..demo.world import demo_layers
 
-            return demo_layers(n_layers=model.n_layers)
-        return list(range(model.n_layers))
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
+            return demo_layers(n_layers=n_layers)
+        return list(range(n_layers))
+    bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise UserError(f"saes.layers has {bad}, but {model.name} has layers 0..{model.n_layers - 1}: "
+        raise UserError(f"saes.layers has {bad}, but {name} has layers 0..{n_layers - 1}: "
                         "fix saes.layers in the config")
     return list(layers)
 
 
 def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
     s = cfg.saes
-    layers = sae_layers(cfg, model)
+    layers = sae_layers(cfg, model.n_layers, model.name)
     if s.source == "demo":
         from ..demo.world import sae_dir
 

@@ -1,5 +1,7 @@
 """Chain the stages of a run in pipeline order: the one entry point the CLI and the Python API
-share. Each stage skips itself when its config hash is already done, so running again resumes."""
+share. Each stage skips itself when its config hash is already done, so running again resumes;
+the run directory is locked while a run writes to it, and every input is checked before the first
+stage starts."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from pathlib import Path
 from ..artifacts import atomic_write_text
 from ..errors import UserError
 from .config import Config, dump_config, load_config
+from .inputs import needed, stage_hashes
 from .pipeline import Context, run_filter
+from .preflight import preflight
 from .stage3 import run_stage3
 from .stage_analyses import ANALYSIS_STAGES
 from .stage_direction import run_direction
@@ -33,36 +37,75 @@ def printer(quiet: bool, stream=None) -> Callable[[str], None]:
 
 
 def open_context(config: str | os.PathLike | Config | None = None, run_dir: str | os.PathLike | None = None,
-                 overrides: dict | None = None, quiet: bool = False, log: Callable[[str], None] | None = None) -> Context:
+                 overrides: dict | None = None, quiet: bool = False, log: Callable[[str], None] | None = None,
+                 accept_version: bool = False) -> Context:
     """The Context of a run: its config (a preset name, YAML file or Config; default demo), its run
-    directory (default runs/<config name>), with the resolved config saved beside the manifest."""
+    directory (default runs/<config name>) locked for this process and checked for its version
+    (`RunStore.open_for_writing`), with the resolved config saved beside the manifest. Close it
+    (`run_pipeline` does) to release the lock."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     root = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    store = RunStore(root)
-    atomic_write_text(root / "config.yaml", dump_config(cfg))
-    return Context(cfg, store, quiet=quiet, log=log or printer(quiet))
+    log = log or printer(quiet)
+    ctx = Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log)
+    try:
+        atomic_write_text(root / "config.yaml", dump_config(cfg))
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
 
 
-def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = None) -> dict:
-    """Run the stages in order up to `upto` (a stage name, or "analyses" for everything); the
-    analyses run are `only`, else the config's `analyses.run`. Returns {stage: summary, "run": dir}."""
+def check_analyses(names) -> None:
+    bad = [n for n in names or () if n not in ANALYSIS_STAGES]
+    if bad:
+        raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
+
+
+def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
+         no_deps: bool = False) -> tuple[list[str], list[str]]:
+    """(the stages to go through in order, those of them already done with this config). With
+    `no_deps`, only the asked stages, and the ones they need must be done."""
     if upto != "analyses" and upto not in STAGES:
         raise UserError(f"unknown stage {upto!r}: use one of {', '.join(STAGES)} or analyses")
-    order = list(CORE)
-    if upto == "analyses":
-        names = only or ctx.cfg.analyses.run
-        bad = [n for n in names if n not in ANALYSIS_STAGES]
-        if bad:
-            raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
-        order += [n for n in ANALYSIS_STAGES if n in names]
-    elif upto not in CORE:
-        order.append(upto)
+    analyses = list(only or ctx.cfg.analyses.run)
+    check_analyses(analyses)
+    if no_deps:
+        asked = analyses if upto == "analyses" else [upto]
+    else:
+        asked = ([*CORE, *analyses] if upto == "analyses" else
+                 list(CORE[:CORE.index(upto) + 1]) if upto in CORE else [*CORE, upto])
+    names = needed(asked)
+    hashes = stage_hashes(ctx.cfg)
+    done = [n for n in names if ctx.store.is_done(n, hashes[n])]
+    if no_deps:
+        missing = [n for n in names if n not in asked and n not in done]
+        if missing:
+            raise UserError(f"{asked[0]} needs {missing[-1]}, which has not finished in {ctx.store.root} with this "
+                            f"config: run `refusalscope {missing[-1]}` first, or drop --no-deps")
+        names = [n for n in names if n in asked]
+    return names, [n for n in names if n in done]
+
+
+def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
+                 no_deps: bool = False) -> dict:
+    """Run the stages in order up to `upto` (a stage name, or "analyses" for everything); the
+    analyses run are `only`, else the config's `analyses.run`, with the stages they need. Every
+    input of the stages still to run is checked first (`preflight`), so a mistake costs seconds.
+    Returns {stage: summary, "run": dir}."""
     out: dict = {}
     try:
-        for name in order:
+        names, done = plan(ctx, upto, only, no_deps)
+        todo = [n for n in names if n not in done]
+        if todo:
+            preflight(ctx, todo)
+        ctx.log(f"run {ctx.store.root}: " + (f"{', '.join(done)} done; " if done else "")
+                + (f"running {', '.join(todo)}" if todo else "nothing to run"))
+        for name in names:
             out[name] = STAGES[name](ctx)
-            if name == upto:
-                break
+            if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:
+                raise UserError(f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "
+                                f"prompts (judge {ctx.cfg.judge.name}; replies in {ctx.store.root}/filter/"
+                                "completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model")
     finally:
         ctx.close()
     out["run"] = str(ctx.store.root)

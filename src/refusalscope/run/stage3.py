@@ -36,7 +36,7 @@ def _texts(specs: list[str], cap: int | None, tf, seed: int) -> list[str]:
 
 def run_stage3(ctx: Context) -> dict:
     name = "stage3"
-    h = stage_hash(ctx, name, ("judge", "generation", "stage3", "seed"), ("stage2",))
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     sc, gen, model, saes = ctx.cfg.stage3, ctx.cfg.generation, ctx.model, ctx.saes

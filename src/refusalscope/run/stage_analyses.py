@@ -5,6 +5,8 @@ semantics (explanations, top terms, concept groups)."""
 
 from __future__ import annotations
 
+import warnings
+
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
 from ..methods.records import Activity
 from .backend import fan_out
@@ -16,8 +18,8 @@ def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
     return [(p.id, p.text) for p in ctx.results.kept_prompts() if p.id in ids]
 
 
-def _stage(ctx: Context, name: str, deps: tuple[str, ...], compute) -> dict:
-    h = stage_hash(ctx, name, ("judge", "generation", "analyses", "seed"), deps)
+def _stage(ctx: Context, name: str, compute) -> dict:
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     with ctx.store.stage(name, h) as st:
@@ -44,7 +46,7 @@ def run_hydra(ctx: Context) -> dict:
         st.json("inactive_critical.json", crit)
         st.json("wake_up.json", wake)
         return {"inactive_critical": crit["counts"], "wake_up": wake["summary"]}
-    return _stage(ctx, "hydra", ("stage2",), compute)
+    return _stage(ctx, "hydra", compute)
 
 
 def run_stage3_only(ctx: Context) -> dict:
@@ -60,7 +62,7 @@ def run_stage3_only(ctx: Context) -> dict:
         out = {"summary": controls.stage3_only_summary(records), "records": records}
         st.json("stage3_only.json", out)
         return out["summary"]
-    return _stage(ctx, "stage3_only", ("stage3",), compute)
+    return _stage(ctx, "stage3_only", compute)
 
 
 def run_controls(ctx: Context) -> dict:
@@ -85,7 +87,7 @@ def run_controls(ctx: Context) -> dict:
         return {"random": {"per_seed": [{k: r[k] for k in ("seed", "jailbroken", "asr")} for r in rnd["per_seed"]],
                            "n_prompts": len(sets)},
                 "obrien": [{k: r[k] for k in ("k", "jailbroken", "asr", "mean_set_size")} for r in obr["per_k"]]}
-    return _stage(ctx, "controls", ("stage2",), compute)
+    return _stage(ctx, "controls", compute)
 
 
 def run_ce_loss(ctx: Context) -> dict:
@@ -106,7 +108,7 @@ def run_ce_loss(ctx: Context) -> dict:
                                 direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
         st.json("table9.json", rows)
         return {"rows": rows}
-    return _stage(ctx, "ce_loss", ("stage2", "direction"), compute)
+    return _stage(ctx, "ce_loss", compute)
 
 
 def run_taxonomy(ctx: Context) -> dict:
@@ -128,7 +130,7 @@ def run_taxonomy(ctx: Context) -> dict:
         st.json("category_activity.json", act)
         st.json("study_items.json", study)
         return {"histogram": hist, "study": human_study.study_breakdown(study), "n_features": len(feats)}
-    return _stage(ctx, "taxonomy", ("stage3",), compute)
+    return _stage(ctx, "taxonomy", compute)
 
 
 def run_clamping(ctx: Context) -> dict:
@@ -141,7 +143,7 @@ def run_clamping(ctx: Context) -> dict:
                                   a.clamp_values, a.clamp_tokens, ctx.cfg.generation.batch_size)
         st.json("clamping.json", rows)
         return {"features": feats.ids(), "rows": rows}
-    return _stage(ctx, "clamping", ("hydra",), compute)
+    return _stage(ctx, "clamping", compute)
 
 
 def run_semantics(ctx: Context) -> dict:
@@ -153,10 +155,16 @@ def run_semantics(ctx: Context) -> dict:
         if ctx.cfg.saes.neuronpedia_id:
             from ..demo.recipe import cache_root
 
-            client = semantics.NeuronpediaClient(a.neuronpedia_cache or cache_root() / "neuronpedia",
-                                                 ctx.cfg.saes.neuronpedia_id)
-            expl, missing = client.explain(feats)
+            cache = a.neuronpedia_cache or cache_root() / "neuronpedia"
+            client = semantics.NeuronpediaClient(cache, ctx.cfg.saes.neuronpedia_id, base_url=a.neuronpedia_url)
+            with warnings.catch_warnings():  # said once below, as one line of the run's log
+                warnings.simplefilter("ignore")
+                expl, missing = client.explain(feats)
             source = "neuronpedia"
+            if client.offline_reason:
+                ctx.log(f"semantics: {client.offline_reason}: {len(expl)} of {len(feats)} explanations from the "
+                        f"cache {cache}, none for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+                        "those are explained by their top activations and the run continues")
         texts = [p.text for p in load_prompt_set("bundled:general")]
         texts += [ctx.model.format_chat(p.text) for p in ctx.results.kept_prompts()]
         top = semantics.top_activations(ctx.model, ctx.saes, texts[: a.explain_texts], feats,
@@ -171,7 +179,7 @@ def run_semantics(ctx: Context) -> dict:
         st.json("concepts.json", {"groups": groups, "top_terms": terms})
         return {"source": source, "n_features": len(feats), "missing": len(missing), "top_terms": terms[:15],
                 "groups": {k: {c: len(v) for c, v in g.items()} for k, g in groups.items()}}
-    return _stage(ctx, "semantics", ("stage3",), compute)
+    return _stage(ctx, "semantics", compute)
 
 
 ANALYSIS_STAGES = {"hydra": run_hydra, "stage3_only": run_stage3_only, "controls": run_controls,

@@ -15,7 +15,7 @@ from .store import atomic_write_tensors, read_tensors
 
 def run_direction(ctx: Context) -> dict:
     name = "direction"
-    h = stage_hash(ctx, name, ("model", "data", "judge", "generation", "direction", "seed"), ("filter",))
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     cfg, dc = ctx.cfg, ctx.cfg.direction

@@ -21,7 +21,7 @@ def stage1_layers(ctx: Context) -> list[int]:
 
 def run_stage1(ctx: Context) -> dict:
     name = "stage1"
-    h = stage_hash(ctx, name, ("saes", "judge", "generation", "stage1"), ("direction",))
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     s1 = ctx.cfg.stage1
@@ -56,7 +56,7 @@ def run_stage1(ctx: Context) -> dict:
 
 def run_stage2(ctx: Context) -> dict:
     name = "stage2"
-    h = stage_hash(ctx, name, ("judge", "generation", "stage2"), ("stage1",))
+    h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     s2 = ctx.cfg.stage2

@@ -4,6 +4,10 @@ Every write goes to a temporary name in the same folder and is renamed into plac
 process never leaves a half-written artifact. The manifest records, per stage, the hash of the
 config it ran with, its status and timings; a stage whose hash matches and whose status is
 "done" is skipped on the next run, anything else is recomputed.
+
+A writer takes the directory's lock (`run.lock`, see `lock.py`) and checks the manifest's version
+stamp: a run written in another run format, or by another major.minor release of refusalscope, is
+refused with a message saying what differs, so results of two versions never mix silently.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .. import __version__
 from ..artifacts import (
+    TMP_MARK,
     Checkpoint,
     atomic_write_json,
     atomic_write_jsonl,
@@ -26,12 +32,16 @@ from ..artifacts import (
     atomic_write_tensors,
     atomic_write_text,
     config_hash,
+    disk_full,
     read_json,
     read_jsonl,
     read_table,
     read_tensors,
 )
 from ..errors import UserError
+from .lock import RunLock
+
+RUN_FORMAT = 1  # bump when the layout or meaning of a run directory's files changes
 
 __all__ = ["Checkpoint", "RunStore", "StageRecord", "atomic_write_json", "atomic_write_jsonl",
            "atomic_write_table", "atomic_write_tensors", "atomic_write_text", "config_hash", "read_json",
@@ -45,9 +55,80 @@ class RunStore:
         self.root = Path(root)
         if not create and not (self.root / "manifest.json").exists():
             raise UserError(f"no run found at {self.root}: run `refusalscope run` first or pass --run")
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the run directory {self.root} ({err.strerror or err}): "
+                            "pass a folder you can write with -r") from None
         self.manifest_path = self.root / "manifest.json"
-        self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
+        try:
+            self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
+            self.manifest.setdefault("stages", {})
+        except (ValueError, AttributeError):
+            raise UserError(f"{self.manifest_path} is not a refusalscope manifest (not valid JSON): pass "
+                            "another run directory (-r), or move this one away to start afresh") from None
+        fmt = self.manifest.get("run_format")
+        if fmt is not None and fmt != RUN_FORMAT:
+            raise UserError(f"run directory {self.root} is in run format {fmt} (refusalscope "
+                            f"{self.manifest.get('refusalscope', '?')}), this refusalscope {__version__} uses "
+                            f"format {RUN_FORMAT}: use refusalscope {self.manifest.get('refusalscope', '?')} "
+                            "for it, or rerun into a new directory (-r)")
+        self.lock: RunLock | None = None
+
+    # ----------------------------------------------------------------- writing
+    def open_for_writing(self, accept_version: bool = False, log=print) -> RunStore:
+        """Take the directory's lock, check the version stamp, drop temp files a killed writer
+        left behind, and stamp the manifest with this version."""
+        try:
+            probe = self.root / f".write-probe-{os.getpid()}{TMP_MARK}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            if disk_full(err):
+                raise UserError(f"no space left on the disk of {self.root}: free space and run the same "
+                                "command again (finished work is kept)") from None
+            raise UserError(f"run directory {self.root} is not writable ({err.strerror or err}): "
+                            "pass a folder you can write with -r") from None
+        self.lock = RunLock(self.root)
+        self.lock.acquire(log)
+        try:
+            self._check_version(accept_version, log)
+            self._drop_orphans()
+            self._save()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _check_version(self, accept: bool, log) -> None:
+        m = self.manifest
+        theirs = m.get("refusalscope")
+        if m["stages"] and theirs != __version__:
+            what = (f"was written by refusalscope {theirs}" if theirs else
+                    "has no version stamp (written before refusalscope 0.1.0 stamped its runs)")
+            if theirs is None or theirs.split(".")[:2] != __version__.split(".")[:2]:
+                if not accept:
+                    raise UserError(f"run directory {self.root} {what}, this is {__version__}: rerun into a "
+                                    "new directory (-r), or pass --accept-version to keep its finished stages")
+                log(f"run {self.root} {what}; continuing with {__version__} (--accept-version): finished "
+                    "stages are kept, stages whose inputs changed rerun")
+            else:
+                log(f"run {self.root} {what}; continuing with {__version__} (same major.minor)")
+        history = list(m.get("written_by") or ([theirs or "unstamped"] if m["stages"] else []))
+        if __version__ not in history:
+            history.append(__version__)
+        m.update(run_format=RUN_FORMAT, refusalscope=__version__, written_by=history)
+
+    def _drop_orphans(self) -> None:
+        """Temp files of atomic writes interrupted by a kill: never renamed, never read."""
+        for p in self.root.rglob(f".*{TMP_MARK}*"):
+            if p.is_file():
+                p.unlink()
 
     def path(self, stage: str, name: str) -> Path:
         return self.root / stage / name
@@ -81,7 +162,10 @@ class RunStore:
         except BaseException:
             entry["status"] = "failed"
             entry["seconds"] = round(time.perf_counter() - t0, 3)
-            self._save()
+            try:
+                self._save()
+            except (OSError, UserError):  # a full disk: the earlier manifest stays, the error below says why
+                pass
             raise
         entry.update(status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
                      artifacts=sorted(set(rec.artifacts)), summary=rec.summary,

@@ -1,0 +1,161 @@
+"""B8: kill the whole pipeline at many random points, resume with the same command, compare.
+
+On the planted tiny world (tests/tiny_world.py), an uninterrupted `refusalscope run` is the
+reference. Each trial runs the same command and SIGKILLs it one to three times, each time at a
+random point picked by one of three rules: a random time (uniform over the reference's wall time,
+the process group killed), the N-th atomic write (killed inside it: the temp file half written,
+never renamed), or the N-th checkpoint append (killed inside the line). Then it runs the command
+once more to the end and compares every artifact with the reference (run/compare.py: bytes for
+every artifact, values for the manifest minus timings, final records for checkpoints).
+
+    python benchmarks/kill_sweep.py --trials 40 --out runs/bench/kill_sweep.json
+
+Prints a table per stage and per rule and writes every trial to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from faults import run_cli  # noqa: E402
+
+from refusalscope.run.compare import compare_runs  # noqa: E402
+
+RULES = ("time", "write", "append")
+
+
+def timed_kill(cmd: list[str], delay: float) -> tuple[bool, float]:
+    """Run `cmd` and SIGKILL its process group after `delay` s; (killed, seconds). A run that ends
+    by itself before then must have ended well."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), "count:/dev/null", "--", *cmd],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True, time.perf_counter() - t0
+        if rc != 0:
+            err.seek(0)
+            raise RuntimeError(f"the run ended with {rc} before its kill at {delay} s: {err.read()[-800:]}")
+        return False, time.perf_counter() - t0
+
+
+def where(run: Path) -> str:
+    """The stage a kill landed in: the one the manifest says is running, else between stages."""
+    try:
+        stages = json.loads((run / "manifest.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return "startup"
+    running = [s for s, e in stages.items() if e.get("status") != "done"]
+    return running[0] if running else (f"after {list(stages)[-1]}" if stages else "startup")
+
+
+def trial(i: int, rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, work: Path,
+          rules=RULES) -> dict:
+    run = work / f"trial-{i:03d}"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = cmd_of(run)
+    kills = []
+    t0 = time.perf_counter()
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        rule = rng.choice(rules)
+        if rule == "time":
+            point = round(rng.uniform(0.5, t_ref), 2)
+            fired, _ = timed_kill(cmd, point)
+        else:
+            point = rng.randint(1, counts[rule])
+            proc = run_cli(f"kill@{rule}:{point}", *cmd)
+            fired = proc.returncode == -signal.SIGKILL
+            if not fired and proc.returncode != 0:
+                raise RuntimeError(f"trial {i}: {rule} {point} ended with {proc.returncode}: {proc.stderr[-500:]}")
+        orphans = sorted(p.name for p in run.rglob(".*.tmp*")) if run.exists() else []
+        kills.append({"rule": rule, "point": point, "fired": fired, "stage": where(run) if fired else None,
+                      "temp_files_left": orphans})
+    final = run_cli("count:/dev/null", *cmd)
+    diffs = compare_runs(ref, run) if final.returncode == 0 else [f"resume failed: {final.stderr[-300:]}"]
+    out = {"trial": i, "kills": kills, "resume_rc": final.returncode, "identical": not diffs, "diffs": diffs,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    shutil.rmtree(run, ignore_errors=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="runs/bench/kill-sweep", help="folder for the world and the trial runs")
+    ap.add_argument("--out", default="runs/bench/kill_sweep.json")
+    ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="how kill points are picked")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="window for timed kills (default: the reference's wall time, long on a loaded machine)")
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    world = work / "world"
+    if not (world / "cfg.yaml").exists():
+        from tiny_world import write_tiny_world
+
+        write_tiny_world(world)
+    ref = work / "reference"
+    shutil.rmtree(ref, ignore_errors=True)
+    cmd_of = lambda run: ["run", "-c", str(world / "cfg.yaml"), "-r", str(run), "-q"]  # noqa: E731
+    t0 = time.perf_counter()
+    proc = run_cli(f"count:{work / 'counts.json'}", *cmd_of(ref))
+    t_ref = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((work / "counts.json").read_text())
+    print(f"reference: {t_ref:.1f} s, {counts['write']} atomic writes, {counts['append']} checkpoint appends",
+          flush=True)
+    window = args.seconds or t_ref
+    rng = random.Random(args.seed)
+    trials = []
+    for i in range(args.trials):
+        trials.append(trial(i, rng, cmd_of, ref, counts, window, work, args.rules))
+        t = trials[-1]
+        kills = ", ".join(f"{k['rule']}@{k['point']}->{k['stage'] or 'missed'}" for k in t["kills"])
+        print(f"trial {i:3d}: {kills}  identical={t['identical']}  {t['seconds']} s", flush=True)
+        summary = summarise(trials)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"reference": {"seconds": round(t_ref, 1), **counts},
+                                              "rules": args.rules, "time_window_s": round(window, 1),
+                                              "summary": summary, "trials": trials}, indent=2))
+    print_summary(summarise(trials))
+    return 0 if all(t["identical"] for t in trials) else 1
+
+
+def summarise(trials: list[dict]) -> dict:
+    fired = [k for t in trials for k in t["kills"] if k["fired"]]
+    return {"trials": len(trials), "identical_trials": sum(t["identical"] for t in trials),
+            "kill_points_tried": sum(len(t["kills"]) for t in trials), "kills_that_fired": len(fired),
+            "kills_leaving_a_temp_file": sum(bool(k["temp_files_left"]) for k in fired),
+            "by_stage": dict(Counter(k["stage"] for k in fired)), "by_rule": dict(Counter(k["rule"] for k in fired))}
+
+
+def print_summary(s: dict) -> None:
+    print(f"\n{s['trials']} trials, {s['kills_that_fired']} kills landed ({s['kill_points_tried']} tried, "
+          f"{s['kills_leaving_a_temp_file']} left a half-written temp file); identical after resume: {s['identical_trials']} of "
+          f"{s['trials']}")
+    print("kills by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_stage"].items())))
+    print("kills by rule:  " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_rule"].items())))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

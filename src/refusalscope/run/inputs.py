@@ -1,0 +1,137 @@
+"""What each stage reads: the config fields, the prompt files (by content) and the earlier stages.
+
+A stage's hash covers exactly these, so a changed config reruns the stages whose inputs changed
+and keeps the rest; `stage_hashes` computes every hash from the config alone (no model needed),
+which lets the CLI say up front what will run and check `--no-deps`. Execution settings (backend,
+workers, shard size) are in no hash: every backend gives the same results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..artifacts import config_hash
+from ..errors import UserError
+from .config import ANALYSES, Config
+
+PIPELINE = ("filter", "direction", "stage1", "stage2", "stage3")
+_SAE_WEIGHTS = ("saes.source", "saes.release", "saes.sae_id", "saes.path", "saes.layers")
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    keys: tuple[str, ...]  # config sections or dotted fields the stage reads
+    files: tuple[str, ...] = ()  # fields naming prompt sets, hashed by their parsed contents
+    deps: tuple[str, ...] = ()  # stages whose artifacts it reads (their hashes chain in)
+
+
+STAGES: dict[str, StageInputs] = {
+    "filter": StageInputs(("model", "data.harmful_test", "data.text_field", "data.max_prompts", "judge",
+                           "generation", "seed"), ("data.harmful_test",)),
+    "direction": StageInputs(("model", "data", "judge", "generation", "direction", "seed"),
+                             ("data.harmful_train", "data.harmful_val", "data.harmless_train",
+                              "data.harmless_val", "data.harmless_test"), ("filter",)),
+    "stage1": StageInputs((*_SAE_WEIGHTS, "judge", "generation", "stage1"), (), ("direction",)),
+    "stage2": StageInputs(("judge", "generation", "stage2"), (), ("stage1",)),
+    "stage3": StageInputs(("judge", "generation", "stage3", "seed"), ("stage3.harmful", "stage3.harmless"),
+                          ("stage2",)),
+    "hydra": StageInputs(("judge", "generation", "analyses.wake_threshold", "seed"), (), ("stage2",)),
+    "stage3_only": StageInputs(("judge", "generation", "seed"), (), ("stage3",)),
+    "controls": StageInputs(("judge", "generation", "analyses.random_seeds", "analyses.obrien_ks", "seed"), (),
+                            ("stage2",)),
+    "ce_loss": StageInputs(("analyses.ce_instructions", "analyses.ce_general", "analyses.ce_texts",
+                            "analyses.ce_sets", "seed"), ("analyses.ce_instructions", "analyses.ce_general"),
+                           ("stage2", "direction")),
+    "taxonomy": StageInputs(("analyses.taxonomy_prompts", "seed"), ("analyses.taxonomy_prompts",), ("stage3",)),
+    "clamping": StageInputs(("generation", "analyses.clamp_values", "analyses.clamp_prompts",
+                             "analyses.clamp_tokens"), (), ("hydra",)),
+    "semantics": StageInputs(("analyses.explain_texts", "analyses.neuronpedia_cache", "analyses.neuronpedia_url",
+                              "saes.neuronpedia_id"),
+                             (), ("stage3",)),
+}
+assert set(STAGES) == {*PIPELINE, *ANALYSES}
+
+
+def config_value(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+_digests: dict[tuple, str] = {}
+
+
+def prompt_digest(spec: str, text_field: str | None) -> str:
+    """Hash of a prompt set's parsed prompts (id, text, category, label, split): an edited file
+    reruns what reads it, reformatting it does not. Memoised per file version."""
+    from .resolve import load_prompt_set
+
+    p = Path(spec)
+    stamp = ()
+    if not spec.startswith("bundled:"):
+        try:
+            st = os.stat(p)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return "missing"
+    key = (spec, text_field, stamp)
+    if key not in _digests:
+        try:
+            prompts = load_prompt_set(spec, text_field)
+        except UserError:
+            return "unreadable"
+        _digests[key] = config_hash([(q.id, q.text, q.category, q.subcategory, q.label, q.split) for q in prompts])
+    return _digests[key]
+
+
+def _files(cfg: Config, key: str) -> list[str]:
+    value = config_value(cfg, key)
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _model_identity(cfg: Config) -> dict:
+    if cfg.model.source == "demo":  # the demo world is keyed by its recipe: a new recipe is a new model
+        from ..demo.recipe import DemoRecipe, recipe_hash
+
+        return {"demo_world": recipe_hash(DemoRecipe())}
+    return {}
+
+
+def stage_hashes(cfg: Config, names=None) -> dict[str, str]:
+    """The hash of every stage (or of `names` and what they depend on) for this config."""
+    out: dict[str, str] = {}
+
+    def one(name: str) -> str:
+        if name not in out:
+            spec = STAGES[name]
+            keys = {k: config_value(cfg, k) for k in spec.keys}
+            if "model" in spec.keys:
+                keys["model_identity"] = _model_identity(cfg)
+            files = {k: [prompt_digest(f, cfg.data.text_field) for f in _files(cfg, k)] for k in spec.files}
+            out[name] = config_hash({"stage": name, "cfg": keys, "files": files,
+                                     "deps": {d: one(d) for d in spec.deps}})
+        return out[name]
+
+    for n in names or STAGES:
+        one(n)
+    return out
+
+
+def needed(names) -> list[str]:
+    """`names` and every stage they depend on, in pipeline order."""
+    seen: set[str] = set()
+
+    def walk(n: str) -> None:
+        if n not in seen:
+            seen.add(n)
+            for d in STAGES[n].deps:
+                walk(d)
+
+    for n in names:
+        walk(n)
+    return [n for n in (*PIPELINE, *ANALYSES) if n in seen]
