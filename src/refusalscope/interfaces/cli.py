@@ -117,7 +117,7 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
     order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
              ("stage2", run_stage2), ("stage3", run_stage3)]
     if upto == "analyses":
-        names = only or ctx.cfg.analyses.run
+        names = only or [*ctx.cfg.analyses.run, *(["dashboards"] if ctx.cfg.dashboards.run else [])]
         bad = [n for n in names if n not in ANALYSIS_STAGES]
         if bad:
             raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
@@ -186,7 +186,7 @@ def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QU
 @app.command()
 @friendly
 def analyze(names: list[str] | None = typer.Argument(
-                None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
+                None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics dashboards (default: all)"),
             config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
             address: str | None = ADDRESS, workers: int | None = WORKERS):

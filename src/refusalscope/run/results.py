@@ -46,6 +46,10 @@ class RunResults:
     def has(self, stage: str, name: str) -> bool:
         return self.store.path(stage, name).exists()
 
+    def stages(self) -> dict[str, dict]:
+        """Every stage the manifest knows, with status, seconds and summary."""
+        return dict(self.store.manifest["stages"])
+
     def json(self, stage: str, name: str) -> Any:
         return read_json(self.path(stage, name))
 
@@ -58,6 +62,13 @@ class RunResults:
     def config_text(self) -> str | None:
         p = self.root / "config.yaml"
         return p.read_text(encoding="utf-8") if p.exists() else None
+
+    def config(self):
+        """The run's Config (from config.yaml), or None for a run written without one."""
+        from .config import load_config
+
+        p = self.root / "config.yaml"
+        return load_config(p) if p.exists() else None
 
     # ----------------------------------------------------------------- filter + direction
     def kept_prompts(self) -> list[Prompt]:
@@ -97,6 +108,13 @@ class RunResults:
     def stage3(self) -> dict[str, Stage3Record]:
         return {r["id"]: Stage3Record.from_json(r) for r in self.jsonl("stage3", "results.jsonl")}
 
+    def stage1_sets(self) -> dict[str, FeatureSet]:
+        """Per prompt jailbroken in Stage 1, its top-K-per-layer candidate set."""
+        from ..methods.stage1 import top_k_set
+
+        ranked = self.stage1_ranked()
+        return {pid: top_k_set(ranked, r.k) for pid, r in self.stage1().items() if r.k is not None}
+
     def stage3_ranking(self) -> list[tuple[Feature, float]]:
         """Non-Stage-2 latents by FM-embedding similarity to the Stage 2 set, descending."""
         t = self.table("stage3", "ranking.parquet")
@@ -120,3 +138,46 @@ class RunResults:
         wake = self.json("hydra", "wake_up.json")
         return FeatureSet(w["feature"] for r in wake["records"] for w in r["woken"]
                           if any(h["region"] == "bos" for h in w["firings"])).sorted()
+
+    def wake_up(self) -> dict:
+        """Hydra step 3: per prompt, the dormant latents that woke up and where they fired."""
+        return self.json("hydra", "wake_up.json")
+
+    def inactive_critical(self) -> dict:
+        """Hydra: jailbreaks with the full / active-only / inactive-only Stage 2 set per prompt."""
+        return self.json("hydra", "inactive_critical.json")
+
+    # ----------------------------------------------------------------- semantics + dashboards
+    def explanations(self) -> dict[str, str]:
+        """Per critical latent, its explanation (Neuronpedia or the activation-based one)."""
+        return dict(self.json("semantics", "explanations.json")["explanations"])
+
+    def explanation_source(self) -> str:
+        return self.json("semantics", "explanations.json")["source"]
+
+    def category_activity(self) -> dict[str, dict[str, int]]:
+        """Per critical latent, prompts of each unsafe category it fires on."""
+        return self.json("taxonomy", "category_activity.json")
+
+    def study_items(self) -> list[dict]:
+        """The human-study sample: {feature, source, activation_labels, n_categories}."""
+        return self.json("taxonomy", "study_items.json")
+
+    def dashboards(self) -> dict:
+        """Per latent with a dashboard, its LatentDashboard."""
+        from ..methods.dashboards import LatentDashboard
+
+        return {r["feature"]: LatentDashboard.from_json(r) for r in self.jsonl("dashboards", "dashboards.jsonl")}
+
+    def model_summary(self) -> dict:
+        """Model size and per-layer SAE width, architecture, L0 and dead share."""
+        return self.json("dashboards", "model.json")
+
+    def fm_embeddings(self) -> tuple[list[Feature], torch.Tensor]:
+        """The Stage 3 FM's columns and their embeddings V [columns, k]."""
+        t = read_tensors(self.path("stage3", "fm.safetensors"))
+        return [Feature(int(l), int(i)) for l, i in t["columns"].reshape(-1, 2).tolist()], t["V"]
+
+    def figure(self, stage: str, name: str) -> Path | None:
+        """A plot a stage saved (PNG), or None when it is not there."""
+        return self.store.path(stage, name) if name.endswith(".png") and self.has(stage, name) else None

@@ -1,0 +1,62 @@
+"""The tiny planted world on disk (model folder, SAELens SAEs, prompt files, a config), and a
+whole pipeline run on it: what the CLI, report and web-app tests run against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from planted import HARMFUL, HARMLESS, planted_world
+
+from refusalscope.io.saes import save_sae
+from refusalscope.methods.evaluate import refusal_probs
+
+
+def write_tiny_world(root: Path) -> Path:
+    """Save the planted model and SAEs under `root` and write `root/cfg.yaml` for them."""
+    model, saes = planted_world()
+    model.hf.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    for layer, sae in saes.saes.items():
+        save_sae(sae, root / "saes" / f"layer_{layer}")
+    for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
+        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    cats = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
+    (root / "harmful.jsonl").write_text("".join(
+        json.dumps({"instruction": t, "category": cats[i % 4]}) + "\n" for i, t in enumerate(HARMFUL)))
+    p = refusal_probs(model, None, HARMFUL).sort().values
+    threshold = float(p[2])  # six of the eight harmful prompts count as refused
+    cfg = {"name": "tiny", "seed": 0,
+           "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
+           "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
+           "data": {k: str(root / f"{'harmful' if 'harmful' in k else 'harmless'}.txt")
+                    for k in ("harmful_train", "harmful_val", "harmful_test", "harmless_train",
+                              "harmless_val", "harmless_test")},
+           "judge": {"name": "first-token", "options": {"threshold": threshold},
+                     "degenerate_is_jailbreak": True},
+           "generation": {"max_new_tokens": 4, "batch_size": 16},
+           "direction": {"n_val": 8, "max_kl": 100.0, "n_generate": 2, "random_controls": 1},
+           "stage1": {"exclude_layers": [0], "k_start": 1, "k_step": 1, "k_max": 6},
+           "stage2": {"block_size": 2, "taus": [0.05, 0.2, 0.5], "seeds": [0, 1, 2]},
+           "stage3": {"harmful": [str(root / "harmful.jsonl")], "harmless": [str(root / "harmless.txt")],
+                      "layers": [1, 2, 3], "ks": [1, 2, 4, 8], "probe_ks": [1, 4], "epochs": 3, "embedding_size": 4,
+                      "collapse_sizes": [2], "batch_size": 4},
+           "analyses": {"random_seeds": [0, 1], "obrien_ks": [1, 3], "ce_texts": 8,
+                        "ce_instructions": str(root / "harmless.txt"), "ce_general": str(root / "harmless.txt"),
+                        "taxonomy_prompts": [str(root / "harmful.jsonl")], "clamp_values": [2, 4],
+                        "clamp_tokens": 2, "explain_texts": 12},
+           "dashboards": {"texts": 24, "max_length": 48, "top_k": 4, "effect_prompts": 3}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def run_pipeline(world: Path, run_dir: Path) -> dict:
+    """`refusalscope run` on the tiny world into `run_dir`; the CLI's JSON result."""
+    from typer.testing import CliRunner
+
+    from refusalscope.interfaces.cli import app
+
+    res = CliRunner().invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
