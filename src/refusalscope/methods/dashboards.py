@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel, PromptBatch
-from .activity import sinks, subset_acts
+from .activity import Prompts, prefix_lengths, region, sinks, subset_acts
 
 
 @dataclass
@@ -71,6 +71,8 @@ class LatentDashboard:
     max_at_sink: float
     fm_neighbours: list[tuple[str, float]] = field(default_factory=list)
     effects: list[dict] = field(default_factory=list)
+    explanation: str | None = None
+    explanation_source: str | None = None  # neuronpedia / activations
 
     @property
     def density(self) -> float:
@@ -96,7 +98,8 @@ class LatentDashboard:
                    [{**q, "samples": [TokenWindow.from_json(w) for w in q["samples"]]} for q in d["quantiles"]],
                    pairs(d["logits_top"]), pairs(d["logits_bottom"]), d.get("cos_direction"),
                    float(d["sink_share"]), int(d["bos_texts"]), float(d["max_at_sink"]),
-                   pairs(d.get("fm_neighbours", [])), list(d.get("effects", [])))
+                   pairs(d.get("fm_neighbours", [])), list(d.get("effects", [])), d.get("explanation"),
+                   d.get("explanation_source"))
 
 
 # ----------------------------------------------------------------- corpus pass 1: statistics
@@ -328,3 +331,28 @@ def corpus_dashboards(model: ChatModel, saes, texts: Sequence[str], features: It
                   "sink_share": round(s.n_sink / s.n_nonzero, 4) if s.n_nonzero else 0.0,
                   "bos_texts": s.bos_texts, "max_at_sink": round(s.max_sink, 4)}
     return out
+
+
+def prompt_tokens(model: ChatModel, prompts: Prompts) -> list[dict]:
+    """Per (id, text) prompt, its chat-formatted tokens as the pipeline saw them and the region
+    of each (activity.REGIONS): positions line up with the hydra analysis's wake-up records."""
+    if not prompts:
+        return []
+    texts = [t for _, t in prompts]
+    batch = model.encode(texts)
+    n_pre = prefix_lengths(model, texts)
+    out = []
+    for r, (pid, _) in enumerate(prompts):
+        ids = batch.input_ids[r][batch.attention_mask[r].bool()].tolist()
+        out.append({"id": pid, "tokens": [model.tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+                    "regions": [region(p, n_pre[r], len(ids), batch.n_post[r]) for p in range(len(ids))]})
+    return out
+
+
+def window_explanation(top: Sequence[TokenWindow]) -> str:
+    """An activation-based explanation from top contexts (the format `semantics` writes), for
+    latents with no explanation yet, such as the human study's random latents."""
+    from .semantics import activation_explanation
+
+    return activation_explanation([{"token": w.tokens[w.peak], "context": "".join(
+        w.tokens[:w.peak]) + f"[[{w.tokens[w.peak]}]]" + "".join(w.tokens[w.peak + 1:])} for w in top])

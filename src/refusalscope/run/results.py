@@ -76,6 +76,15 @@ class RunResults:
         return [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful")
                 for r in self.json("filter", "kept.json")]
 
+    def baseline_replies(self) -> dict[str, dict]:
+        """Per harmful test prompt, the unablated reply and the judge's call: {reply, refused}."""
+        return {r["id"]: {"reply": r.get("completion"), "refused": bool(r["refused"])}
+                for r in self.jsonl("filter", "completions.jsonl")}
+
+    def direction_candidates(self) -> pd.DataFrame:
+        """Per candidate (position, layer): P(refusal) ablated, KL on harmless, ASR where judged."""
+        return self.table("direction", "candidates.parquet")
+
     def direction(self) -> tuple[torch.Tensor, int]:
         """The unit refusal direction r̂(l*) and l*."""
         t = read_tensors(self.path("direction", "direction.safetensors"))
@@ -105,6 +114,10 @@ class RunResults:
         """Per jailbroken prompt, the latents of its Stage 2 set that fire on the plain prompt."""
         return {pid: r.active or FeatureSet() for pid, r in self.stage2().items() if r.set is not None}
 
+    def per_tau(self) -> pd.DataFrame:
+        """Stage 2 per prompt and τ: consensus-set size and whether it jailbreaks."""
+        return self.table("stage2", "per_tau.parquet")
+
     def stage3(self) -> dict[str, Stage3Record]:
         return {r["id"]: Stage3Record.from_json(r) for r in self.jsonl("stage3", "results.jsonl")}
 
@@ -124,6 +137,10 @@ class RunResults:
         """Per prompt jailbroken in Stage 3, its top-K* ranked latents."""
         ranking = [f for f, _ in self.stage3_ranking()]
         return {pid: FeatureSet(ranking[: r.k]) for pid, r in self.stage3().items() if r.k}
+
+    def probe_vs_fm(self) -> pd.DataFrame:
+        """Jailbroken prompts per K with the linear probe's vs the FM's top-K latents."""
+        return self.table("stage3", "probe_vs_fm.parquet")
 
     def critical_features(self) -> FeatureSet:
         """Every latent of a Stage 2 or Stage 3 set, in (layer, index) order."""
@@ -147,7 +164,36 @@ class RunResults:
         """Hydra: jailbreaks with the full / active-only / inactive-only Stage 2 set per prompt."""
         return self.json("hydra", "inactive_critical.json")
 
+    def stage3_only(self) -> dict:
+        """Ablating only Stage 3 latents: {summary, records (per prompt)}."""
+        return self.json("stage3_only", "stage3_only.json")
+
+    def random_control(self) -> dict:
+        """Random active latents per prompt and seed: {per_seed, records}."""
+        return self.json("controls", "random_control.json")
+
+    def obrien(self) -> dict:
+        """O'Brien-style baseline: {per_k, records}."""
+        return self.json("controls", "obrien.json")
+
+    def ce_table(self) -> list[dict]:
+        """Table 9 rows: dataset, setting, mean, std, n_texts."""
+        return self.json("ce_loss", "table9.json")
+
+    def clamping(self) -> list[dict]:
+        """Tables 5/6 rows: prompt, clamp, response ([] when no latent woke up on BOS)."""
+        return self.json("clamping", "clamping.json") if self.has("clamping", "clamping.json") else []
+
     # ----------------------------------------------------------------- semantics + dashboards
+    def concepts(self) -> dict:
+        """Concept groups per stage and top terms of the explanations (Tables 4, 7, 8, 10, 11)."""
+        return self.json("semantics", "concepts.json")
+
+    def prompt_tokens(self) -> dict[str, dict]:
+        """Per refused prompt, its chat-formatted tokens and the region of each (bos, system,
+        instruction, post_instruction)."""
+        return {r["id"]: r for r in self.jsonl("dashboards", "prompt_tokens.jsonl")}
+
     def explanations(self) -> dict[str, str]:
         """Per critical latent, its explanation (Neuronpedia or the activation-based one)."""
         return dict(self.json("semantics", "explanations.json")["explanations"])

@@ -33,6 +33,28 @@ def corpus(ctx: Context) -> list[str]:
     return prompts + take(general, dc.texts - len(prompts), ctx.cfg.seed)
 
 
+def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple[str, str]]:
+    """Per latent (explanation, source): the semantics stage's, else Neuronpedia's (when the
+    config names a Neuronpedia id), else one from its top contexts on the corpus."""
+    out = {}
+    if ctx.results.done("semantics"):
+        src = ctx.results.explanation_source()
+        out = {f: (e, src) for f, e in ctx.results.explanations().items()}
+    missing = [f for f in feats if f.id not in out]
+    if missing and ctx.cfg.saes.neuronpedia_id:
+        from ..demo.recipe import cache_root
+        from ..methods.semantics import NeuronpediaClient
+
+        client = NeuronpediaClient(ctx.cfg.analyses.neuronpedia_cache or cache_root() / "neuronpedia",
+                                   ctx.cfg.saes.neuronpedia_id)
+        found, _ = client.explain(missing)
+        out.update({f: (e, "neuronpedia") for f, e in found.items()})
+    for f in feats:
+        if f.id not in out:
+            out[f.id] = (dash.window_explanation(body[f]["top"]), "activations")
+    return out
+
+
 def run_dashboards(ctx: Context) -> dict:
     name = "dashboards"
     inputs = {s: ctx.store.status(s)["config_hash"] for s in INPUTS if ctx.results.done(s)}
@@ -44,9 +66,12 @@ def run_dashboards(ctx: Context) -> dict:
         t0 = time.perf_counter()
         s1, s2, s3 = critical_sets(ctx)
         texts = corpus(ctx)
+        kept = [(p.id, p.text) for p in ctx.results.kept_prompts()]
+        st.jsonl("prompt_tokens.jsonl", dash.prompt_tokens(model, kept))
         st.json("model.json", model_summary(model, saes, texts[:64], ctx.cfg.model.batch_size, dc.max_length,
                                             dc.sink_ratio))
-        feats = FeatureSet(f for sets in (s2, s3, s1) for s in sets.values() for f in s).sorted()
+        study = [it["feature"] for it in ctx.results.study_items()] if ctx.results.done("taxonomy") else []
+        feats = FeatureSet([*(f for sets in (s2, s3, s1) for s in sets.values() for f in s), *study]).sorted()
         if not feats:
             st.jsonl("dashboards.jsonl", [])
             st.summary = {"n_latents": 0, "note": "no prompt was jailbroken: no latent to show"}
@@ -55,7 +80,7 @@ def run_dashboards(ctx: Context) -> dict:
         # per prompt, P("I") with each Stage 2/3 latent ablated alone: the driver writes, shards compute
         critical = {pid: FeatureSet([*s2.get(pid, ()), *s3.get(pid, ())]) for pid in set(s2) | set(s3)}
         pairs = le.effect_pairs(critical, dc.effect_prompts, ctx.cfg.seed)
-        prompts = [(p.id, p.text) for p in ctx.results.kept_prompts() if p.id in pairs]
+        prompts = [(pid, text) for pid, text in kept if pid in pairs]
         ck = st.checkpoint("effects", key="id")
         fan_out(ctx, "latent_effects", prompts, {"pairs": pairs, "sets": s2}, ck, "dashboards (ΔP per latent)")
         stage_of = {pid: {**{f.id: "3" for f in s3.get(pid, ())}, **{f.id: "2" for f in s2.get(pid, ())}}
@@ -71,9 +96,11 @@ def run_dashboards(ctx: Context) -> dict:
         if ctx.results.done("stage3"):
             columns, V = ctx.results.fm_embeddings()
             near = dash.fm_neighbours(V, columns, feats, dc.fm_neighbours)
+        expl = explanations(ctx, feats, body)
         boards = [dash.LatentDashboard(f.id, **body[f], logits_top=logits[f][0], logits_bottom=logits[f][1],
                                        cos_direction=cos[f], fm_neighbours=near.get(f, []),
-                                       effects=by_latent.get(f.id, []))
+                                       effects=by_latent.get(f.id, []), explanation=expl[f.id][0],
+                                       explanation_source=expl[f.id][1])
                   for f in feats]
         st.jsonl("dashboards.jsonl", [b.to_json() for b in boards])
         st.summary = {"n_latents": len(boards), "n_with_effects": sum(bool(b.effects) for b in boards),
