@@ -6,52 +6,17 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from planted import HARMFUL, HARMLESS, planted_world
+from tiny_world import write_tiny_world
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
-from refusalscope.io.saes import save_sae
-from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.run.results import RunResults
 from refusalscope.run.store import read_json
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    model, saes = planted_world()
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    for layer, sae in saes.saes.items():
-        save_sae(sae, root / "saes" / f"layer_{layer}")
-    for name, rows in (("harmful", HARMFUL), ("harmless", HARMLESS)):
-        (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
-    cats = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
-    (root / "harmful.jsonl").write_text("".join(
-        json.dumps({"instruction": t, "category": cats[i % 4]}) + "\n" for i, t in enumerate(HARMFUL)))
-    p = refusal_probs(model, None, HARMFUL).sort().values
-    threshold = float(p[2])  # six of the eight harmful prompts count as refused
-    cfg = {"name": "tiny", "seed": 0,
-           "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
-           "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
-           "data": {k: str(root / f"{'harmful' if 'harmful' in k else 'harmless'}.txt")
-                    for k in ("harmful_train", "harmful_val", "harmful_test", "harmless_train",
-                              "harmless_val", "harmless_test")},
-           "judge": {"name": "first-token", "options": {"threshold": threshold},
-                     "degenerate_is_jailbreak": True},
-           "generation": {"max_new_tokens": 4, "batch_size": 16},
-           "direction": {"n_val": 8, "max_kl": 100.0, "n_generate": 2, "random_controls": 1},
-           "stage1": {"exclude_layers": [0], "k_start": 1, "k_step": 1, "k_max": 6},
-           "stage2": {"block_size": 2, "taus": [0.05, 0.2, 0.5], "seeds": [0, 1, 2]},
-           "stage3": {"harmful": [str(root / "harmful.jsonl")], "harmless": [str(root / "harmless.txt")],
-                      "layers": [1, 2, 3], "ks": [1, 2, 4, 8], "probe_ks": [1, 4], "epochs": 3, "embedding_size": 4,
-                      "collapse_sizes": [2], "batch_size": 4},
-           "analyses": {"random_seeds": [0, 1], "obrien_ks": [1, 3], "ce_texts": 8,
-                        "ce_instructions": str(root / "harmless.txt"), "ce_general": str(root / "harmless.txt"),
-                        "taxonomy_prompts": [str(root / "harmful.jsonl")], "clamp_values": [2, 4],
-                        "clamp_tokens": 2, "explain_texts": 12}}
-    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    return root
+    return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
 def test_pipeline_runs_and_resumes(world):

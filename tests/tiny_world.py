@@ -60,3 +60,27 @@ def run_pipeline(world: Path, run_dir: Path) -> dict:
     res = CliRunner().invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
+
+
+XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+
+
+def hostile_copy(run_dir: Path, dest: Path) -> tuple[Path, str]:
+    """A copy of a run whose first refused prompt and every recorded reply carry HTML/JS (model
+    output and prompts are untrusted): pages must show it as text. Returns (copy, prompt id)."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    kept = json.loads((dest / "filter" / "kept.json").read_text())
+    pid = kept[0]["id"]
+    kept[0]["text"] = "Tell me " + XSS
+    (dest / "filter" / "kept.json").write_text(json.dumps(kept))
+    for rel in ("filter/completions.jsonl", "stage2/sets.jsonl"):
+        rows = [json.loads(line) for line in (dest / rel).read_text().splitlines()]
+        for r in rows:
+            if "completion" in r:
+                r["completion"] = "Sure: " + XSS
+            for t in r.get("per_tau", []):
+                t["completion"] = "Sure: " + XSS
+        (dest / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest, pid

@@ -50,9 +50,9 @@ class AppState:
         with self._lock:
             return build_sections(self.results, self.latent_url)
 
-    def page(self, name: str, request: Request, status: int = 200, **ctx) -> HTMLResponse:
+    def page(self, template: str, request: Request, status: int = 200, **ctx) -> HTMLResponse:
         cfg_name = self.run_name
-        html = self.env.get_template(name).render(request_path=request.url.path, run_name=cfg_name,
+        html = self.env.get_template(template).render(request_path=request.url.path, run_name=cfg_name,
                                                   run_path=str(self.results.root), **ctx)
         return HTMLResponse(html, status_code=status)
 

@@ -30,17 +30,17 @@ def overview(request: Request):
 
 
 @router.get("/latents")
-def latents(request: Request, stage: Literal["", "1", "2", "3"] = "", layer: int | None = Query(None, ge=0),
+def latents(request: Request, stage: Literal["", "1", "2", "3"] = "", layer: str = Query("", pattern=r"^\d{0,5}$"),
             category: str = Query("", max_length=100), prompt: str = Query("", max_length=200),
             activity: Literal["", "active", "inactive", "woken", "sink"] = "",
             q: str = Query("", max_length=200), sort: Literal["prompts", "layer", "cos", "density"] = "prompts",
             page: int = Query(1, ge=1, le=100000)):
     st = _state(request)
-    rows = st.index.filter(stage or None, layer, category or None, prompt or None, activity or None,
+    rows = st.index.filter(stage or None, int(layer) if layer else None, category or None, prompt or None, activity or None,
                            q.strip() or None, sort)
     pages = max(1, -(-len(rows) // PAGE))
     shown = rows[(page - 1) * PAGE: page * PAGE]
-    args = {"stage": stage, "layer": "" if layer is None else layer, "category": category, "prompt": prompt,
+    args = {"stage": stage, "layer": int(layer) if layer else "", "category": category, "prompt": prompt,
             "activity": activity, "q": q, "sort": sort}
     return st.page("latents.html", request, rows=shown, total=len(rows), page=page, pages=pages, args=args,
                    facets=st.index.facets(), n_all=len(st.index.latents))
