@@ -29,9 +29,10 @@ class AppState:
     """Per-app state: the run's reader and its indexes (built on first use, then kept), the
     annotation store and the playground engine."""
 
-    def __init__(self, results: RunResults, playground: Playground | None = None):
+    def __init__(self, results: RunResults, playground: Playground | None = None,
+                 store: AnnotationStore | None = None):
         self.results = results
-        self.store = AnnotationStore.of_run(results.root)
+        self.store = store or AnnotationStore.of_run(results.root)
         self.playground = playground or Playground(results)
         self.env = environment()
         self.env.globals.update(latent_url=self.latent_url, prompt_url=lambda pid: f"/prompts/{pid}")
@@ -73,12 +74,15 @@ def _error(request: Request, status: int, detail: str):
 
 
 def create_app(run_dir: str | os.PathLike, allowed_hosts: list[str] | None = None,
-               playground: Playground | None = None, max_body: int = 64 * 1024):
+               playground: Playground | None = None, max_body: int = 64 * 1024,
+               annotations: str | os.PathLike | None = None):
     """The ASGI app over `run_dir` (a one-line UserError when it is not a run directory).
-    `allowed_hosts` limits the Host header (DNS-rebinding guard); None allows any."""
+    `allowed_hosts` limits the Host header (DNS-rebinding guard); None allows any.
+    `annotations`: the SQLite file of the study (default RUN_DIR/annotations.sqlite)."""
     results = RunResults(run_dir)
     app = FastAPI(title="refusalscope", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.rs = AppState(results, playground)
+    store = AnnotationStore(annotations) if annotations is not None else None
+    app.state.rs = AppState(results, playground, store)
     app.mount("/static", StaticFiles(packages=[("refusalscope.interfaces", "static")]), name="static")
     from . import pages, study
 
