@@ -79,7 +79,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
         return f"#latent-{fid}" if fid in carded else "#latents"
 
     env = environment()
-    env.globals.update(latent_url=latent_url, prompt_url=lambda pid: f"#prompt-{pid}")
+    env.globals.update(latent_url=latent_url, prompt_url=lambda pid: f"#prompt-{pid}", linkable=carded)
     cfg = results.config()
     return env.get_template("report.html").render(
         version=__version__, run_name=cfg.name if cfg else Path(results.root).name, run_path=str(results.root),
