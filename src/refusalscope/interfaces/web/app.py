@@ -34,6 +34,7 @@ class AppState:
         self.results = results
         self.store = store or AnnotationStore.of_run(results.root)
         self.playground = playground or Playground(results)
+        self.study = None  # the annotation study's items and orders, built on first use (web/study.py)
         self.env = environment()
         self.env.globals.update(latent_url=self.latent_url, prompt_url=lambda pid: f"/prompts/{pid}")
         self._lock = threading.Lock()

@@ -65,7 +65,11 @@ class Study:
 
 
 def _study(request: Request) -> Study:
-    return Study(_state(request))
+    """The run's study (built on first use and kept: results are never rewritten while serving)."""
+    st = _state(request)
+    if getattr(st, "study", None) is None:
+        st.study = Study(st)
+    return st.study
 
 
 @router.get("")
