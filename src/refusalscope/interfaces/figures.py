@@ -38,7 +38,7 @@ def probe_vs_fm(rows: Sequence[dict]) -> bytes:
     ax.set_xlabel("K (top ranked latents ablated with the active Stage 2 set)")
     ax.set_ylabel("jailbroken prompts")
     ax.set_title("Stage 3: FM vs linear probe")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return _png(fig)
 
 
@@ -82,7 +82,7 @@ def ce_loss(rows: Sequence[dict]) -> bytes:
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("Table 9: CE loss under ablation")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(settings), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     return _png(fig)
 
 
