@@ -17,7 +17,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from ..artifacts import atomic_write_text
 from ..run.results import RunResults
 from .latent_views import RunIndex
-from .tables import _fmt
+from .tables import fmt
 from .views import build_sections
 
 
@@ -31,7 +31,7 @@ def _fmt_cell(v) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    return _fmt(v)
+    return fmt(v)
 
 
 def _tokshow(t: str) -> str:

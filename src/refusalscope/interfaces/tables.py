@@ -16,6 +16,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
+fmt = _fmt  # the number format of every table, terminal and HTML alike
+
+
 def print_table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
     if not rows:
         console.print(f"[bold]{title}[/bold]: (empty)")

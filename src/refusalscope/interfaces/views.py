@@ -68,8 +68,9 @@ SECTIONS: list[tuple[str, str, tuple[str, ...], str]] = [
 
 
 def _missing(stage: str, results: RunResults) -> str:
+    cmd = stage if stage in ("filter", "direction", "stage1", "stage2", "stage3") else f"analyze {stage}"
     return (f"The `{stage}` stage did not run for this run directory: "
-            f"run `refusalscope analyze {stage} -r {results.root}` (or `refusalscope run`) to fill this section.")
+            f"run `refusalscope {cmd} -r {results.root}` (or `refusalscope run`) to fill this section.")
 
 
 def _figure(results: RunResults, stage: str, name: str, alt: str) -> list[dict]:
