@@ -42,10 +42,9 @@ def friendly(fn):
 
 
 def _log(quiet: bool, as_json: bool):
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr if as_json else sys.stdout, flush=True)
-    return log
+    from ..run.runner import printer
+
+    return printer(quiet, sys.stderr if as_json else sys.stdout)
 
 
 def _execution(backend: str | None, address: str | None, workers: int | None) -> dict:
@@ -59,18 +58,9 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
              execution: dict | None = None):
-    from ..run.config import load_config
-    from ..run.pipeline import Context
-    from ..run.store import RunStore
+    from ..run.runner import open_context
 
-    cfg = load_config(config, execution)
-    root = run or Path("runs") / cfg.name
-    store = RunStore(root)
-    from ..run.config import dump_config
-    from ..run.store import atomic_write_text
-
-    atomic_write_text(root / "config.yaml", dump_config(cfg))
-    return Context(cfg, store, quiet=quiet, log=_log(quiet, as_json))
+    return open_context(config, run, execution, quiet, _log(quiet, as_json))
 
 
 def _print_examples(info: dict) -> None:
@@ -111,31 +101,9 @@ def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None =
                 execution: dict | None = None) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`."""
-    from ..run.pipeline import run_filter
-    from ..run.stage3 import run_stage3
-    from ..run.stage_analyses import ANALYSIS_STAGES
-    from ..run.stage_direction import run_direction
-    from ..run.stage_search import run_stage1, run_stage2
+    from ..run.runner import run_pipeline
 
-    ctx = _context(config, run, quiet, as_json, execution)
-    order = [("filter", run_filter), ("direction", run_direction), ("stage1", run_stage1),
-             ("stage2", run_stage2), ("stage3", run_stage3)]
-    if upto == "analyses":
-        names = only or [*ctx.cfg.analyses.run, *(["dashboards"] if ctx.cfg.dashboards.run else [])]
-        bad = [n for n in names if n not in ANALYSIS_STAGES]
-        if bad:
-            raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
-        order += [(n, ANALYSIS_STAGES[n]) for n in ANALYSIS_STAGES if n in names]
-    out = {}
-    try:
-        for name, fn in order:
-            out[name] = fn(ctx)
-            if name == upto:
-                break
-    finally:
-        ctx.close()
-    out["run"] = str(ctx.store.root)
-    return out
+    return run_pipeline(_context(config, run, quiet, as_json, execution), upto, only)
 
 
 def _report(result: dict, as_json: bool) -> None:

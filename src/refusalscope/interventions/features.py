@@ -149,7 +149,3 @@ class FeatureSet(Sequence[Feature]):
         return FeatureClamp({l: {i: float(value) for i in ids} for l, ids in self.by_layer().items()},
                             positions)
 
-
-def feature_sets(table: Mapping[str, Iterable[Any]]) -> dict[str, FeatureSet]:
-    """{prompt id: FeatureSet} from {prompt id: ids or pairs} (e.g. read from JSON)."""
-    return {k: FeatureSet(v) for k, v in table.items()}

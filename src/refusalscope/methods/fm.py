@@ -27,9 +27,6 @@ from ..errors import UserError
 from ..interventions.features import Feature
 from .fm_data import Split, apply_scale, csr_to_torch, max_abs_scale
 
-EMBEDDING_SIZES = (5, 20, 50)  # the sizes the paper compares; any k >= 1 works
-
-
 class FactorizationMachine(nn.Module):
     """w0, w [d], V [d, k]; forward takes a sparse (COO/CSR) or dense [B, d] and returns logits [B]."""
 

@@ -52,15 +52,14 @@ def sample_study(category_map: Mapping, all_candidates_activity: Mapping, seed: 
     for n in range(1, n_buckets + 1):
         bucket = [f for f in FeatureSet(pipe).sorted().ids() if len(pipe[f]) == n]
         for f in sorted(_draw(rng, bucket, per_bucket), key=Feature.of):
-            items.append({"feature": f, "source": "pipeline", "activation_labels": pipe[f],
+            items.append({"feature": f, "source": SOURCES[0], "activation_labels": pipe[f],
                           "n_categories": n})
     layers = None if random_layers is None else {int(l) for l in random_layers}
     labels = {Feature.of(f).id: [c for c, k in counts.items() if k > 0]
               for f, counts in all_candidates_activity.items()}
     pool = [f for f in FeatureSet(labels).sorted().ids()
             if f not in pipe and (layers is None or Feature.of(f).layer in layers)]
-    for source, want, active in (("random_active", n_random_active, True),
-                                 ("random_inactive", n_random_inactive, False)):
+    for source, want, active in ((SOURCES[1], n_random_active, True), (SOURCES[2], n_random_inactive, False)):
         cands = [f for f in pool if bool(labels[f]) == active]
         for f in sorted(_draw(rng, cands, want), key=Feature.of):
             items.append({"feature": f, "source": source, "activation_labels": labels[f],

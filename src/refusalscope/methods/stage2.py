@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
-from .evaluate import refusal_probs
+from ..measures.judges import Judge
+from .evaluate import generate_judged, refusal_probs
+from .records import Stage2Record, TauOutcome
+
+PAPER_TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def draw_blocks(candidates: Sequence[Feature], n: int, seed: int) -> list[list[Feature]]:
@@ -111,3 +115,24 @@ def forward_passes(n_candidates: int, n: int, n_seeds: int, n_taus: int, batch_s
     rows = n_seeds * (m + 1)
     return {"literal_sequential": 2 * m * n_taus * n_seeds, "batched_rows": rows,
             "batched_sequential": -(-rows // batch_size)}
+
+
+def minimal_set(model: ChatModel, saes, prompt_id: str, prompt: str, candidates: Sequence, judge: Judge, *,
+                block_size: int = 5, taus: Sequence[float] = PAPER_TAUS, seeds: Sequence[int] = (0, 1, 2),
+                batch_size: int = 32, max_new_tokens: int = 64, generation_batch_size: int = 16) -> Stage2Record:
+    """Stage 2 for one prompt: Algorithm 1 for every seed, the consensus set per τ, each distinct
+    set judged by generation, and the smallest jailbreaking set (larger τ on ties)."""
+    cands = FeatureSet(candidates)
+    traces = batched_traces(model, saes, prompt, list(cands), block_size, seeds, batch_size)
+    by_tau = {tau: FeatureSet(sorted(consensus(traces, tau))) for tau in taus}
+    distinct = sorted({s for s in by_tau.values() if s}, key=lambda s: (len(s), s.ids()))
+    j = generate_judged(model, saes, [prompt] * len(distinct), [s.plan() for s in distinct], judge,
+                        max_new_tokens, generation_batch_size)
+    verdict = {s: (c, jb) for s, c, jb in zip(distinct, j.completions, j.jailbroken)}
+    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None)
+               for tau, s in by_tau.items()]
+    wins = [t for t in per_tau if t.jailbroken]
+    best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
+    return Stage2Record(prompt_id, len(cands), per_tau, {t.seed: t.deltas for t in traces},
+                        forward_passes(len(cands), block_size, len(seeds), len(taus), batch_size),
+                        best.features if best else None, best.tau if best else None)

@@ -10,10 +10,9 @@ from ..interventions.features import FeatureSet
 from ..methods import controls, hydra
 from ..methods import latent_effects as effects
 from ..methods.activity import activity
-from ..methods.evaluate import generate_judged
-from ..methods.records import Stage2Record, Stage3Record, TauOutcome
+from ..methods.records import Stage2Record, Stage3Record
 from ..methods.stage1 import search_k, top_k_set
-from ..methods.stage2 import batched_traces, consensus, forward_passes
+from ..methods.stage2 import minimal_set
 from ..methods.stage3 import stage3_search
 
 
@@ -44,20 +43,10 @@ def stage2(ctx, items, p) -> list[dict]:
 
 
 def _algorithm1(ctx, pid: str, text: str, cands: FeatureSet) -> Stage2Record:
-    s2 = ctx.cfg.stage2
-    traces = batched_traces(ctx.model, ctx.saes, text, list(cands), s2.block_size, s2.seeds, s2.batch_size)
-    by_tau = {tau: FeatureSet(sorted(consensus(traces, tau))) for tau in s2.taus}
-    distinct = sorted({s for s in by_tau.values() if s}, key=lambda s: (len(s), s.ids()))
-    j = generate_judged(ctx.model, ctx.saes, [text] * len(distinct), [s.plan() for s in distinct],
-                        ctx.judge, **_gen(ctx))
-    verdict = {s: (c, jb) for s, c, jb in zip(distinct, j.completions, j.jailbroken)}
-    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None)
-               for tau, s in by_tau.items()]
-    wins = [t for t in per_tau if t.jailbroken]
-    best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
-    return Stage2Record(pid, len(cands), per_tau, {t.seed: t.deltas for t in traces},
-                        forward_passes(len(cands), s2.block_size, len(s2.seeds), len(s2.taus), s2.batch_size),
-                        best.features if best else None, best.tau if best else None)
+    s2, g = ctx.cfg.stage2, ctx.cfg.generation
+    return minimal_set(ctx.model, ctx.saes, pid, text, cands, ctx.judge, block_size=s2.block_size, taus=s2.taus,
+                       seeds=s2.seeds, batch_size=s2.batch_size, max_new_tokens=g.max_new_tokens,
+                       generation_batch_size=g.batch_size)
 
 
 def stage3(ctx, items, p) -> list[dict]:
