@@ -73,6 +73,11 @@ def _missing(stage: str, results: RunResults) -> str:
             f"run `refusalscope {cmd} -r {results.root}` (or `refusalscope run`) to fill this section.")
 
 
+def _summary(results: RunResults, stage: str) -> dict:
+    """A finished stage's summary (the section was built only because the stage is done)."""
+    return results.summary(stage) or {}
+
+
 def _figure(results: RunResults, stage: str, name: str, alt: str) -> list[dict]:
     p = results.figure(stage, name)
     return [{"src": figures.data_uri(p), "alt": alt}] if p else []
@@ -148,12 +153,12 @@ def _stage2(sec: Section, results: RunResults, _) -> None:
 
 
 def _stage3(sec: Section, results: RunResults, _) -> None:
-    rows = results.summary("stage3")["probe_vs_fm"]
+    rows = _summary(results, "stage3")["probe_vs_fm"]
     sec.figures = _drawn(lambda: figures.probe_vs_fm(rows), "jailbroken prompts per K, FM vs linear probe")
 
 
 def _hydra(sec: Section, results: RunResults, latent_url) -> None:
-    w = results.summary("hydra")["wake_up"]
+    w = _summary(results, "hydra")["wake_up"]
     if w["n_woken"]:
         sec.figures = _drawn(lambda: figures.wake_regions(w["firing_shares"], w["n_woken"]),
                              "share of woken-latent firings per prompt region")
@@ -164,7 +169,7 @@ def _hydra(sec: Section, results: RunResults, latent_url) -> None:
 
 
 def _controls(sec: Section, results: RunResults, _) -> None:
-    s, s2 = results.summary("controls"), results.summary("stage2")
+    s, s2 = _summary(results, "controls"), results.summary("stage2")
     if s2 and s["random"]["per_seed"]:
         sec.figures = _drawn(lambda: figures.random_vs_critical(s["random"]["per_seed"], s2["jailbroken"],
                                                                 s["random"]["n_prompts"]),
@@ -178,7 +183,7 @@ def _ce(sec: Section, results: RunResults, _) -> None:
 
 
 def _taxonomy(sec: Section, results: RunResults, _) -> None:
-    study = results.summary("taxonomy").get("study", {})
+    study = _summary(results, "taxonomy").get("study", {})
     sec.tables.append(("Human-study sample: items by source and number of activated categories",
                        [{"source": src, **{f"{k} categories": n for k, n in c.items()}} for src, c in study.items()]))
     sec.figures = _figure(results, "taxonomy", "categories.png", "critical latents per unsafe category")
@@ -190,7 +195,7 @@ def _clamping(sec: Section, results: RunResults, _) -> None:
         sec.tables = [("Tables 5/6: replies with the woken latents clamped at BOS",
                        [{"prompt": r["prompt"], "clamp": r["clamp"], "reply": r["response"]} for r in rows])]
     else:
-        sec.note = results.summary("clamping").get("note") or "No latent to clamp."
+        sec.note = _summary(results, "clamping").get("note") or "No latent to clamp."
 
 
 def _semantics(sec: Section, results: RunResults, latent_url) -> None:

@@ -274,7 +274,7 @@ def fm_neighbours(V: torch.Tensor, columns: Sequence, features: Iterable, k: int
     at = {f: j for j, f in enumerate(cols)}
     U = V.detach().float()
     U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    out = {}
+    out: dict[Feature, list[tuple[str, float]]] = {}
     for f in FeatureSet(features):
         if f not in at:
             continue
@@ -321,7 +321,7 @@ def corpus_dashboards(model: ChatModel, saes, texts: Sequence[str], features: It
             wanted.setdefault(f, {})[t] = int(where[t])
     win = token_windows(model, saes, batch, wanted, batch_size, left, right, sink_ratio)
     n_tokens = int(batch.attention_mask.sum())
-    out = {}
+    out: dict[Feature, dict] = {}
     for f, s in stats.items():
         top, qs, _ = picks[f]
         out[f] = {"n_texts": len(texts), "n_tokens": n_tokens, "n_nonzero": s.n_nonzero,

@@ -21,7 +21,7 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
     plain prompt and P("I") with it ablated alone (an inactive latent's lone ablation is an exact
     no-op, so it is not run); for latents of the prompt's Stage 2 set (`sets[id]`), also P("I")
     with the set ablated and with the set minus the latent ablated (leave one out)."""
-    out = []
+    out: list[dict] = []
     for pid, text in prompts:
         feats = FeatureSet(pairs.get(pid, ()))
         s2 = FeatureSet(sets.get(pid, ()))
@@ -29,7 +29,8 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
             out.append({"id": pid, "p_base": None, "p_set": None, "effects": []})
             continue
         act = max_activations(model, saes, [text], feats, batch_size=batch_size)[0]
-        plans, keys = [[]], [("base", None)]
+        plans: list[list] = [[]]
+        keys: list[tuple[str, Feature | None]] = [("base", None)]
         if s2:
             plans.append(s2.plan())
             keys.append(("set", None))
@@ -48,7 +49,7 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
             alone = got.get(("alone", f), base)
             e = {"feature": f.id, "activation": round(act[f], 4), "active": act[f] > 0,
                  "in_stage2": f in s2, "p_alone": alone, "delta_alone": alone - base}
-            if f in s2:
+            if f in s2 and pset is not None:
                 loo = got.get(("loo", f), base)  # a one-latent set without it is the plain prompt
                 e.update(p_without=loo, delta_loo=pset - loo)
             effects.append(e)

@@ -17,10 +17,11 @@ def model_summary(model: ChatModel, saes, texts: Sequence[str], batch_size: int 
     token, sink positions such as BOS left out as SAE papers do) and the share of latents that
     never fire on `texts`."""
     hf = model.hf
-    out = {"model": {"name": model.name, "architecture": type(hf).__name__, "n_layers": model.n_layers,
+    saes_out: list[dict] = []
+    out: dict = {"model": {"name": model.name, "architecture": type(hf).__name__, "n_layers": model.n_layers,
                      "d_model": model.d_model, "vocab": len(model.tokenizer),
                      "parameters": sum(p.numel() for p in hf.parameters()), "dtype": str(model.dtype).split(".")[-1]},
-           "n_texts": len(texts), "saes": []}
+           "n_texts": len(texts), "saes": saes_out}
     layers = list(saes.layers)
     l0 = {l: [0.0, 0] for l in layers}
     fired = {l: torch.zeros(saes[l].d_sae, dtype=torch.bool) for l in layers}
@@ -38,7 +39,7 @@ def model_summary(model: ChatModel, saes, texts: Sequence[str], batch_size: int 
                 fired[l] |= on.any(dim=(0, 1))
     for l in layers:
         fd = saes[l]
-        out["saes"].append({"layer": l, "d_sae": fd.d_sae, "architecture": fd.architecture, "hook": fd.hook_name,
+        saes_out.append({"layer": l, "d_sae": fd.d_sae, "architecture": fd.architecture, "hook": fd.hook_name,
                             "k": fd.k, "l0": round(l0[l][0] / l0[l][1], 2) if l0[l][1] else None,
                             "dead_share": round(1 - float(fired[l].float().mean()), 4) if texts else None})
     return out

@@ -72,11 +72,12 @@ class AnnotationStore:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)
 
     def answers(self, annotator: str | None = None) -> list[dict]:
         """Every answer in the order given: {id, annotator, feature, labels, created}."""
-        sql, args = "SELECT id, annotator, feature, labels, created FROM answers", ()
+        sql = "SELECT id, annotator, feature, labels, created FROM answers"
+        args: tuple[str, ...] = ()
         if annotator is not None:
             sql, args = sql + " WHERE annotator = ?", (annotator,)
         with self._connect() as con:

@@ -57,10 +57,10 @@ def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple
 
 def run_dashboards(ctx: Context) -> dict:
     name = "dashboards"
-    inputs = {s: ctx.store.status(s)["config_hash"] for s in INPUTS if ctx.results.done(s)}
+    inputs = {s: str((ctx.store.status(s) or {}).get("config_hash")) for s in INPUTS if ctx.results.done(s)}
     h = stage_hash(ctx, name, ("dashboards", "data", "seed"), extra={"inputs": inputs})
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.results.summary(name) or {}
     dc, model, saes = ctx.cfg.dashboards, ctx.model, ctx.saes
     with ctx.store.stage(name, h, depends=inputs) as st:
         t0 = time.perf_counter()

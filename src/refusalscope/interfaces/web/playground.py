@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ...errors import UserError
 from ...interventions.engine import intervene
 from ...interventions.features import Feature, FeatureSet
-from ...interventions.spec import DirectionAblation
+from ...interventions.spec import DirectionAblation, Intervention, Positions
 from ...run.results import RunResults
 
-POSITIONS = {"all": "all", "prompt": "prompt", "bos": (0,)}
+POSITIONS: dict[str, Positions] = {"all": "all", "prompt": "prompt", "bos": (0,)}
 
 
 class PlayRequest(BaseModel):
@@ -92,7 +92,8 @@ class Playground:
         t0 = time.perf_counter()
         ctx = self._context()
         model, saes = ctx.model, ctx.saes
-        plan, what = [], []
+        plan: list[Intervention] = []
+        what: list[str] = []
         if req.latents:
             fs = FeatureSet(req.latents).checked(saes)
             pos = POSITIONS[req.positions]
@@ -109,7 +110,7 @@ class Playground:
         n_new = req.max_new_tokens or ctx.cfg.generation.max_new_tokens
         with intervene(model, saes, rows=[[], plan]):
             gen = model.generate_full(model.encode([req.prompt, req.prompt]), max_new_tokens=n_new)
-        verdicts = [None, None]
+        verdicts: list[bool | None] = [None, None]
         judge = ctx.judge
         if not judge.needs_model:  # a judge that reads the model would need the rows' plans again
             v = judge.judge([req.prompt] * 2, gen.texts if judge.needs_completions else None)
