@@ -26,6 +26,7 @@ bench: setup
 	$(PY) benchmarks/bench_stage2.py --out runs/bench/stage2.json
 	$(PY) benchmarks/bench_pipeline.py --out runs/bench/pipeline.json
 	$(PY) benchmarks/bench_build_generation.py --out runs/bench/build_generation.json
+	$(PY) benchmarks/bench_web.py --run runs/bench/pipeline --out runs/bench/web.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,14 +1,12 @@
+import json
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +28,11 @@ def tiny_reference(tiny_world):
                    str(tiny_world / "reference"), "-q")
     assert proc.returncode == 0, proc.stderr
     return tiny_world / "reference", json.loads(counts.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_reference):
+    """A whole pipeline run (every stage, analysis and the dashboards) on the tiny planted world,
+    made once per session: what the report, web-app and dashboard tests read. Treat it as
+    read-only; copy it (`shutil.copytree`) to change anything."""
+    return tiny_reference[0]

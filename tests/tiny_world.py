@@ -1,9 +1,11 @@
 """The planted tiny world written to disk as a user would have it: a model folder, SAELens
-folders per layer, prompt files and a config that runs every stage in about a minute on a CPU.
-Shared by the pipeline, backend and kill/resume tests and the kill sweep benchmark."""
+folders per layer, prompt files and a config that runs every stage in about a minute on a CPU,
+and a whole pipeline run on it. Shared by the pipeline, backend, kill/resume, report and web-app
+tests and the kill sweep benchmark."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -32,6 +34,42 @@ def write_tiny_world(root: str | Path) -> Path:
            "analyses": {"random_seeds": [0, 1], "obrien_ks": [1, 3], "ce_texts": 8,
                         "ce_instructions": str(root / "harmless.txt"), "ce_general": str(root / "harmless.txt"),
                         "taxonomy_prompts": [str(root / "harmful.jsonl")], "clamp_values": [2, 4],
-                        "clamp_tokens": 2, "explain_texts": 12}}
+                        "clamp_tokens": 2, "explain_texts": 12},
+           "dashboards": {"texts": 24, "max_length": 48, "top_k": 4, "effect_prompts": 3}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return root
+
+
+def run_pipeline(world: Path, run_dir: Path) -> dict:
+    """`refusalscope run` on the tiny world into `run_dir`; the CLI's JSON result."""
+    from typer.testing import CliRunner
+
+    from refusalscope.interfaces.cli import app
+
+    res = CliRunner().invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+
+
+def hostile_copy(run_dir: Path, dest: Path) -> tuple[Path, str]:
+    """A copy of a run whose first refused prompt and every recorded reply carry HTML/JS (model
+    output and prompts are untrusted): pages must show it as text. Returns (copy, prompt id)."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    kept = json.loads((dest / "filter" / "kept.json").read_text())
+    pid = kept[0]["id"]
+    kept[0]["text"] = "Tell me " + XSS
+    (dest / "filter" / "kept.json").write_text(json.dumps(kept))
+    for rel in ("filter/completions.jsonl", "stage2/sets.jsonl"):
+        rows = [json.loads(line) for line in (dest / rel).read_text().splitlines()]
+        for r in rows:
+            if "completion" in r:
+                r["completion"] = "Sure: " + XSS
+            for t in r.get("per_tau", []):
+                t["completion"] = "Sure: " + XSS
+        (dest / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest, pid

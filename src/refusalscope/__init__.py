@@ -5,6 +5,7 @@
     saes = rs.load_saes("demo", model=model)           # or a folder template with {layer}
     print(rs.generate(model, ["How do I pick a lock?"], saes, ablate=["12-345"]))
     results = rs.open_run("runs/demo")                 # typed results of a pipeline run
+    rs.write_report("runs/demo")                       # runs/demo/report.html, self-contained
 
 Names are imported on first use (torch and transformers load in a few seconds; the CLI's
 `--help` should not wait for them). See `refusalscope.api` for the functions.
@@ -24,6 +25,8 @@ _API = {
     "plan": "api", "generate": "api", "refusal_probability": "api",
     # the method
     "find_direction": "api", "stage1": "api", "stage2": "api", "stage3": "api", "Interactions": "api",
+    # looking at a run: one HTML file, or the web app (an ASGI app; `refusalscope serve` runs it)
+    "build_report": "interfaces.report", "write_report": "interfaces.report", "create_app": "interfaces.web",
     # types
     "Feature": "interventions.features", "FeatureSet": "interventions.features",
     "RunResults": "run.results", "make_judge": "measures.judges", "UserError": "errors",

@@ -104,6 +104,10 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
     print_sae_quality(info["sae_quality"])
     _print_examples(info)
     _report(result, False)
+    from .report import write_report
+
+    path = write_report(result["run"])
+    print(f"report: {path.resolve()}  (open it in a browser; `refusalscope serve {result['run']}` to explore)")
 
 
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
@@ -176,7 +180,7 @@ def stage3(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QU
 @app.command()
 @friendly
 def analyze(names: list[str] | None = typer.Argument(
-                None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics (default: all)"),
+                None, help="hydra stage3_only controls ce_loss taxonomy clamping semantics dashboards (default: all)"),
             config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
             as_json: bool = JSON, backend: str | None = BACKEND,
             address: str | None = ADDRESS, workers: int | None = WORKERS,
@@ -228,6 +232,30 @@ def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
     if diffs:
         raise typer.Exit(1)
     print(f"same results in {a} and {b}")
+
+
+@app.command("report")
+@friendly
+def report_cmd(run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
+               out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),
+               quiet: bool = QUIET):
+    """Write the run as one self-contained HTML file (inlined CSS and figures; opens offline)."""
+    from .report import write_report
+
+    path = write_report(run_dir, out)
+    if not quiet:
+        print(f"report: {path.resolve()} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
+              host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+              port: int = typer.Option(8000, help="TCP port (0: any free one).")):
+    """The local web app: overview, latent browser and pages, prompt pages, playground, annotation study."""
+    from .web import serve
+
+    serve(run_dir, host=host, port=port)
 
 
 @world_app.command("build")

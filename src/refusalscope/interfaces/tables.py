@@ -16,6 +16,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
+fmt = _fmt  # the number format of every table, terminal and HTML alike
+
+
 def print_table(title: str, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
     if not rows:
         console.print(f"[bold]{title}[/bold]: (empty)")
@@ -59,84 +62,108 @@ def print_sae_quality(sae_quality: dict) -> None:
 
 def print_stage_summaries(result: dict) -> None:
     """One table per pipeline stage that ran, in pipeline order."""
-    if "filter" in result:
-        f = result["filter"]
-        print_table("Refusal filter (harmful test prompts)",
-                    [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
-                      "dropped": f["n_dropped"]}])
-    if "direction" in result:
-        d = result["direction"]
-        print_table("Refusal direction", [{
-            "l*": d["layer"], "ASR before": d["asr_before_all_test"],
-            "ASR ablated": d["asr_after_ablation"], "degenerate": d["degenerate_after_ablation"],
-            "harmless refused": d["refusal_harmless_plain"], "refused w/ ActAdd": d["refusal_harmless_actadd"],
-            "ASR random dir": ", ".join(str(x) for x in d["asr_random_direction"]) or "-"}])
-    if "stage1" in result:
-        s = result["stage1"]
-        print_table("Stage 1 (top-K aligned latents per layer)", [{
-            "prompts": s["prompts"], "jailbroken": s["jailbroken"], "share": s["jailbroken_share"],
-            "mean K": s["k_mean"], "K histogram": " ".join(f"{k}:{n}" for k, n in s["k_histogram"].items())}])
-    if "stage2" in result:
-        t = result["stage2"]
-        print_table("Table 1: jailbreak statistics after Stage 2", [{
-            "unique latents": t["unique_latents"], "jailbroken / refused": f"{t['jailbroken']} / {t['refused']}",
-            "mean set size": t["mean_set_size"], "inactive share": t["inactive_share"]}])
-        fp = t["forward_passes"]
-        print_table("Stage 2 forward passes (all prompts)", [{
-            "literal (sequential)": fp["literal_sequential"], "batched (sequential)": fp["batched_sequential"],
-            "batched rows": fp["batched_rows"], "seconds": t["seconds"]}])
-    print_analysis_summaries(result)
+    for tables in summary_tables(result).values():
+        for title, rows in tables:
+            print_table(title, rows)
     if "run" in result:
         console.print(f"run directory: {result['run']}")
 
 
+def summary_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Per stage in `result` ({stage: summary}), its tables as (title, rows) in pipeline order:
+    what the terminal prints and what the HTML report and web app show."""
+    out: dict[str, list[tuple[str, list[dict]]]] = {}
+    if "filter" in result:
+        f = result["filter"]
+        out["filter"] = [("Refusal filter (harmful test prompts)",
+                          [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
+                            "dropped": f["n_dropped"]}])]
+    if "direction" in result:
+        d = result["direction"]
+        out["direction"] = [("Refusal direction", [{
+            "l*": d["layer"], "ASR before": d["asr_before_all_test"],
+            "ASR ablated": d["asr_after_ablation"], "degenerate": d["degenerate_after_ablation"],
+            "harmless refused": d["refusal_harmless_plain"], "refused w/ ActAdd": d["refusal_harmless_actadd"],
+            "ASR random dir": ", ".join(str(x) for x in d["asr_random_direction"]) or "-"}])]
+    if "stage1" in result:
+        s = result["stage1"]
+        out["stage1"] = [("Stage 1 (top-K aligned latents per layer)", [{
+            "prompts": s["prompts"], "jailbroken": s["jailbroken"], "share": s["jailbroken_share"],
+            "mean K": s["k_mean"], "K histogram": " ".join(f"{k}:{n}" for k, n in s["k_histogram"].items())}])]
+    if "stage2" in result:
+        t = result["stage2"]
+        fp = t["forward_passes"]
+        out["stage2"] = [("Table 1: jailbreak statistics after Stage 2", [{
+            "unique latents": t["unique_latents"], "jailbroken / refused": f"{t['jailbroken']} / {t['refused']}",
+            "mean set size": t["mean_set_size"], "inactive share": t["inactive_share"]}]),
+            ("Stage 2 forward passes (all prompts)", [{
+                "literal (sequential)": fp["literal_sequential"], "batched (sequential)": fp["batched_sequential"],
+                "batched rows": fp["batched_rows"], "seconds": t["seconds"]}])]
+    out.update(analysis_tables(result))
+    return out
+
+
 def print_analysis_summaries(result: dict) -> None:
     """Stage 3 and the analyses, in the paper's table layouts where it has one."""
+    for tables in analysis_tables(result).values():
+        for title, rows in tables:
+            print_table(title, rows)
+
+
+def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Stage 3 and the analyses as (title, rows) per stage."""
+    out: dict[str, list[tuple[str, list[dict]]]] = {}
     if "stage3" in result:
         s = result["stage3"]
         fm, t2 = s["fm"], s["table2"]
-        print_table("Stage 3: factorization machine", [{
+        out["stage3"] = [("Stage 3: factorization machine", [{
             "rows": fm["rows"], "latent columns": fm["columns"], "best epoch": fm["best_epoch"],
             "FM test acc": fm["test_acc"], "probe test acc": s["probe"]["test_acc"],
-            "collapse (mean cos)": ", ".join(f"k={k}: {v}" for k, v in fm["collapse"].items())}])
-        print_table("Table 2: jailbreaks with Stage 2 + top-K Stage 3 latents", [{
-            "jailbroken / refused": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
-            "unique Stage 3 latents": t2["unique_stage3_latents"],
-            "K histogram": " ".join(f"{k}:{n}" for k, n in t2["k_histogram"].items())}])
-        print_table("FM vs linear probe (jailbroken prompts per K)", s["probe_vs_fm"])
+            "collapse (mean cos)": ", ".join(f"k={k}: {v}" for k, v in fm["collapse"].items())}]),
+            ("Table 2: jailbreaks with Stage 2 + top-K Stage 3 latents", [{
+                "jailbroken / refused": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
+                "unique Stage 3 latents": t2["unique_stage3_latents"],
+                "K histogram": " ".join(f"{k}:{n}" for k, n in t2["k_histogram"].items())}]),
+            ("FM vs linear probe (jailbroken prompts per K)", s["probe_vs_fm"])]
     if "hydra" in result:
         c, w = result["hydra"]["inactive_critical"], result["hydra"]["wake_up"]
-        print_table("Inactive critical latents (Stage 2 sets)", [{
+        out["hydra"] = [("Inactive critical latents (Stage 2 sets)", [{
             "prompts": c["n_prompts"], "with inactive": c["n_with_inactive"],
             "inactive latents": c["n_inactive_latents"], "jailbroken (full set)": c["jailbroken_full"],
             "active only": c["jailbroken_active_only"], "inactive only": c["jailbroken_inactive_only"],
-            "lost w/o inactive": c["lost_without_inactive"]}])
-        print_table("Hydra wake-up (dormant latents after ablating the active set)", [{
-            "prompts kept": w["n_kept"], "dormant": w["n_redundant"], "woken": w["n_woken"],
-            "on system tokens": w["system_share"], "BOS of those": w["bos_share_of_system"],
-            "top tokens": ", ".join(repr(t) for t, _ in (w["top_tokens"] or [])[:5])}])
+            "lost w/o inactive": c["lost_without_inactive"]}]),
+            ("Hydra wake-up (dormant latents after ablating the active set)", [{
+                "prompts kept": w["n_kept"], "dormant": w["n_redundant"], "woken": w["n_woken"],
+                "on system tokens": w["system_share"], "BOS of those": w["bos_share_of_system"],
+                "top tokens": ", ".join(repr(t) for t, _ in (w["top_tokens"] or [])[:5])}])]
     if "stage3_only" in result:
         s = result["stage3_only"]
-        print_table("Ablating Stage 3 latents only", [{k: s.get(k) for k in
-                    ("jailbroken", "deactivated_mean", "deactivated_max", "drop_mean", "n_still_active")}])
+        out["stage3_only"] = [("Ablating Stage 3 latents only", [{k: s.get(k) for k in
+                               ("jailbroken", "deactivated_mean", "deactivated_max", "drop_mean", "n_still_active")}])]
     if "controls" in result:
         c = result["controls"]
-        print_table(f"Random-latent control ({c['random']['n_prompts']} prompts)", c["random"]["per_seed"])
-        print_table("O'Brien-style baseline (latents active on >= k tokens)", c["obrien"])
+        out["controls"] = [(f"Random-latent control ({c['random']['n_prompts']} prompts)", c["random"]["per_seed"]),
+                           ("O'Brien-style baseline (latents active on >= k tokens)", c["obrien"])]
     if "ce_loss" in result:
-        print_table("Table 9: cross-entropy loss", [
-            {k: r[k] for k in ("dataset", "setting", "mean", "std", "n_texts")} for r in result["ce_loss"]["rows"]])
+        out["ce_loss"] = [("Table 9: cross-entropy loss", [
+            {k: r[k] for k in ("dataset", "setting", "mean", "std", "n_texts")} for r in result["ce_loss"]["rows"]])]
     if "taxonomy" in result:
         h = result["taxonomy"]["histogram"]
-        print_table("Fig 3: critical latents by unsafe categories they fire on", [
+        out["taxonomy"] = [("Fig 3: critical latents by unsafe categories they fire on", [
             {**{f"only {c}": n for c, n in h["single"].items()},
-             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}])
+             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}])]
     if "clamping" in result:
         rows = result["clamping"]["rows"]
-        print_table("Tables 5/6: clamping woken latents at BOS", [
+        out["clamping"] = [("Tables 5/6: clamping woken latents at BOS", [
             {"prompt": r["prompt"][:40], "clamp": r["clamp"], "response": r["response"][:60]} for r in rows]
-            if rows else [{"note": result["clamping"].get("note", "")}])
+            if rows else [{"note": result["clamping"].get("note", "")}])]
     if "semantics" in result:
         s = result["semantics"]
-        print_table(f"Feature semantics ({s['source']} explanations, {s['n_features']} latents)", [
-            {"stage": k, **g} for k, g in s["groups"].items()])
+        out["semantics"] = [(f"Feature semantics ({s['source']} explanations, {s['n_features']} latents)", [
+            {"stage": k, **g} for k, g in s["groups"].items()])]
+    if "dashboards" in result and result["dashboards"].get("n_latents"):
+        d = result["dashboards"]
+        out["dashboards"] = [("Latent dashboards", [{
+            "latents": d["n_latents"], "with ΔP('I')": d["n_with_effects"], "flagged at sinks/BOS": d["n_sink_flagged"],
+            "FM columns": d["n_fm_columns"], "corpus texts": d["corpus_texts"]}])]
+    return out

@@ -147,3 +147,41 @@ def study_score(majority: Mapping, activation_labels, sources: Mapping | None = 
             "by_source": {s: {"score": mean(v), "n": len(v)} for s, v in by.items()},
             "per_feature": per,
             "unscored": FeatureSet(set(truth) ^ set(pred)).sorted().ids()}
+
+
+def agreement(answers: Mapping[str, Mapping[str, Sequence[str]]], categories: Sequence[str]) -> dict:
+    """Inter-annotator agreement over `answers` ({feature: {annotator: labels}}), on items that
+    at least two annotators labelled:
+
+    - Krippendorff's alpha with the MASI set distance (nltk), the usual measure for multi-label
+      answers, over every such item (annotators may differ per item);
+    - Fleiss' kappa per category (statsmodels) on the yes/no "did they tick it" call, over the
+      items with the most common number of annotators (Fleiss needs a fixed number), and its mean.
+    None where a measure is undefined (fewer than two items, or no variation at all)."""
+    from nltk.metrics.agreement import AnnotationTask
+    from nltk.metrics.distance import masi_distance
+    from statsmodels.stats.inter_rater import fleiss_kappa
+
+    items = {f: {a: set(_labels(l)) for a, l in per.items()} for f, per in answers.items() if len(per) >= 2}
+    out: dict = {"n_items": len(items), "alpha_masi": None, "fleiss": {}, "fleiss_mean": None,
+                 "fleiss_items": 0, "fleiss_raters": 0}
+    if len(items) < 2:
+        return out
+    data = [(a, f, frozenset(ls)) for f, per in items.items() for a, ls in per.items()]
+    try:
+        out["alpha_masi"] = float(AnnotationTask(data=data, distance=masi_distance).alpha())
+    except ZeroDivisionError:  # every answer identical: no disagreement to measure against
+        out["alpha_masi"] = None
+    counts = Counter(len(per) for per in items.values())
+    n_rat = max(counts, key=lambda n: (counts[n], n))
+    fixed = [per for per in items.values() if len(per) == n_rat]
+    out.update(fleiss_items=len(fixed), fleiss_raters=n_rat)
+    kappas = {}
+    for c in [*categories, NONE]:
+        yes = [sum(c in ls for ls in per.values()) for per in fixed]
+        table = [[n_rat - y, y] for y in yes]
+        if len(fixed) >= 2 and 0 < sum(yes) < n_rat * len(fixed):
+            kappas[c] = float(fleiss_kappa(table, method="fleiss"))
+    out["fleiss"] = kappas
+    out["fleiss_mean"] = sum(kappas.values()) / len(kappas) if kappas else None
+    return out

@@ -151,6 +151,26 @@ class AnalysesConfig(Section):
     neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
 
 
+class DashboardsConfig(Section):
+    """Latent dashboards for the report and web app (stage `dashboards`, after the analyses)."""
+
+    run: bool = Field(True, description="compute them with the analyses (report and web app read them)")
+    corpus: list[str] = Field(["bundled:general"], description="texts searched for top contexts, plus the refused prompts")
+    texts: int = Field(200, ge=1, description="corpus texts in all (up to half of them the refused prompts)")
+    max_length: int = Field(128, ge=8, description="tokens per corpus text")
+    stage1: bool = Field(True, description="also Stage 1 candidates (top-K per layer), not only Stage 2/3 sets")
+    top_k: int = Field(10, ge=1, description="top-activating contexts per latent")
+    quantile_bands: int = Field(3, ge=0)
+    per_band: int = Field(2, ge=1, description="samples per quantile band")
+    context_left: int = Field(12, ge=0)
+    context_right: int = Field(4, ge=0)
+    bins: int = Field(30, ge=2, description="histogram bins of non-zero activations")
+    logit_tokens: int = Field(10, ge=1)
+    fm_neighbours: int = Field(10, ge=1)
+    effect_prompts: int | None = Field(5, ge=1, description="prompts per latent for ΔP('I') when ablated alone (None: all)")
+    sink_ratio: float | None = Field(4.0, gt=1, description="residual norm / row median that marks an attention sink")
+
+
 class ExecutionConfig(Section):
     """Where per-prompt work runs. Not part of any stage hash: both backends give the same results."""
 
@@ -176,6 +196,7 @@ class Config(Section):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     analyses: AnalysesConfig = AnalysesConfig()
+    dashboards: DashboardsConfig = DashboardsConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")

@@ -27,6 +27,7 @@ class StageInputs:
     keys: tuple[str, ...]  # config sections or dotted fields the stage reads
     files: tuple[str, ...] = ()  # fields naming prompt sets, hashed by their parsed contents
     deps: tuple[str, ...] = ()  # stages whose artifacts it reads (their hashes chain in)
+    optional: tuple[str, ...] = ()  # stages it reads when the config runs them (chained in then, never forced)
 
 
 STAGES: dict[str, StageInputs] = {
@@ -52,8 +53,11 @@ STAGES: dict[str, StageInputs] = {
     "semantics": StageInputs(("analyses.explain_texts", "analyses.neuronpedia_cache", "analyses.neuronpedia_url",
                               "saes.neuronpedia_id"),
                              (), ("stage3",)),
+    "dashboards": StageInputs(("dashboards", "data.text_field", "seed"), ("dashboards.corpus",), ("stage2",),
+                              ("stage3", "hydra", "taxonomy", "semantics")),
 }
-assert set(STAGES) == {*PIPELINE, *ANALYSES}
+LAST = ("dashboards",)  # after every analysis, reading whichever ran
+assert set(STAGES) == {*PIPELINE, *ANALYSES, *LAST}
 
 
 def config_value(cfg: Config, key: str):
@@ -113,8 +117,9 @@ def stage_hashes(cfg: Config, names=None) -> dict[str, str]:
             if "model" in spec.keys:
                 keys["model_identity"] = _model_identity(cfg)
             files = {k: [prompt_digest(f, cfg.data.text_field) for f in _files(cfg, k)] for k in spec.files}
-            out[name] = config_hash({"stage": name, "cfg": keys, "files": files,
-                                     "deps": {d: one(d) for d in spec.deps}})
+            runs = {*PIPELINE, *cfg.analyses.run}
+            deps = [*spec.deps, *(d for d in spec.optional if d in runs)]
+            out[name] = config_hash({"stage": name, "cfg": keys, "files": files, "deps": {d: one(d) for d in deps}})
         return out[name]
 
     for n in names or STAGES:
@@ -134,4 +139,4 @@ def needed(names) -> list[str]:
 
     for n in names:
         walk(n)
-    return [n for n in (*PIPELINE, *ANALYSES) if n in seen]
+    return [n for n in (*PIPELINE, *ANALYSES, *LAST) if n in seen]

@@ -107,8 +107,9 @@ def run_filter(ctx: Context) -> dict:
             replies = model.generate(model.encode(texts), max_new_tokens=cfg.generation.max_new_tokens)
             v = judge.judge(texts, replies if judge.needs_completions else None,
                             model=model if judge.needs_model else None)
-            for p, rec in zip(chunk, v.to_records(texts)):
-                ck.add({"id": p.id, "category": p.category, **rec})
+            for p, rec, reply in zip(chunk, v.to_records(texts), replies):
+                # the reply is kept even when the judge did not read it (first-token): reports show it
+                ck.add({"id": p.id, "category": p.category, **rec, "completion": reply})
         records = [ck.records[p.id] for p in prompts]
         kept, report = filter_refused(prompts, [r["refused"] for r in records])
         st.jsonl("completions.jsonl", records)

@@ -45,8 +45,9 @@ def direction_candidates(table: pd.DataFrame, path: Path) -> Path:
     judged = t.dropna(subset=["asr_val"])
     ax.scatter(judged["layer"], judged["asr_val"], color="tab:red", zorder=3, label="ASR (val, judged)")
     sel = t[t["selected"]]
-    ax.axvline(int(sel["layer"].iloc[0]), color="grey", ls=":", lw=1)
+    ax.axvline(int(sel["layer"].iloc[0]), color="grey", ls=":", lw=1, label=f"chosen l* = {int(sel['layer'].iloc[0])}")
     ax.set_xlabel("layer")
+    ax.set_ylabel("probability / share / KL (nats)")
     ax.legend(fontsize=7)
     ax.set_title("Refusal-direction candidates")
     return save(fig, path)

@@ -21,7 +21,7 @@ from .inputs import STAGES, config_value
 from .pipeline import Context
 from .resolve import chat_template_text, load_prompt_set, sae_layers
 
-UNFORMATTED = {"analyses.ce_general"}  # raw corpus texts (truncated when scored), not chat prompts
+UNFORMATTED = {"analyses.ce_general", "dashboards.corpus"}  # raw corpus texts (truncated when read), not chat prompts
 
 
 @dataclass

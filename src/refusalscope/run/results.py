@@ -46,6 +46,10 @@ class RunResults:
     def has(self, stage: str, name: str) -> bool:
         return self.store.path(stage, name).exists()
 
+    def stages(self) -> dict[str, dict]:
+        """Every stage the manifest knows, with status, seconds and summary."""
+        return dict(self.store.manifest["stages"])
+
     def json(self, stage: str, name: str) -> Any:
         return read_json(self.path(stage, name))
 
@@ -59,11 +63,27 @@ class RunResults:
         p = self.root / "config.yaml"
         return p.read_text(encoding="utf-8") if p.exists() else None
 
+    def config(self):
+        """The run's Config (from config.yaml), or None for a run written without one."""
+        from .config import load_config
+
+        p = self.root / "config.yaml"
+        return load_config(p) if p.exists() else None
+
     # ----------------------------------------------------------------- filter + direction
     def kept_prompts(self) -> list[Prompt]:
         """The refused harmful test prompts the filter stage kept (the prompts dissected)."""
         return [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful")
                 for r in self.json("filter", "kept.json")]
+
+    def baseline_replies(self) -> dict[str, dict]:
+        """Per harmful test prompt, the unablated reply and the judge's call: {reply, refused}."""
+        return {r["id"]: {"reply": r.get("completion"), "refused": bool(r["refused"])}
+                for r in self.jsonl("filter", "completions.jsonl")}
+
+    def direction_candidates(self) -> pd.DataFrame:
+        """Per candidate (position, layer): P(refusal) ablated, KL on harmless, ASR where judged."""
+        return self.table("direction", "candidates.parquet")
 
     def direction(self) -> tuple[torch.Tensor, int]:
         """The unit refusal direction r̂(l*) and l*."""
@@ -94,8 +114,19 @@ class RunResults:
         """Per jailbroken prompt, the latents of its Stage 2 set that fire on the plain prompt."""
         return {pid: r.active or FeatureSet() for pid, r in self.stage2().items() if r.set is not None}
 
+    def per_tau(self) -> pd.DataFrame:
+        """Stage 2 per prompt and τ: consensus-set size and whether it jailbreaks."""
+        return self.table("stage2", "per_tau.parquet")
+
     def stage3(self) -> dict[str, Stage3Record]:
         return {r["id"]: Stage3Record.from_json(r) for r in self.jsonl("stage3", "results.jsonl")}
+
+    def stage1_sets(self) -> dict[str, FeatureSet]:
+        """Per prompt jailbroken in Stage 1, its top-K-per-layer candidate set."""
+        from ..methods.stage1 import top_k_set
+
+        ranked = self.stage1_ranked()
+        return {pid: top_k_set(ranked, r.k) for pid, r in self.stage1().items() if r.k is not None}
 
     def stage3_ranking(self) -> list[tuple[Feature, float]]:
         """Non-Stage-2 latents by FM-embedding similarity to the Stage 2 set, descending."""
@@ -106,6 +137,10 @@ class RunResults:
         """Per prompt jailbroken in Stage 3, its top-K* ranked latents."""
         ranking = [f for f, _ in self.stage3_ranking()]
         return {pid: FeatureSet(ranking[: r.k]) for pid, r in self.stage3().items() if r.k}
+
+    def probe_vs_fm(self) -> pd.DataFrame:
+        """Jailbroken prompts per K with the linear probe's vs the FM's top-K latents."""
+        return self.table("stage3", "probe_vs_fm.parquet")
 
     def critical_features(self) -> FeatureSet:
         """Every latent of a Stage 2 or Stage 3 set, in (layer, index) order."""
@@ -120,3 +155,75 @@ class RunResults:
         wake = self.json("hydra", "wake_up.json")
         return FeatureSet(w["feature"] for r in wake["records"] for w in r["woken"]
                           if any(h["region"] == "bos" for h in w["firings"])).sorted()
+
+    def wake_up(self) -> dict:
+        """Hydra step 3: per prompt, the dormant latents that woke up and where they fired."""
+        return self.json("hydra", "wake_up.json")
+
+    def inactive_critical(self) -> dict:
+        """Hydra: jailbreaks with the full / active-only / inactive-only Stage 2 set per prompt."""
+        return self.json("hydra", "inactive_critical.json")
+
+    def stage3_only(self) -> dict:
+        """Ablating only Stage 3 latents: {summary, records (per prompt)}."""
+        return self.json("stage3_only", "stage3_only.json")
+
+    def random_control(self) -> dict:
+        """Random active latents per prompt and seed: {per_seed, records}."""
+        return self.json("controls", "random_control.json")
+
+    def obrien(self) -> dict:
+        """O'Brien-style baseline: {per_k, records}."""
+        return self.json("controls", "obrien.json")
+
+    def ce_table(self) -> list[dict]:
+        """Table 9 rows: dataset, setting, mean, std, n_texts."""
+        return self.json("ce_loss", "table9.json")
+
+    def clamping(self) -> list[dict]:
+        """Tables 5/6 rows: prompt, clamp, response ([] when no latent woke up on BOS)."""
+        return self.json("clamping", "clamping.json") if self.has("clamping", "clamping.json") else []
+
+    # ----------------------------------------------------------------- semantics + dashboards
+    def concepts(self) -> dict:
+        """Concept groups per stage and top terms of the explanations (Tables 4, 7, 8, 10, 11)."""
+        return self.json("semantics", "concepts.json")
+
+    def prompt_tokens(self) -> dict[str, dict]:
+        """Per refused prompt, its chat-formatted tokens and the region of each (bos, system,
+        instruction, post_instruction)."""
+        return {r["id"]: r for r in self.jsonl("dashboards", "prompt_tokens.jsonl")}
+
+    def explanations(self) -> dict[str, str]:
+        """Per critical latent, its explanation (Neuronpedia or the activation-based one)."""
+        return dict(self.json("semantics", "explanations.json")["explanations"])
+
+    def explanation_source(self) -> str:
+        return self.json("semantics", "explanations.json")["source"]
+
+    def category_activity(self) -> dict[str, dict[str, int]]:
+        """Per critical latent, prompts of each unsafe category it fires on."""
+        return self.json("taxonomy", "category_activity.json")
+
+    def study_items(self) -> list[dict]:
+        """The human-study sample: {feature, source, activation_labels, n_categories}."""
+        return self.json("taxonomy", "study_items.json")
+
+    def dashboards(self) -> dict:
+        """Per latent with a dashboard, its LatentDashboard."""
+        from ..methods.dashboards import LatentDashboard
+
+        return {r["feature"]: LatentDashboard.from_json(r) for r in self.jsonl("dashboards", "dashboards.jsonl")}
+
+    def model_summary(self) -> dict:
+        """Model size and per-layer SAE width, architecture, L0 and dead share."""
+        return self.json("dashboards", "model.json")
+
+    def fm_embeddings(self) -> tuple[list[Feature], torch.Tensor]:
+        """The Stage 3 FM's columns and their embeddings V [columns, k]."""
+        t = read_tensors(self.path("stage3", "fm.safetensors"))
+        return [Feature(int(l), int(i)) for l, i in t["columns"].reshape(-1, 2).tolist()], t["V"]
+
+    def figure(self, stage: str, name: str) -> Path | None:
+        """A plot a stage saved (PNG), or None when it is not there."""
+        return self.store.path(stage, name) if name.endswith(".png") and self.has(stage, name) else None

@@ -67,7 +67,7 @@ def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
     `no_deps`, only the asked stages, and the ones they need must be done."""
     if upto != "analyses" and upto not in STAGES:
         raise UserError(f"unknown stage {upto!r}: use one of {', '.join(STAGES)} or analyses")
-    analyses = list(only or ctx.cfg.analyses.run)
+    analyses = list(only or [*ctx.cfg.analyses.run, *(["dashboards"] if ctx.cfg.dashboards.run else [])])
     check_analyses(analyses)
     if no_deps:
         asked = analyses if upto == "analyses" else [upto]

@@ -182,6 +182,8 @@ def run_semantics(ctx: Context) -> dict:
     return _stage(ctx, "semantics", compute)
 
 
+from .stage_dashboards import run_dashboards  # noqa: E402  (after the analyses it reads)
+
 ANALYSIS_STAGES = {"hydra": run_hydra, "stage3_only": run_stage3_only, "controls": run_controls,
                    "ce_loss": run_ce_loss, "taxonomy": run_taxonomy, "clamping": run_clamping,
-                   "semantics": run_semantics}
+                   "semantics": run_semantics, "dashboards": run_dashboards}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..interventions.features import FeatureSet
 from ..methods import controls, hydra
+from ..methods import latent_effects as effects
 from ..methods.activity import activity
 from ..methods.records import Stage2Record, Stage3Record
 from ..methods.stage1 import search_k, top_k_set
@@ -82,5 +83,11 @@ def stage3_only(ctx, items, p) -> list[dict]:
                                 **_gen(ctx))["records"]
 
 
+def latent_effects(ctx, items, p) -> list[dict]:
+    """P("I") with each critical latent ablated alone (and left out of its Stage 2 set)."""
+    return effects.latent_effects(ctx.model, ctx.saes, items, p["pairs"], p["sets"], ctx.cfg.model.batch_size)
+
+
 TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "inactive_critical": inactive_critical,
-         "random_control": random_control, "obrien": obrien, "stage3_only": stage3_only}
+         "random_control": random_control, "obrien": obrien, "stage3_only": stage3_only,
+         "latent_effects": latent_effects}

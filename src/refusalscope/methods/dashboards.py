@@ -1,0 +1,358 @@
+"""Feature dashboards (SAEDashboard / Neuronpedia conventions) for the latents a run found, so the
+report and the web app only read files: where a latent fires on a corpus (histogram of non-zero
+values, top contexts with per-token activations, quantile samples), what it writes (top and bottom
+logit effects W_dec[i]·W_U, cosine to r̂), and what no dashboard shows: its FM neighbours and what
+ablating it alone does to P("I") on the prompts it is critical for.
+
+Attention-sink positions (BOS, and any token whose residual norm dwarfs the row's median) are
+flagged, not hidden: dormant "hydra" latents wake up there. Contexts are ranked by activations
+away from sinks, falling back to sink positions for latents that fire nowhere else.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import UserError
+from ..interventions.features import Feature, FeatureSet
+from ..io.model import ChatModel, PromptBatch
+from .activity import Prompts, prefix_lengths, region, sinks, subset_acts
+
+
+@dataclass
+class TokenWindow:
+    """Tokens around a latent's peak in one corpus text, with its activation on each token.
+    `peak` indexes `tokens`; `position` is the peak's token index in the text; `sinks` lists the
+    window indices that are attention-sink positions (BOS included)."""
+
+    text: int
+    position: int
+    peak: int
+    value: float
+    tokens: list[str]
+    acts: list[float]
+    sinks: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TokenWindow:
+        return cls(int(d["text"]), int(d["position"]), int(d["peak"]), float(d["value"]),
+                   list(d["tokens"]), [float(a) for a in d["acts"]], [int(s) for s in d.get("sinks", [])])
+
+
+@dataclass
+class LatentDashboard:
+    """Everything the latent page shows that needs the model, computed once per run.
+
+    `density`: share of corpus tokens where the latent is non-zero; `sink_share`: share of its
+    firings that sit on sink positions; `bos_texts`: corpus texts where it fires on BOS.
+    `effects`: per prompt it is critical for, P("I") plain, with it ablated alone, and (Stage 2
+    sets) with the rest of the set ablated with and without it."""
+
+    feature: str
+    n_texts: int
+    n_tokens: int
+    n_nonzero: int
+    max_activation: float
+    histogram: dict
+    top: list[TokenWindow]
+    quantiles: list[dict]
+    logits_top: list[tuple[str, float]]
+    logits_bottom: list[tuple[str, float]]
+    cos_direction: float | None
+    sink_share: float
+    bos_texts: int
+    max_at_sink: float
+    fm_neighbours: list[tuple[str, float]] = field(default_factory=list)
+    effects: list[dict] = field(default_factory=list)
+    explanation: str | None = None
+    explanation_source: str | None = None  # neuronpedia / activations
+
+    @property
+    def density(self) -> float:
+        return self.n_nonzero / self.n_tokens if self.n_tokens else 0.0
+
+    @property
+    def sink_flag(self) -> bool:
+        """Fires mostly on sink positions, or on BOS of some text: where hydra latents live."""
+        return self.bos_texts > 0 or self.sink_share >= 0.5
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["top"] = [w.to_json() for w in self.top]
+        d["quantiles"] = [{**q, "samples": [w.to_json() for w in q["samples"]]} for q in self.quantiles]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> LatentDashboard:
+        pairs = lambda xs: [(str(a), float(b)) for a, b in xs]  # noqa: E731
+        return cls(d["feature"], int(d["n_texts"]), int(d["n_tokens"]), int(d["n_nonzero"]),
+                   float(d["max_activation"]), dict(d["histogram"]),
+                   [TokenWindow.from_json(w) for w in d["top"]],
+                   [{**q, "samples": [TokenWindow.from_json(w) for w in q["samples"]]} for q in d["quantiles"]],
+                   pairs(d["logits_top"]), pairs(d["logits_bottom"]), d.get("cos_direction"),
+                   float(d["sink_share"]), int(d["bos_texts"]), float(d["max_at_sink"]),
+                   pairs(d.get("fm_neighbours", [])), list(d.get("effects", [])), d.get("explanation"),
+                   d.get("explanation_source"))
+
+
+# ----------------------------------------------------------------- corpus pass 1: statistics
+@dataclass
+class _Stats:
+    best: torch.Tensor  # [n_texts] max away from sinks
+    where: torch.Tensor  # [n_texts] its token index
+    best_all: torch.Tensor  # [n_texts] max anywhere
+    where_all: torch.Tensor
+    values: list[torch.Tensor] = field(default_factory=list)  # non-zero activations (capped)
+    keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    n_nonzero: int = 0
+    n_sink: int = 0
+    max_sink: float = 0.0
+    bos_texts: int = 0
+
+
+def _keep(s: _Stats, new: torch.Tensor, cap: int, g: torch.Generator) -> None:
+    """Add non-zero values, keeping a uniform sample of at most `cap` of all seen (bottom-k of
+    seeded random keys), so a histogram over a large corpus stays unbiased and small."""
+    vals = torch.cat([*s.values, new])
+    keys = torch.cat([s.keys, torch.rand(len(new), generator=g)])
+    if len(vals) > cap:
+        keep = keys.topk(cap, largest=False).indices
+        vals, keys = vals[keep], keys[keep]
+    s.values, s.keys = [vals], keys
+
+
+def sink_mask(model: ChatModel, sub: PromptBatch, h: torch.Tensor, ratio: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([b, T] sink positions, [b, T] BOS positions) of a left-padded chunk."""
+    valid = sub.attention_mask.bool()
+    T = sub.input_ids.shape[1]
+    first = (T - sub.lengths).unsqueeze(1)
+    at_first = torch.arange(T).unsqueeze(0) == first
+    bos_id = model.tokenizer.bos_token_id
+    bos = at_first & (sub.input_ids == bos_id) if bos_id is not None else torch.zeros_like(valid)
+    return (sinks(h, valid, ratio) | bos) & valid, bos & valid
+
+
+def corpus_stats(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]], batch_size: int,
+                 sink_ratio: float | None = 4.0, max_values: int = 20000, seed: int = 0,
+                 quiet: bool = True) -> dict[Feature, _Stats]:
+    """One pass over the corpus: per latent, its per-text maxima (away from sinks and anywhere),
+    its non-zero values (a seeded uniform sample of `max_values` beyond that), and its firings on
+    sinks/BOS."""
+    from tqdm.auto import tqdm
+
+    n = len(batch)
+    stats = {Feature(l, i): _Stats(torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n),
+                                   torch.zeros(n, dtype=torch.long))
+             for l, ix in by_layer.items() for i in ix}
+    g = torch.Generator().manual_seed(seed)
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc="dashboards (corpus)", disable=quiet or len(starts) <= 1, leave=False):
+        sub = batch.rows(start, min(start + batch_size, n))
+        res = model.residuals(sub, list(by_layer))
+        valid = sub.attention_mask.bool()
+        pad = (sub.input_ids.shape[1] - sub.lengths).unsqueeze(1)
+        rows = slice(start, start + len(sub))
+        for l, ix in by_layer.items():
+            sink, bos = sink_mask(model, sub, res[l], sink_ratio)
+            acts = subset_acts(saes[l], res[l], ix) * valid.unsqueeze(-1)
+            away = acts.masked_fill(sink.unsqueeze(-1), 0.0)
+            v_away, c_away = away.max(dim=1)
+            v_all, c_all = acts.max(dim=1)
+            on = acts > 0
+            n_on = on.sum(dim=(0, 1)).tolist()
+            n_sink = (on & sink.unsqueeze(-1)).sum(dim=(0, 1)).tolist()
+            mx_sink = (acts * sink.unsqueeze(-1)).amax(dim=(0, 1)).tolist()
+            n_bos = (on & bos.unsqueeze(-1)).any(dim=1).sum(dim=0).tolist()
+            for j, i in enumerate(ix):
+                s = stats[Feature(l, i)]
+                s.best[rows], s.where[rows] = v_away[:, j], c_away[:, j] - pad[:, 0]
+                s.best_all[rows], s.where_all[rows] = v_all[:, j], c_all[:, j] - pad[:, 0]
+                s.n_nonzero += int(n_on[j])
+                s.n_sink += int(n_sink[j])
+                s.max_sink = max(s.max_sink, float(mx_sink[j]))
+                s.bos_texts += int(n_bos[j])
+                if n_on[j]:
+                    _keep(s, acts[..., j][on[..., j]], max_values, g)
+    return stats
+
+
+def _pick(stats: _Stats, top_k: int, bands: int, per_band: int, rng: random.Random) -> tuple[list, list, bool]:
+    """(top texts, quantile bands [(lo, hi, texts)], ranked at sinks?)."""
+    at_sink = not bool((stats.best > 0).any()) and bool((stats.best_all > 0).any())
+    vals = stats.best_all if at_sink else stats.best
+    order = sorted((t for t in range(len(vals)) if vals[t] > 0), key=lambda t: (-float(vals[t]), t))
+    top, rest = order[:top_k], order[top_k:]
+    out = []
+    if rest and bands > 0:
+        asc = rest[::-1]
+        size = max(1, -(-len(asc) // bands))
+        for b in range(0, len(asc), size):
+            group = asc[b:b + size]
+            out.append((float(vals[group[0]]), float(vals[group[-1]]),
+                        sorted(rng.sample(group, min(per_band, len(group))), key=lambda t: -float(vals[t]))))
+    return top, out[::-1], at_sink
+
+
+# ----------------------------------------------------------------- corpus pass 2: windows
+def token_windows(model: ChatModel, saes, batch: PromptBatch, wanted: Mapping[Feature, dict[int, int]],
+                  batch_size: int, left: int, right: int, sink_ratio: float | None) -> dict[tuple[Feature, int], TokenWindow]:
+    """For each latent and each of its texts (text -> peak token index), the window of tokens
+    around the peak with the latent's activation on each."""
+    texts = sorted({t for m in wanted.values() for t in m})
+    if not texts:
+        return {}
+    by_layer = FeatureSet(wanted).by_layer()
+    sub_all = batch.select(texts)
+    tok = model.tokenizer
+    out = {}
+    for start in range(0, len(texts), batch_size):
+        sub = sub_all.rows(start, min(start + batch_size, len(texts)))
+        res = model.residuals(sub, list(by_layer))
+        T = sub.input_ids.shape[1]
+        for l, ix in by_layer.items():
+            sink, _ = sink_mask(model, sub, res[l], sink_ratio)
+            acts = subset_acts(saes[l], res[l], ix)
+            for b in range(len(sub)):
+                t = texts[start + b]
+                n_tok = int(sub.lengths[b])
+                ids = sub.input_ids[b, T - n_tok:].tolist()
+                for j, i in enumerate(ix):
+                    f = Feature(l, i)
+                    if t not in wanted[f]:
+                        continue
+                    peak = wanted[f][t]
+                    lo, hi = max(0, peak - left), min(n_tok, peak + right + 1)
+                    a = acts[b, T - n_tok + lo:T - n_tok + hi, j].tolist()
+                    sk = sink[b, T - n_tok + lo:T - n_tok + hi].nonzero().flatten().tolist()
+                    out[(f, t)] = TokenWindow(t, peak, peak - lo, float(acts[b, T - n_tok + peak, j]),
+                                              [tok.decode([x], skip_special_tokens=False) for x in ids[lo:hi]],
+                                              [round(x, 4) for x in a], sk)
+    return out
+
+
+# ----------------------------------------------------------------- weights
+def logit_effects(model: ChatModel, saes, features: Iterable, k: int = 10) -> dict[Feature, tuple[list, list]]:
+    """Per latent, the `k` tokens whose logits its decoder row raises most and lowers most
+    (W_dec[i]·W_U, the direct path, final norm ignored as in SAEDashboard)."""
+    W_U = model.hf.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
+    tok = model.tokenizer
+    out = {}
+    for l, ix in FeatureSet(features).by_layer().items():
+        eff = saes[l].W_dec[torch.tensor(ix)].detach().float().cpu() @ W_U.T  # [n, V]
+        kk = min(k, eff.shape[1])
+        top, bot = eff.topk(kk, dim=1), (-eff).topk(kk, dim=1)
+        for j, i in enumerate(ix):
+            out[Feature(l, i)] = (
+                [(tok.decode([int(t)]), round(float(v), 4)) for v, t in zip(top.values[j], top.indices[j])],
+                [(tok.decode([int(t)]), round(-float(v), 4)) for v, t in zip(bot.values[j], bot.indices[j])])
+    return out
+
+
+def decoder_cosines(saes, features: Iterable, direction: torch.Tensor) -> dict[Feature, float]:
+    """cos(W_dec[i], r̂) per latent: how far the latent writes along the refusal direction."""
+    r = direction.detach().float().cpu()
+    r = r / r.norm().clamp_min(1e-12)
+    out = {}
+    for l, ix in FeatureSet(features).by_layer().items():
+        W = saes[l].W_dec[torch.tensor(ix)].detach().float().cpu()
+        cos = (W @ r) / W.norm(dim=1).clamp_min(1e-12)
+        out.update({Feature(l, i): round(float(c), 4) for i, c in zip(ix, cos)})
+    return out
+
+
+def fm_neighbours(V: torch.Tensor, columns: Sequence, features: Iterable, k: int = 10) -> dict[Feature, list[tuple[str, float]]]:
+    """Per latent that is an FM column, the `k` columns whose FM embeddings are most similar
+    (cosine): the latents the factorization machine sees it interact with."""
+    cols = [Feature.of(c) for c in columns]
+    at = {f: j for j, f in enumerate(cols)}
+    U = V.detach().float()
+    U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out: dict[Feature, list[tuple[str, float]]] = {}
+    for f in FeatureSet(features):
+        if f not in at:
+            continue
+        sims = U @ U[at[f]]
+        sims[at[f]] = -2.0
+        kk = min(k, len(cols) - 1)
+        if kk <= 0:
+            out[f] = []
+            continue
+        top = sims.topk(kk)
+        out[f] = [(cols[int(j)].id, round(float(s), 4)) for s, j in zip(top.values, top.indices)]
+    return out
+
+
+# ----------------------------------------------------------------- assembly
+def histogram(values: Sequence[torch.Tensor], bins: int) -> dict:
+    v = torch.cat(list(values)) if values else torch.zeros(0)
+    if not len(v):
+        return {"edges": [], "counts": [], "sampled": 0}
+    hi = float(v.max())
+    counts = torch.histc(v, bins=bins, min=0.0, max=hi if hi > 0 else 1.0)
+    edges = torch.linspace(0.0, hi if hi > 0 else 1.0, bins + 1)
+    return {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts], "sampled": len(v)}
+
+
+def corpus_dashboards(model: ChatModel, saes, texts: Sequence[str], features: Iterable, *, batch_size: int = 16,
+                      max_length: int | None = 128, top_k: int = 10, bands: int = 3, per_band: int = 2,
+                      left: int = 12, right: int = 4, bins: int = 30, sink_ratio: float | None = 4.0,
+                      seed: int = 0, quiet: bool = True) -> dict[Feature, dict]:
+    """The corpus part of each dashboard: histogram, top contexts, quantile samples, sink share."""
+    if not texts:
+        raise UserError("no corpus texts for dashboards: set dashboards.corpus to a prompt set")
+    by_layer = FeatureSet(features).checked(saes).by_layer()
+    bos = model.tokenizer.bos_token
+    texts = [t if not bos or t.startswith(bos) else bos + t for t in texts]
+    batch = model.encode_texts(texts, add_special_tokens=False, max_length=max_length)
+    stats = corpus_stats(model, saes, batch, by_layer, batch_size, sink_ratio, seed=seed, quiet=quiet)
+    rng = random.Random(seed)
+    picks = {f: _pick(s, top_k, bands, per_band, rng) for f, s in stats.items()}
+    wanted: dict[Feature, dict[int, int]] = {}
+    for f, (top, qs, at_sink) in picks.items():
+        where = stats[f].where_all if at_sink else stats[f].where
+        for t in top + [t for *_, ts in qs for t in ts]:
+            wanted.setdefault(f, {})[t] = int(where[t])
+    win = token_windows(model, saes, batch, wanted, batch_size, left, right, sink_ratio)
+    n_tokens = int(batch.attention_mask.sum())
+    out: dict[Feature, dict] = {}
+    for f, s in stats.items():
+        top, qs, _ = picks[f]
+        out[f] = {"n_texts": len(texts), "n_tokens": n_tokens, "n_nonzero": s.n_nonzero,
+                  "max_activation": round(float(s.best_all.max()) if len(s.best_all) else 0.0, 4),
+                  "histogram": histogram(s.values, bins), "top": [win[(f, t)] for t in top],
+                  "quantiles": [{"low": lo, "high": hi, "samples": [win[(f, t)] for t in ts]} for lo, hi, ts in qs],
+                  "sink_share": round(s.n_sink / s.n_nonzero, 4) if s.n_nonzero else 0.0,
+                  "bos_texts": s.bos_texts, "max_at_sink": round(s.max_sink, 4)}
+    return out
+
+
+def prompt_tokens(model: ChatModel, prompts: Prompts) -> list[dict]:
+    """Per (id, text) prompt, its chat-formatted tokens as the pipeline saw them and the region
+    of each (activity.REGIONS): positions line up with the hydra analysis's wake-up records."""
+    if not prompts:
+        return []
+    texts = [t for _, t in prompts]
+    batch = model.encode(texts)
+    n_pre = prefix_lengths(model, texts)
+    out = []
+    for r, (pid, _) in enumerate(prompts):
+        ids = batch.input_ids[r][batch.attention_mask[r].bool()].tolist()
+        out.append({"id": pid, "tokens": [model.tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+                    "regions": [region(p, n_pre[r], len(ids), batch.n_post[r]) for p in range(len(ids))]})
+    return out
+
+
+def window_explanation(top: Sequence[TokenWindow]) -> str:
+    """An activation-based explanation from top contexts (the format `semantics` writes), for
+    latents with no explanation yet, such as the human study's random latents."""
+    from .semantics import activation_explanation
+
+    return activation_explanation([{"token": w.tokens[w.peak], "context": "".join(
+        w.tokens[:w.peak]) + f"[[{w.tokens[w.peak]}]]" + "".join(w.tokens[w.peak + 1:])} for w in top])

@@ -1,0 +1,45 @@
+"""Facts about the model and its SAEs that the report states (width, L0, layers), measured on
+the run's own corpus so they hold for whatever SAEs a run loaded, not only the demo's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..io.model import ChatModel
+from .activity import sinks
+
+
+def model_summary(model: ChatModel, saes, texts: Sequence[str], batch_size: int = 16,
+                  max_length: int | None = 128, sink_ratio: float | None = 4.0) -> dict:
+    """Model size and, per SAE layer, width, architecture, hook, mean L0 (active latents per
+    token, sink positions such as BOS left out as SAE papers do) and the share of latents that
+    never fire on `texts`."""
+    hf = model.hf
+    saes_out: list[dict] = []
+    out: dict = {"model": {"name": model.name, "architecture": type(hf).__name__, "n_layers": model.n_layers,
+                     "d_model": model.d_model, "vocab": len(model.tokenizer),
+                     "parameters": sum(p.numel() for p in hf.parameters()), "dtype": str(model.dtype).split(".")[-1]},
+           "n_texts": len(texts), "saes": saes_out}
+    layers = list(saes.layers)
+    l0 = {l: [0.0, 0] for l in layers}
+    fired = {l: torch.zeros(saes[l].d_sae, dtype=torch.bool) for l in layers}
+    if texts:
+        batch = model.encode_texts(list(texts), add_special_tokens=False, max_length=max_length)
+        for start in range(0, len(batch), batch_size):
+            sub = batch.rows(start, min(start + batch_size, len(batch)))
+            res = model.residuals(sub, layers)
+            valid = sub.attention_mask.bool()
+            for l in layers:
+                keep = valid & ~sinks(res[l], valid, sink_ratio)
+                on = (saes[l].encode(res[l].to(saes[l].device)).cpu() > 0) & keep.unsqueeze(-1)
+                l0[l][0] += float(on.sum())
+                l0[l][1] += int(keep.sum())
+                fired[l] |= on.any(dim=(0, 1))
+    for l in layers:
+        fd = saes[l]
+        saes_out.append({"layer": l, "d_sae": fd.d_sae, "architecture": fd.architecture, "hook": fd.hook_name,
+                            "k": fd.k, "l0": round(l0[l][0] / l0[l][1], 2) if l0[l][1] else None,
+                            "dead_share": round(1 - float(fired[l].float().mean()), 4) if texts else None})
+    return out

@@ -1,0 +1,107 @@
+"""Pipeline stage `dashboards`: per latent a run found (Stage 1 candidates, Stage 2 and Stage 3
+sets), the data of its feature dashboard, so the report and the web app read files and never
+load the model (the playground aside). Runs after the analyses; reads whichever of them ran."""
+
+from __future__ import annotations
+
+import time
+
+from ..interventions.features import FeatureSet
+from ..methods import dashboards as dash
+from ..methods import latent_effects as le
+from ..methods.model_summary import model_summary
+from .backend import fan_out
+from .pipeline import Context, stage_hash
+from .resolve import load_prompt_set, take
+
+def critical_sets(ctx: Context) -> tuple[dict, dict, dict]:
+    """({prompt: Stage 1 set}, {prompt: Stage 2 set}, {prompt: Stage 3 set}) of this run."""
+    r = ctx.results
+    s1 = r.stage1_sets() if ctx.cfg.dashboards.stage1 else {}
+    s3 = r.stage3_sets() if r.done("stage3") else {}
+    return s1, r.stage2_sets(), s3
+
+
+def corpus(ctx: Context) -> list[str]:
+    """Refused prompts (chat-formatted, up to half the budget) then the configured corpus."""
+    dc = ctx.cfg.dashboards
+    prompts = [ctx.model.format_chat(p.text) for p in ctx.results.kept_prompts()][: dc.texts // 2]
+    general = [p.text for spec in dc.corpus for p in load_prompt_set(spec, ctx.cfg.data.text_field)]
+    return prompts + take(general, dc.texts - len(prompts), ctx.cfg.seed)
+
+
+def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple[str, str]]:
+    """Per latent (explanation, source): the semantics stage's, else Neuronpedia's (when the
+    config names a Neuronpedia id), else one from its top contexts on the corpus."""
+    out = {}
+    if ctx.results.done("semantics"):
+        src = ctx.results.explanation_source()
+        out = {f: (e, src) for f, e in ctx.results.explanations().items()}
+    missing = [f for f in feats if f.id not in out]
+    if missing and ctx.cfg.saes.neuronpedia_id:
+        from ..demo.recipe import cache_root
+        from ..methods.semantics import NeuronpediaClient
+
+        client = NeuronpediaClient(ctx.cfg.analyses.neuronpedia_cache or cache_root() / "neuronpedia",
+                                   ctx.cfg.saes.neuronpedia_id)
+        found, _ = client.explain(missing)
+        out.update({f: (e, "neuronpedia") for f, e in found.items()})
+    for f in feats:
+        if f.id not in out:
+            out[f.id] = (dash.window_explanation(body[f]["top"]), "activations")
+    return out
+
+
+def run_dashboards(ctx: Context) -> dict:
+    name = "dashboards"
+    h = stage_hash(ctx, name)
+    if ctx.store.is_done(name, h):
+        return ctx.results.summary(name) or {}
+    dc, model, saes = ctx.cfg.dashboards, ctx.model, ctx.saes
+    with ctx.store.stage(name, h) as st:
+        t0 = time.perf_counter()
+        s1, s2, s3 = critical_sets(ctx)
+        texts = corpus(ctx)
+        kept = [(p.id, p.text) for p in ctx.results.kept_prompts()]
+        st.jsonl("prompt_tokens.jsonl", dash.prompt_tokens(model, kept))
+        st.json("model.json", model_summary(model, saes, texts[:64], ctx.cfg.model.batch_size, dc.max_length,
+                                            dc.sink_ratio))
+        study = [it["feature"] for it in ctx.results.study_items()] if ctx.results.done("taxonomy") else []
+        feats = FeatureSet([*(f for sets in (s2, s3, s1) for s in sets.values() for f in s), *study]).sorted()
+        if not feats:
+            st.jsonl("dashboards.jsonl", [])
+            st.summary = {"n_latents": 0, "note": "no prompt was jailbroken: no latent to show"}
+            return st.summary
+        ctx.log(f"dashboards: {len(feats)} latents ({len({f for s in s2.values() for f in s})} in Stage 2 sets)")
+        # per prompt, P("I") with each Stage 2/3 latent ablated alone: the driver writes, shards compute
+        critical = {pid: FeatureSet([*s2.get(pid, ()), *s3.get(pid, ())]) for pid in set(s2) | set(s3)}
+        pairs = le.effect_pairs(critical, dc.effect_prompts, ctx.cfg.seed)
+        prompts = [(pid, text) for pid, text in kept if pid in pairs]
+        ck = st.checkpoint("effects", key="id")
+        fan_out(ctx, "latent_effects", prompts, {"pairs": pairs, "sets": s2}, ck, "dashboards (ΔP per latent)")
+        stage_of = {pid: {**{f.id: "3" for f in s3.get(pid, ())}, **{f.id: "2" for f in s2.get(pid, ())}}
+                    for pid in critical}
+        by_latent = le.effects_by_latent([ck.records[pid] for pid, _ in prompts], stage_of)
+        body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
+                                      max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
+                                      per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
+                                      bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed, quiet=ctx.quiet)
+        logits = dash.logit_effects(model, saes, feats, dc.logit_tokens)
+        cos = dash.decoder_cosines(saes, feats, ctx.results.direction()[0])
+        near = {}
+        if ctx.results.done("stage3"):
+            columns, V = ctx.results.fm_embeddings()
+            near = dash.fm_neighbours(V, columns, feats, dc.fm_neighbours)
+        expl = explanations(ctx, feats, body)
+        boards = [dash.LatentDashboard(f.id, **body[f], logits_top=logits[f][0], logits_bottom=logits[f][1],
+                                       cos_direction=cos[f], fm_neighbours=near.get(f, []),
+                                       effects=by_latent.get(f.id, []), explanation=expl[f.id][0],
+                                       explanation_source=expl[f.id][1])
+                  for f in feats]
+        st.jsonl("dashboards.jsonl", [b.to_json() for b in boards])
+        st.summary = {"n_latents": len(boards), "n_with_effects": sum(bool(b.effects) for b in boards),
+                      "n_sink_flagged": sum(b.sink_flag for b in boards), "n_fm_columns": len(near),
+                      "corpus_texts": boards[0].n_texts if boards else 0,
+                      "seconds": round(time.perf_counter() - t0, 1)}
+    ctx.log(f"dashboards: {len(boards)} latent dashboards ({st.summary['n_sink_flagged']} flagged at sinks/BOS)")
+    return st.summary

@@ -1,0 +1,104 @@
+"""The `dashboards` stage on a real tiny run: every latent of the run's sets and study sample
+gets a dashboard, and its numbers agree with direct computations on the same model and SAEs."""
+
+import torch
+
+from refusalscope.interventions.features import Feature, FeatureSet
+from refusalscope.methods.dashboards import _keep, _Stats, corpus_dashboards, fm_neighbours
+from refusalscope.methods.evaluate import refusal_probs
+from refusalscope.methods.latent_effects import effect_pairs
+from refusalscope.run.pipeline import Context
+from refusalscope.run.results import RunResults
+
+
+def _ctx(run_dir):
+    r = RunResults(run_dir)
+    return r, Context(r.config(), store=None, quiet=True, log=lambda *_: None)
+
+
+def test_every_latent_of_the_run_has_a_consistent_dashboard(tiny_run):
+    r, ctx = _ctx(tiny_run)
+    boards = r.dashboards()
+    wanted = {f.id for sets in (r.stage1_sets(), r.stage2_sets(), r.stage3_sets()) for s in sets.values() for f in s}
+    wanted |= {it["feature"] for it in r.study_items()}
+    assert set(boards) == wanted
+    direction, _ = r.direction()
+    W_U = ctx.model.hf.get_output_embeddings().weight.detach().float()
+    for fid, b in boards.items():
+        f = Feature.of(fid)
+        w = ctx.saes[f.layer].W_dec[f.index].float()
+        assert abs(b.cos_direction - float(w @ direction / (w.norm() * direction.norm()))) < 1e-3
+        top_logit = float((w @ W_U.T).max())
+        assert abs(b.logits_top[0][1] - top_logit) < 1e-3 and b.logits_top[0][1] >= b.logits_bottom[0][1]
+        assert sum(b.histogram.get("counts", [])) == min(b.n_nonzero, b.histogram.get("sampled", 0))
+        vals = [x.value for x in b.top]
+        assert vals == sorted(vals, reverse=True)
+        for x in b.top:  # the window holds the peak at its index; nothing away from sinks is larger
+            away = [a for i, a in enumerate(x.acts) if i not in x.sinks or x.peak in x.sinks]
+            assert abs(x.acts[x.peak] - x.value) < 1e-3 and max(away) <= x.value + 1e-3
+        assert b.sink_flag == (b.bos_texts > 0 or b.sink_share >= 0.5)
+        assert b.explanation and b.explanation_source in ("activations", "neuronpedia")
+    assert r.summary("dashboards")["n_latents"] == len(boards)
+
+
+def test_corpus_pass_matches_the_full_sae_encode(tiny_run):
+    """Per-text maxima from the encoder columns alone equal the full SAELens-style encode."""
+    r, ctx = _ctx(tiny_run)
+    feats = FeatureSet(list(r.dashboards())[:6])
+    texts = ["<|im_start|>Write a poem about the sea", "<|im_start|>How do I bake bread at home?"]
+    out = corpus_dashboards(ctx.model, ctx.saes, texts, feats, batch_size=1, sink_ratio=None, top_k=2)
+    batch = ctx.model.encode_texts(texts, add_special_tokens=False)
+    for f in feats:
+        res = ctx.model.residuals(batch, [f.layer])[f.layer]
+        full = ctx.saes[f.layer].encode(res)[..., f.index] * batch.attention_mask
+        bos = batch.input_ids == ctx.model.tokenizer.bos_token_id
+        away = full.masked_fill(bos, 0).amax(dim=1)
+        got = sorted((w.value for w in out[f]["top"]), reverse=True)
+        want = sorted((float(v) for v in away if v > 0), reverse=True)
+        if not want:  # fires on BOS only: contexts fall back to the sink positions
+            want = sorted((float(v) for v in full.amax(dim=1) if v > 0), reverse=True)
+        assert len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want))
+        assert out[f]["n_nonzero"] == int((full > 0).sum())
+
+
+def test_delta_p_alone_is_what_ablating_the_latent_does(tiny_run):
+    r, ctx = _ctx(tiny_run)
+    text = {p.id: p.text for p in r.kept_prompts()}
+    checked = 0
+    for fid, b in r.dashboards().items():
+        for e in b.effects:
+            if not e["active"]:
+                continue
+            p = refusal_probs(ctx.model, ctx.saes, [text[e["prompt"]]] * 2, [[], FeatureSet([fid]).plan()])
+            assert abs(e["p_base"] - float(p[0])) < 1e-5 and abs(e["delta_alone"] - float(p[1] - p[0])) < 1e-5
+            checked += 1
+    assert checked >= 1
+
+
+def test_fm_neighbours_are_the_nearest_embeddings():
+    V = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    cols = ["1-0", "1-1", "2-5", "3-7"]
+    near = fm_neighbours(V, cols, ["1-0", "9-9"], k=2)
+    assert set(near) == {Feature(1, 0)}  # a latent that is no FM column has no neighbours
+    assert [f for f, _ in near[Feature(1, 0)]] == ["1-1", "2-5"]
+    assert near[Feature(1, 0)][0][1] > near[Feature(1, 0)][1][1]
+
+
+def test_effect_pairs_cap_prompts_per_latent_with_a_seed():
+    critical = {f"p{i}": ["1-1", f"2-{i}"] for i in range(10)}
+    a, b = effect_pairs(critical, 3, seed=0), effect_pairs(critical, 3, seed=0)
+    assert a == b
+    assert sum("1-1" in v for v in a.values()) == 3  # the shared latent is measured on 3 prompts
+    assert all(f"2-{i}" in a[f"p{i}"] for i in range(10))  # every other latent on its only prompt
+    assert sum("1-1" in v for v in effect_pairs(critical, None, seed=0).values()) == 10
+
+
+def test_value_sample_is_uniform_and_capped():
+    s = _Stats(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, 20000, 1000):  # values 0..19999 arrive in order, 1000 at a time
+        _keep(s, torch.arange(start, start + 1000, dtype=torch.float32), 2000, g)
+    kept = torch.cat(s.values)
+    assert len(kept) == 2000 and len(set(kept.tolist())) == 2000
+    # a uniform sample of 0..19999 has mean near 10000; keep-the-first or keep-the-last would not
+    assert abs(float(kept.mean()) - 10000) < 600
