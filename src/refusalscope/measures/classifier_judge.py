@@ -159,3 +159,6 @@ class ClassifierJudge:
         scores = torch.sigmoid(log_no - log_yes)  # = P(no) / (P(yes) + P(no)), overflow-free
         refused = [not bool(y > n) for y, n in zip(log_yes, log_no)]
         return Verdicts(self.name, refused, scores.tolist(), list(completions))
+
+
+from . import guard_judge  # noqa: E402,F401  (registers "llama-guard", a subclass of this judge)

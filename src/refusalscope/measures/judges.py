@@ -242,4 +242,4 @@ class FirstTokenJudge:
                         list(completions) if completions is not None else None)
 
 
-from . import classifier_judge, guard_judge  # noqa: E402,F401  (register "classifier", "llama-guard")
+from . import classifier_judge  # noqa: E402,F401  (registers "classifier", then "llama-guard")
