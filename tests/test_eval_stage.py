@@ -82,7 +82,7 @@ def test_eval_matrix_end_to_end(world):
         for f in s:
             counts[f.id] = counts.get(f.id, 0) + 1
     assert counts[rows["core@1"]["features"][0]] == max(counts.values())  # the most often critical latent
-    for name, row in rows.items():
+    for row in rows.values():
         if row["kind"] == "random":
             core = rows[row["matched"]]
             assert row["layers"] == core["layers"] or row["short"]  # same layer mix

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..io.model import ChatModel
 from ..errors import UserError
+from ..io.model import ChatModel
 from ..io.prompts import filter_refused, heldout_split
 from ..measures.judges import make_judge
 from .config import Config

@@ -7,8 +7,8 @@ comes back."""
 from __future__ import annotations
 
 from ..interventions.features import FeatureSet
-from ..methods import controls, hydra
 from ..measures.judges import make_judge
+from ..methods import controls, hydra
 from ..methods.activity import activity
 from ..methods.ce_loss import TextSet, loss_sum
 from ..methods.eval_matrix import evaluate_prompts
