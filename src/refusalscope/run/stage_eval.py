@@ -1,7 +1,7 @@
 """Stage `eval` (`refusalscope eval`, not part of `run`): interventions (rows) × datasets
-(columns). Per-prompt work fans out as (intervention, dataset, chunk) items; each item's rows
-are cached under the hash of everything but the selection of rows and columns, so adding a
-dataset or an intervention later runs only what is new, and a killed eval resumes per item."""
+(columns). Per-prompt work fans out as (intervention, dataset, chunk) items; each item is cached
+by what it depends on (the config, the row's latents or direction, the chunk's prompts), so
+adding a dataset or an intervention later runs only what is new, and a killed eval resumes."""
 
 from __future__ import annotations
 
