@@ -57,8 +57,8 @@ def heatmap(table: pd.DataFrame, rows, path: Path) -> Path:
     a1.set_xlabel("harmful parts: refusal kept; harmless parts: over-refusal", fontsize=8)
     fig.colorbar(im, ax=a1, fraction=0.04, label="refusal rate")
     if names:
-        scale = np.nanmax(np.abs(eff), axis=0)
-        scale[~np.isfinite(scale) | (scale == 0)] = 1.0
+        scale = np.array([np.nanmax(c) if np.isfinite(c).any() and np.nanmax(c) > 0 else 1.0
+                          for c in np.abs(eff).T])
         shade = np.abs(eff) / scale
         a2.imshow(shade, vmin=0, vmax=1, cmap="Oranges", aspect="auto")
         _annotate(a2, eff, shade, lambda v: f"{v:.3g}")
