@@ -152,6 +152,7 @@ class EvalConfig(Section):
     clamp_values: list[float] = Field([8.0], description="values the woken latents are clamped to at BOS")
     positions: Literal["all", "prompt"] = Field("all", description="where latents are ablated (paper: all)")
     max_prompts: int | None = Field(None, ge=1, description="cap per prompt dataset (a seeded draw)")
+    max_new_tokens: int | None = Field(None, ge=1, description="reply length judged (None: generation.max_new_tokens)")
     general_text: str = Field("bundled:general", description="texts for cross-entropy (paper: The Pile)")
     ce_texts: int = Field(100, ge=1)
     harmless_judge: str | None = Field(None, description=(

@@ -130,7 +130,8 @@ def run_eval(ctx: Context) -> dict:
     direction, layer = ctx.results.direction()
     vector = ctx.results.direction_vector()
     payload = {"interventions": {r.name: r for r in rows}, "direction": direction, "layer": layer,
-               "vector": vector, "positions": ec.positions, "harmless_judge": _harmless_judge(ctx)}
+               "vector": vector, "positions": ec.positions, "harmless_judge": _harmless_judge(ctx),
+               "max_new_tokens": ec.max_new_tokens or ctx.cfg.generation.max_new_tokens}
     # cached rows are keyed by what they depend on: the config (file name), the row's latents or
     # direction, and the chunk's prompts; a rerun of an earlier stage only redoes rows it changed
     cache = f"cache-{config_hash(base)}.jsonl"

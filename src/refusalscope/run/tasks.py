@@ -101,10 +101,9 @@ def _harmless_judge(ctx, name: str | None):
 
 def eval_prompts(ctx, items, p) -> list[dict]:
     """One (intervention, dataset, chunk) per item: per prompt, the reply, verdict, P(I) and KL."""
-    g = ctx.cfg.generation
     return [{"id": key, "rows": evaluate_prompts(ctx.model, ctx.saes, p["chunks"][(ds, ci)], _plan(p, iv), ctx.judge,
-                                                 _harmless_judge(ctx, p["harmless_judge"]), g.max_new_tokens,
-                                                 g.batch_size)}
+                                                 _harmless_judge(ctx, p["harmless_judge"]), p["max_new_tokens"],
+                                                 ctx.cfg.generation.batch_size)}
             for key, iv, ds, ci in items]
 
 
