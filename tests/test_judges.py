@@ -53,12 +53,12 @@ def test_verdicts_rate_len_records():
 
 
 def test_registry():
-    assert {"substring", "first-token", "classifier"} <= set(judge_names())
-    msg = _raises(["unknown judge 'llama-guard'", "substring", "first-token", "classifier"],
-                  make_judge, "llama-guard")
+    assert {"substring", "first-token", "classifier", "llama-guard"} <= set(judge_names())
+    msg = _raises(["unknown judge 'gpt-judge'", "substring", "first-token", "classifier", "llama-guard"],
+                  make_judge, "gpt-judge")
     assert msg.startswith("unknown judge")
     _raises(["bad options", "substring"], make_judge, "substring", colour="red")
-    for name in ("substring", "first-token", "classifier"):
+    for name in ("substring", "first-token", "classifier", "llama-guard"):
         j = make_judge(name)
         assert isinstance(j, Judge) and j.name == name
 

@@ -85,9 +85,12 @@ class DemoRecipe(_Part):
     eval: EvalRecipe = EvalRecipe()
 
 
-def _data_digest() -> str:
+def _data_digest(root=None) -> str:
+    """Digest of the bundled data the build reads: the .jsonl files of resources/prompts and
+    resources/texts. Sets the build never reads (the over-refusal CSV) stay outside it, so
+    adding or editing them does not rebuild the world."""
     h = hashlib.sha256()
-    root = resources.files("refusalscope") / "resources"
+    root = root if root is not None else resources.files("refusalscope") / "resources"
     for sub in ("prompts", "texts"):
         folder = root / sub
         if not folder.is_dir():

@@ -203,6 +203,31 @@ def run_all(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = Q
             as_json)
 
 
+@app.command("eval")
+@friendly
+def eval_cmd(config: str | None = CONFIG, run: Path | None = RUN,
+             datasets: list[str] | None = typer.Option(
+                 None, "--datasets", help="heldout, search, harmless, general, bundled:NAME, a file or "
+                 "NAME=PATH (comma-separated or repeated; default: eval.datasets)"),
+             interventions: list[str] | None = typer.Option(
+                 None, "--interventions", help="none direction actadd core core_category stage2_union "
+                 "critical_union random bos_clamp (comma-separated or repeated; default: all)"),
+             quiet: bool = QUIET, as_json: bool = JSON, backend: str | None = BACKEND,
+             address: str | None = ADDRESS, workers: int | None = WORKERS):
+    """Evaluate interventions on benchmarks: refusal, over-refusal and side effects (runs Stages 1-3 first)."""
+    from .tables import print_eval
+
+    ev = {k: [x.strip() for v in vals for x in v.split(",") if x.strip()]
+          for k, vals in (("datasets", datasets), ("interventions", interventions)) if vals}
+    overrides = {**_execution(backend, address, workers), **({"eval": ev} if ev else {})}
+    result = _run_stages(config, run, quiet, as_json, "eval", execution=overrides)
+    if as_json:
+        print(json.dumps({"eval": result["eval"], "run": result["run"]}, indent=2, default=str))
+        return
+    print_eval(result["eval"])
+    print(f"run directory: {result['run']} (table: eval/cells.parquet, figures: eval/*.png)")
+
+
 @app.command("filter")
 @friendly
 def filter_cmd(config: str | None = CONFIG, run: Path | None = RUN, quiet: bool = QUIET,
@@ -277,16 +302,20 @@ def world_build(force: bool = typer.Option(False, help="Rebuild from scratch."),
 
 @world_app.command("info")
 @friendly
-def world_info_cmd(as_json: bool = JSON):
-    """Show the demo world's build record (status, timings, quality)."""
+def world_info_cmd(as_json: bool = JSON, overrefusal: bool = typer.Option(
+        True, help="Report the demo model on the bundled over-refusal set (measured once, then cached).")):
+    """Show the demo world's build record (status, timings, quality, over-refusal)."""
+    from ..demo.overrefusal import overrefusal_rates
     from ..demo.world import world_dir, world_info
 
     info = world_info()
     if not info:
         raise UserError(f"the demo world is not built (would live at {world_dir()}): run "
                         "`refusalscope demo-world build`")
+    over = overrefusal_rates(log=_log(False, as_json)) if overrefusal else None
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, **({"overrefusal": {k: v for k, v in over.items() if k != "examples"}}
+                                     if over else {})}, indent=2))
         return
     print_table("Demo world", [{"status": info["status"], "hash": info["hash"], "path": info["path"],
                                 "model": info.get("model_path", "-"),
@@ -296,6 +325,12 @@ def world_info_cmd(as_json: bool = JSON):
         print_quality(info["quality"])
         _print_examples(info)
         print_sae_quality(info["sae_quality"])
+    if over:
+        print_table(f"Demo model on the over-refusal set ({over['judge']} judge, greedy, "
+                    f"{over['max_new_tokens']} tokens; refused on safe prompts = over-refusal)",
+                    [{"set": r["set"], "n": r["n"], "refused %": round(100 * r["refused"], 1),
+                      "degenerate %": round(100 * r["degenerate"], 1), "mean P(I)": r["mean_p_I"]}
+                     for r in over["rows"] + over["by_kind"]])
 
 
 @world_app.command("path")

@@ -167,3 +167,40 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
             "latents": d["n_latents"], "with ΔP('I')": d["n_with_effects"], "flagged at sinks/BOS": d["n_sink_flagged"],
             "FM columns": d["n_fm_columns"], "corpus texts": d["corpus_texts"]}])]
     return out
+
+
+def print_eval(summary: dict) -> None:
+    """The eval matrix in two tables: per intervention, the rate per dataset part (harmful parts:
+    jailbroken, others: refused), then the side effects (degenerate share over all prompts, KL on
+    harmless prompts, change in CE on general text)."""
+    rows = summary["rows"]
+    if not rows:
+        console.print("eval: no interventions")
+        return
+    from rich.markup import escape
+
+    side = ("degenerate", "kl harmless", "ce delta")
+    rates = [k for k in rows[0] if k not in ("intervention", "latents", "same_as", *side)]
+    name = lambda r: escape(r["intervention"] + (f" = {r['same_as']}" if r.get("same_as") else ""))  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    sets = ", ".join(f"{k} ({v})" for k, v in summary["datasets"].items())
+    t = Table(title=f"Eval: refusal per dataset part [{sets}]", title_justify="left")
+    t.add_column("intervention", no_wrap=True)
+    t.add_column("latents", justify="right")
+    for k in rates:
+        t.add_column(k.replace(" ", "\n"), justify="right")
+    for r in rows:
+        t.add_row(name(r), str(r["latents"]), *[pct(r.get(k)) for k in rates])
+    console.print(t)
+    ce = f", CE on {summary['ce_texts']} general texts" if summary.get("ce_texts") else ""
+    t = Table(title=f"Eval: side effects (KL on harmless prompts{ce})", title_justify="left")
+    for k in ("intervention", "degenerate", "KL harmless (nats)", "ΔCE (nats/token)"):
+        t.add_column(k, no_wrap=k == "intervention", justify="left" if k == "intervention" else "right")
+    for r in rows:
+        t.add_row(name(r), pct(r["degenerate"]), *["-" if r[k] is None else f"{r[k]:.4g}"
+                                                             for k in ("kl harmless", "ce delta")])
+    console.print(t)
+    if summary.get("harmless_judge"):
+        console.print(f"replies to harmless prompts judged by {summary['harmless_judge']}")
+    for note in summary.get("notes", []):
+        console.print(f"note: {escape(note)}")

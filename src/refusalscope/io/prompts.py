@@ -19,14 +19,25 @@ import numpy as np
 from refusalscope.errors import UserError
 from refusalscope.io.prompt_formats import Table, parse_text, read_table
 
-# Columns tried, in order, when no text field is given.
-TEXT_FIELDS = ("instruction", "prompt", "goal", "Behavior", "text", "question")
+# Columns tried, in order, when no text field is given (case ignored): refusal_direction and
+# Alpaca `instruction`; CoCoNot, OR-Bench and XSTest `prompt`; AdvBench and JailbreakBench `Goal`
+# (before JailbreakBench's short `Behavior` name); HarmBench `Behavior`; StrongREJECT
+# `forbidden_prompt`; Do-Not-Answer `question`.
+TEXT_FIELDS = ("instruction", "prompt", "goal", "Behavior", "forbidden_prompt", "text", "question")
 _CATEGORY_FIELDS = ("category", "SemanticCategory")
 _SUBCATEGORY_FIELDS = ("subcategory", "sub_category")
 _ID_FIELDS = ("id", "BehaviorID")
+_LABEL_FIELDS = ("label", "prompt_harm_label")
 LABELS = ("harmful", "harmless")
+# Label spellings of sets that mix safe and unsafe prompts (XSTest: safe/unsafe, WildGuardMix:
+# harmful/unharmful), mapped to ours.
+LABEL_SYNONYMS = {"harmful": "harmful", "unsafe": "harmful", "harmless": "harmless", "safe": "harmless",
+                  "unharmful": "harmless", "benign": "harmless"}
 
 # Bundled name -> (folder under resources, file, text field, label given to every prompt).
+# The demo world's build hash digests the .jsonl files of prompts/ and texts/ (demo/recipe.py):
+# sets the build does not read (the over-refusal CSV) use another extension, so adding or
+# editing them never forces a rebuild.
 _BUNDLED = {
     "harmful": ("prompts", "harmful.jsonl", "instruction", "harmful"),
     "harmless": ("prompts", "harmless.jsonl", "instruction", "harmless"),
@@ -34,6 +45,7 @@ _BUNDLED = {
     "refusals": ("prompts", "refusals.jsonl", "text", None),
     "general": ("texts", "general.jsonl", "text", None),
     "openings": ("texts", "openings.jsonl", "text", None),
+    "overrefusal": ("prompts", "overrefusal.csv", "prompt", None),
 }
 
 
@@ -71,6 +83,14 @@ def bundled_names() -> list[str]:
             if (_resources_root() / folder / fname).is_file()]
 
 
+def bundled_file(name: str):
+    """The file (a Traversable) of a bundled set, e.g. to digest it."""
+    if name not in _BUNDLED:
+        raise UserError(f"unknown bundled prompt set '{name}': use one of {', '.join(_BUNDLED)}")
+    folder, fname, *_ = _BUNDLED[name]
+    return _resources_root() / folder / fname
+
+
 def load_bundled(name: str, split: str | None = None, *, contrast: bool | None = None,
                  label: str | None = None) -> list[Prompt]:
     """Load a set shipped with refusalscope, filtered by split, contrast flag and label."""
@@ -82,7 +102,8 @@ def load_bundled(name: str, split: str | None = None, *, contrast: bool | None =
     if not res.is_file():
         raise UserError(f"bundled prompt set '{name}' ({folder}/{fname}) is missing from this "
                         f"install: reinstall refusalscope")
-    table = parse_text(res.read_text(encoding="utf-8"), "jsonl", f"bundled:{name}", name)
+    fmt = "csv" if fname.endswith(".csv") else "jsonl"
+    table = parse_text(res.read_text(encoding="utf-8"), fmt, f"bundled:{name}", name)
     prompts = _to_prompts(table, text_field, None, set_label)
     if set_label is not None:  # the set defines the label, whatever a row says
         prompts = [_with_label(p, set_label) for p in prompts]
@@ -143,6 +164,23 @@ def filter_refused(prompts: Sequence[Prompt], verdicts: Sequence[bool]
     return kept, {"n_in": len(prompts), "n_kept": len(kept), "n_dropped": len(prompts) - len(kept)}
 
 
+def heldout_split(prompts: Sequence[Prompt], fraction: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(search, held-out): within each category, a seeded draw of round(fraction · n) prompts is
+    held out, so both parts keep the category mix. Each part keeps the input order."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"held-out fraction {fraction} is outside [0, 1): pick e.g. 0.5, or 0 for none")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p.category or "", []).append(i)
+    held: set[int] = set()
+    for g, (_, idx) in enumerate(sorted(groups.items())):
+        k = round(fraction * len(idx))
+        order = np.random.default_rng([seed, g]).permutation(len(idx))
+        held.update(idx[j] for j in order[:k])
+    return ([p for i, p in enumerate(prompts) if i not in held],
+            [p for i, p in enumerate(prompts) if i in held])
+
+
 def _resources_root():
     """Root of the bundled data (a Traversable); tests point it elsewhere."""
     return resources.files("refusalscope") / "resources"
@@ -160,12 +198,12 @@ def _with_label(p: Prompt, label: str) -> Prompt:
 
 
 def _find(columns: Sequence[str], names: Sequence[str]) -> str | None:
-    """First of `names` among `columns`: exact match first, then ignoring case."""
+    """First of `names` among `columns`, in the order of `names`; for each name an exact match
+    wins over one that differs in case (so JailbreakBench's `Goal` beats its `Behavior`)."""
+    lower = {c.lower(): c for c in columns}
     for name in names:
         if name in columns:
             return name
-    lower = {c.lower(): c for c in columns}
-    for name in names:
         if name.lower() in lower:
             return lower[name.lower()]
     return None
@@ -189,7 +227,7 @@ def _to_prompts(table: Table, text_field: str | None, limit: int | None,
     alpaca_input = "input" if tf.lower() == "instruction" and "input" in cols else None
     cat_f = _find(cols, _CATEGORY_FIELDS)
     sub_f = _find(cols, _SUBCATEGORY_FIELDS)
-    id_f, split_f, label_f = _find(cols, _ID_FIELDS), _find(cols, ["split"]), _find(cols, ["label"])
+    id_f, split_f, label_f = _find(cols, _ID_FIELDS), _find(cols, ["split"]), _find(cols, _LABEL_FIELDS)
     used = {tf, alpaca_input, cat_f, sub_f, id_f, split_f}
 
     out: list[Prompt] = []
@@ -201,7 +239,7 @@ def _to_prompts(table: Table, text_field: str | None, limit: int | None,
         if isinstance(extra, str) and extra.strip():
             text = f"{text}\n\n{extra.strip()}"
         row_label = row.get(label_f) if label_f else None
-        row_label = row_label.strip().lower() if isinstance(row_label, str) else None
+        row_label = LABEL_SYNONYMS.get(row_label.strip().lower()) if isinstance(row_label, str) else None
         meta = {k: v for k, v in row.items()
                 if k not in used and not (k == label_f and row_label in LABELS)}
         out.append(Prompt(

@@ -4,7 +4,8 @@ Three judges share one interface (`Judge.judge(prompts, completions, model) -> V
 - `substring`: refusal-phrase matching on completions, in the style of Arditi et al. (2024);
 - `first-token`: probability of the refusal tokens ("I") at the last prompt position, read with
   whatever intervention hooks the caller has installed (the judge installs none itself);
-- `classifier`: the HarmBench causal-LM classifier (`classifier_judge.py`), the paper's metric.
+- `classifier`: the HarmBench causal-LM classifier (`classifier_judge.py`), the paper's metric;
+- `llama-guard`: a Llama-Guard-style chat-template safety classifier (`guard_judge.py`).
 """
 
 from __future__ import annotations
@@ -241,4 +242,4 @@ class FirstTokenJudge:
                         list(completions) if completions is not None else None)
 
 
-from . import classifier_judge  # noqa: E402,F401  (registers "classifier")
+from . import classifier_judge  # noqa: E402,F401  (registers "classifier", then "llama-guard")

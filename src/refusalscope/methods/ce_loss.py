@@ -106,3 +106,12 @@ def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Ten
                         "std": stdev(per_set) if len(per_set) > 1 else 0.0,
                         "n_tokens": int(c[:n].sum()), "n_sets": len(set_list)})
     return out
+
+
+def loss_sum(model: ChatModel, saes, ds: TextSet, shared: Sequence = (), batch_size: int = 8,
+             max_length: int | None = 256, quiet: bool = True) -> tuple[float, int]:
+    """Summed next-token CE over a dataset's real positions under one intervention applied to
+    every text, and the number of positions (sum / count = the table's token-weighted mean)."""
+    batch = encode_texts(model, ds, max_length)
+    s, c = _run(model, saes, batch, range(len(batch)), None, list(shared), batch_size, quiet, f"CE {ds.name}")
+    return float(s.sum()), int(c.sum())

@@ -64,6 +64,9 @@ class DataConfig(Section):
     harmless_test: str = "bundled:harmless:test"
     text_field: str | None = None
     max_prompts: int | None = Field(None, ge=1, description="cap on harmful test prompts analysed")
+    heldout_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "share of the refused harmful test prompts held out of Stages 1-3 (seeded, per category) and "
+        "only evaluated by `refusalscope eval`; 0: none (the paper has no held-out set)"))
 
 
 class JudgeConfig(Section):
@@ -171,6 +174,37 @@ class DashboardsConfig(Section):
     sink_ratio: float | None = Field(4.0, gt=1, description="residual norm / row median that marks an attention sink")
 
 
+EVAL_INTERVENTIONS = ("none", "direction", "actadd", "core", "core_category", "stage2_union",
+                      "critical_union", "random", "bos_clamp")
+
+
+class EvalConfig(Section):
+    """`refusalscope eval`: interventions (rows) × datasets (columns); not part of `run`."""
+
+    interventions: list[Literal[EVAL_INTERVENTIONS]] = Field(list(EVAL_INTERVENTIONS), description=(
+        "none; direction (ablated at every layer); actadd (r added at l*); core (the N latents most often "
+        "in Stage 2 sets, N in core_sizes); core_category (the same per unsafe category); stage2_union; "
+        "critical_union (Stage 2 + Stage 3 sets); random (active latents matched to each core set in count "
+        "and layer mix); bos_clamp (woken hydra latents clamped at BOS)"))
+    datasets: list[str] = Field(["heldout", "harmless", "bundled:overrefusal", "general"], description=(
+        "heldout / search (the run's refused prompts held out of / dissected by Stages 1-3), harmless "
+        "(data.harmless_test), general (CE on general_text), or a prompt set (bundled:NAME or a file; "
+        "NAME=PATH names it); a label column splits refusal (unsafe) from over-refusal (safe)"))
+    core_sizes: list[int] = Field([5, 10, 20, 50], description="N of the core sets")
+    category_core_size: int = Field(10, ge=1, description="N of each category's core set")
+    category_min_sets: int = Field(2, ge=1, description="Stage 2 sets a category needs for a core set")
+    random_seeds: list[int] = [0, 1, 2]
+    clamp_values: list[float] = Field([8.0], description="values the woken latents are clamped to at BOS")
+    positions: Literal["all", "prompt"] = Field("all", description="where latents are ablated (paper: all)")
+    max_prompts: int | None = Field(None, ge=1, description="cap per prompt dataset (a seeded draw)")
+    max_new_tokens: int | None = Field(None, ge=1, description="reply length judged (None: generation.max_new_tokens)")
+    general_text: str = Field("bundled:general", description="texts for cross-entropy (paper: The Pile)")
+    ce_texts: int = Field(100, ge=1)
+    harmless_judge: str | None = Field(None, description=(
+        "judge of replies to harmless prompts (over-refusal); None: the run's judge, or substring when "
+        "that judge decides harm rather than refusal (classifier, llama-guard)"))
+
+
 class ExecutionConfig(Section):
     """Where per-prompt work runs. Not part of any stage hash: both backends give the same results."""
 
@@ -197,6 +231,7 @@ class Config(Section):
     stage3: Stage3Config = Stage3Config()
     analyses: AnalysesConfig = AnalysesConfig()
     dashboards: DashboardsConfig = DashboardsConfig()
+    eval: EvalConfig = EvalConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")

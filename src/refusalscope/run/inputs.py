@@ -31,7 +31,7 @@ class StageInputs:
 
 
 STAGES: dict[str, StageInputs] = {
-    "filter": StageInputs(("model", "data.harmful_test", "data.text_field", "data.max_prompts", "judge",
+    "filter": StageInputs(("model", "data.harmful_test", "data.text_field", "data.max_prompts", "data.heldout_fraction", "judge",
                            "generation", "seed"), ("data.harmful_test",)),
     "direction": StageInputs(("model", "data", "judge", "generation", "direction", "seed"),
                              ("data.harmful_train", "data.harmful_val", "data.harmless_train",
@@ -55,9 +55,12 @@ STAGES: dict[str, StageInputs] = {
                              (), ("stage3",)),
     "dashboards": StageInputs(("dashboards", "data.text_field", "seed"), ("dashboards.corpus",), ("stage2",),
                               ("stage3", "hydra", "taxonomy", "semantics")),
+    "eval": StageInputs(("data", "judge", "generation", "eval", "seed"), ("eval.datasets", "eval.general_text"),
+                        ("filter", "direction", "stage2", "stage3"), ("hydra",)),
 }
-LAST = ("dashboards",)  # after every analysis, reading whichever ran
+LAST = ("dashboards", "eval")  # after every analysis, reading whichever ran; eval only when asked for
 assert set(STAGES) == {*PIPELINE, *ANALYSES, *LAST}
+EVAL_PARTS = ("heldout", "search", "harmless", "general")  # eval.datasets names that are not files
 
 
 def config_value(cfg: Config, key: str):
@@ -93,9 +96,14 @@ def prompt_digest(spec: str, text_field: str | None) -> str:
     return _digests[key]
 
 
-def _files(cfg: Config, key: str) -> list[str]:
+def files_of(cfg: Config, key: str) -> list[str]:
+    """The prompt sets a `files` field names (eval.datasets: NAME=PATH gives PATH; the run's own
+    parts are not files)."""
     value = config_value(cfg, key)
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
+    specs = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if key == "eval.datasets":
+        specs = [s.split("=", 1)[1] if "=" in s else s for s in specs if s not in EVAL_PARTS]
+    return specs
 
 
 def _model_identity(cfg: Config) -> dict:
@@ -116,7 +124,7 @@ def stage_hashes(cfg: Config, names=None) -> dict[str, str]:
             keys = {k: config_value(cfg, k) for k in spec.keys}
             if "model" in spec.keys:
                 keys["model_identity"] = _model_identity(cfg)
-            files = {k: [prompt_digest(f, cfg.data.text_field) for f in _files(cfg, k)] for k in spec.files}
+            files = {k: [prompt_digest(f, cfg.data.text_field) for f in files_of(cfg, k)] for k in spec.files}
             runs = {*PIPELINE, *cfg.analyses.run}
             deps = [*spec.deps, *(d for d in spec.optional if d in runs)]
             out[name] = config_hash({"stage": name, "cfg": keys, "files": files, "deps": {d: one(d) for d in deps}})

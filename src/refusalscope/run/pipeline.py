@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 from ..io.model import ChatModel
-from ..io.prompts import filter_refused
+from ..io.prompts import filter_refused, heldout_split
 from ..measures.judges import make_judge
 from .config import Config
 from .inputs import stage_hashes
@@ -111,10 +112,17 @@ def run_filter(ctx: Context) -> dict:
                 # the reply is kept even when the judge did not read it (first-token): reports show it
                 ck.add({"id": p.id, "category": p.category, **rec, "completion": reply})
         records = [ck.records[p.id] for p in prompts]
-        kept, report = filter_refused(prompts, [r["refused"] for r in records])
+        refused, report = filter_refused(prompts, [r["refused"] for r in records])
+        kept, heldout = heldout_split(refused, cfg.data.heldout_fraction, cfg.seed)
+        if refused and not kept:
+            raise UserError(f"data.heldout_fraction {cfg.data.heldout_fraction} holds out all {len(refused)} "
+                            "refused prompts: lower it so Stages 1-3 have prompts to dissect")
         st.jsonl("completions.jsonl", records)
-        st.json("kept.json", [{"id": p.id, "text": p.text, "category": p.category} for p in kept])
-        st.summary = {**report, "judge": cfg.judge.name}
+        rows = lambda ps: [{"id": p.id, "text": p.text, "category": p.category} for p in ps]  # noqa: E731
+        st.json("kept.json", rows(kept))  # the search split: what Stages 1-3 dissect
+        st.json("heldout.json", rows(heldout))  # only evaluated (`refusalscope eval`)
+        st.summary = {**report, "n_search": len(kept), "n_heldout": len(heldout), "judge": cfg.judge.name}
+    held = f"; {len(heldout)} held out for eval" if heldout else ""
     ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
-            f"({report['n_dropped']} dropped, judge {cfg.judge.name})")
+            f"({report['n_dropped']} dropped, judge {cfg.judge.name}{held})")
     return st.summary

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.model import ChatModel
-from .inputs import STAGES, config_value
+from .inputs import STAGES, files_of
 from .pipeline import Context
 from .resolve import chat_template_text, load_prompt_set, sae_layers
 
-UNFORMATTED = {"analyses.ce_general", "dashboards.corpus"}  # raw corpus texts (truncated when read), not chat prompts
+UNFORMATTED = {"analyses.ce_general", "dashboards.corpus", "eval.general_text"}  # raw corpus texts (truncated when read), not chat prompts
 
 
 @dataclass
@@ -148,8 +148,7 @@ def check_prompts(cfg, stages, info: ModelInfo | None, log) -> None:
     budget = info.context - cfg.generation.max_new_tokens if info and info.context else None
     seen: set[str] = set()
     for key in dict.fromkeys(k for s in stages for k in STAGES[s].files):
-        value = config_value(cfg, key)
-        for spec in [value] if isinstance(value, str) else value or []:
+        for spec in files_of(cfg, key):
             if spec in seen:
                 continue
             seen.add(spec)

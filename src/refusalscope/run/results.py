@@ -72,8 +72,8 @@ class RunResults:
 
     # ----------------------------------------------------------------- filter + direction
     def kept_prompts(self) -> list[Prompt]:
-        """The refused harmful test prompts the filter stage kept (the prompts dissected)."""
-        return [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful")
+        """The refused harmful test prompts Stages 1-3 dissect (the search split)."""
+        return [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful", split="search")
                 for r in self.json("filter", "kept.json")]
 
     def baseline_replies(self) -> dict[str, dict]:
@@ -84,6 +84,19 @@ class RunResults:
     def direction_candidates(self) -> pd.DataFrame:
         """Per candidate (position, layer): P(refusal) ablated, KL on harmless, ASR where judged."""
         return self.table("direction", "candidates.parquet")
+
+    def search_prompts(self) -> list[Prompt]:
+        """Same as `kept_prompts`: the refused prompts the sets were found on."""
+        return self.kept_prompts()
+
+    def heldout_prompts(self) -> list[Prompt]:
+        """Refused harmful test prompts held out of Stages 1-3 (`data.heldout_fraction`), only
+        evaluated; empty when the run holds none out."""
+        if not self.has("filter", "heldout.json"):
+            self.path("filter", "kept.json")  # a one-line error when the filter has not run
+            return []
+        return [Prompt(text=r["text"], id=r["id"], category=r["category"], label="harmful", split="heldout")
+                for r in self.json("filter", "heldout.json")]
 
     def direction(self) -> tuple[torch.Tensor, int]:
         """The unit refusal direction r̂(l*) and l*."""
@@ -227,3 +240,32 @@ class RunResults:
     def figure(self, stage: str, name: str) -> Path | None:
         """A plot a stage saved (PNG), or None when it is not there."""
         return self.store.path(stage, name) if name.endswith(".png") and self.has(stage, name) else None
+
+    # ----------------------------------------------------------------- eval (`refusalscope eval`)
+    def eval_table(self) -> pd.DataFrame:
+        """One row per (intervention, dataset, part): n, refusal_rate, jailbreak_rate,
+        degenerate_rate, mean_p_refusal, kl (plain ‖ intervened, next token), judges; general
+        text rows (part "text") carry ce and ce_delta instead."""
+        return self.table("eval", "cells.parquet")
+
+    def eval_interventions(self) -> list[dict]:
+        """The evaluated rows: name, kind, size, latents ("layer-index"), per-layer counts, clamp,
+        seed, category, matched core (random rows), same_as (rows sharing identical latents)."""
+        return self.json("eval", "interventions.json")["rows"]
+
+    def eval_notes(self) -> list[str]:
+        """Rows and datasets left out of the eval, and why."""
+        return self.json("eval", "interventions.json")["notes"]
+
+    def eval_completions(self) -> list[dict]:
+        """Per (intervention, dataset, prompt): reply, verdict, which judge decided, P(I), KL."""
+        return self.jsonl("eval", "completions.jsonl")
+
+    def eval_by_category(self) -> pd.DataFrame:
+        """Jailbreak rate per intervention and unsafe category on the run's harmful prompts."""
+        return pd.DataFrame(self.json("eval", "by_category.json"))
+
+    def eval_figures(self) -> dict[str, Path]:
+        """The eval's figures that exist: heatmap, tradeoff (refusal vs side effects), core_curve."""
+        return {n: self.store.path("eval", f"{n}.png") for n in ("heatmap", "tradeoff", "core_curve")
+                if self.has("eval", f"{n}.png")}

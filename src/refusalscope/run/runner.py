@@ -19,12 +19,13 @@ from .preflight import preflight
 from .stage3 import run_stage3
 from .stage_analyses import ANALYSIS_STAGES
 from .stage_direction import run_direction
+from .stage_eval import run_eval
 from .stage_search import run_stage1, run_stage2
 from .store import RunStore
 
 STAGES: dict[str, Callable[[Context], dict]] = {
     "filter": run_filter, "direction": run_direction, "stage1": run_stage1, "stage2": run_stage2,
-    "stage3": run_stage3, **ANALYSIS_STAGES}
+    "stage3": run_stage3, **ANALYSIS_STAGES, "eval": run_eval}
 CORE = ("filter", "direction", "stage1", "stage2", "stage3")
 
 

@@ -7,9 +7,12 @@ comes back."""
 from __future__ import annotations
 
 from ..interventions.features import FeatureSet
+from ..measures.judges import make_judge
 from ..methods import controls, hydra
 from ..methods import latent_effects as effects
 from ..methods.activity import activity
+from ..methods.ce_loss import TextSet, loss_sum
+from ..methods.eval_matrix import evaluate_prompts
 from ..methods.records import Stage2Record, Stage3Record
 from ..methods.stage1 import search_k, top_k_set
 from ..methods.stage2 import minimal_set
@@ -88,6 +91,37 @@ def latent_effects(ctx, items, p) -> list[dict]:
     return effects.latent_effects(ctx.model, ctx.saes, items, p["pairs"], p["sets"], ctx.cfg.model.batch_size)
 
 
+def _plan(p, name: str):
+    return p["interventions"][name].plan(p["direction"], p["vector"], p["layer"], p["positions"])
+
+
+def _harmless_judge(ctx, name: str | None):
+    """A second judge for harmless prompts, built once per process like `ctx.judge`."""
+    if name is None:
+        return None
+    cache = ctx.__dict__.setdefault("_eval_judges", {})
+    if name not in cache:
+        cache[name] = make_judge(name, ctx.cfg.judge.degenerate_is_jailbreak)
+    return cache[name]
+
+
+def eval_prompts(ctx, items, p) -> list[dict]:
+    """One (intervention, dataset, chunk) per item: per prompt, the reply, verdict, P(I) and KL."""
+    return [{"id": key, "rows": evaluate_prompts(ctx.model, ctx.saes, p["chunks"][(ds, ci)], _plan(p, iv), ctx.judge,
+                                                 _harmless_judge(ctx, p["harmless_judge"]), p["max_new_tokens"],
+                                                 ctx.cfg.generation.batch_size)}
+            for key, iv, ds, ci in items]
+
+
+def eval_ce(ctx, items, p) -> list[dict]:
+    """One intervention per item: summed CE over the general texts and the token count."""
+    out = []
+    for key, iv in items:
+        s, n = loss_sum(ctx.model, ctx.saes, TextSet("general", p["texts"]), _plan(p, iv), ctx.cfg.model.batch_size)
+        out.append({"id": key, "sum": s, "tokens": n})
+    return out
+
+
 TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "inactive_critical": inactive_critical,
          "random_control": random_control, "obrien": obrien, "stage3_only": stage3_only,
-         "latent_effects": latent_effects}
+         "latent_effects": latent_effects, "eval_prompts": eval_prompts, "eval_ce": eval_ce}
