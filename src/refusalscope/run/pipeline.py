@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from ..io.model import ChatModel
 from ..io.prompts import filter_refused
+from ..measures.cascade import make_cascade, refusal_judge
 from ..measures.judges import make_judge
+from ..methods.evaluate import generate_judged
 from .config import Config
 from .resolve import load_model, load_prompt_set, take
 from .results import RunResults
@@ -60,8 +62,14 @@ class Context:
         """Built once per process (driver or Ray worker) and reused by every stage and shard."""
         if self._judge is None:
             jc = self.cfg.judge
-            self._judge = make_judge(jc.name, jc.degenerate_is_jailbreak, **jc.options)
+            final = make_judge(jc.name, jc.degenerate_is_jailbreak, **jc.options)
+            self._judge = make_cascade(final, jc.first_pass, jc.first_pass_options, jc.first_pass_tokens)
         return self._judge
+
+    @property
+    def refusal_judge(self):
+        """What measures refusal on harmless prompts (a harm classifier cannot: `refusal_judge`)."""
+        return refusal_judge(self.judge)
 
     @property
     def saes(self):
@@ -100,16 +108,21 @@ def run_filter(ctx: Context) -> dict:
         for start in tqdm(range(0, len(todo), size), desc="judge harmful prompts", disable=ctx.quiet):
             chunk = todo[start:start + size]
             texts = [p.text for p in chunk]
-            replies = model.generate(model.encode(texts), max_new_tokens=cfg.generation.max_new_tokens)
-            v = judge.judge(texts, replies if judge.needs_completions else None,
-                            model=model if judge.needs_model else None)
-            for p, rec in zip(chunk, v.to_records(texts)):
+            j = generate_judged(model, None, texts, None, judge, cfg.generation.max_new_tokens, size)
+            for p, rec in zip(chunk, j.records(texts)):
                 ck.add({"id": p.id, "category": p.category, **rec})
         records = [ck.records[p.id] for p in prompts]
         kept, report = filter_refused(prompts, [r["refused"] for r in records])
         st.jsonl("completions.jsonl", records)
         st.json("kept.json", [{"id": p.id, "text": p.text, "category": p.category} for p in kept])
-        st.summary = {**report, "judge": cfg.judge.name}
+        st.summary = {**report, "judge": judge.name, "decided_by": _counts(r.get("decided_by") for r in records)}
     ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
-            f"({report['n_dropped']} dropped, judge {cfg.judge.name})")
+            f"({report['n_dropped']} dropped, judge {judge.name})")
     return st.summary
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
