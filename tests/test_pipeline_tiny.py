@@ -9,6 +9,7 @@ import yaml
 from planted import HARMFUL, HARMLESS, planted_world
 from typer.testing import CliRunner
 
+from refusalscope.errors import UserError
 from refusalscope.interfaces.cli import app
 from refusalscope.io.saes import save_sae
 from refusalscope.methods.evaluate import refusal_probs
@@ -88,7 +89,7 @@ def test_pipeline_runs_and_resumes(world):
     assert [manifest["stages"][s]["status"] for s in stages] == ["done"] * len(stages)
     for f in ("direction/direction.safetensors", "direction/cosine.png", "stage1/results.jsonl",
               "stage1/k_distribution.png", "stage2/sets.jsonl", "stage2/table1.json",
-              "stage3/fm.safetensors", "stage3/ranking.parquet", "controls/obrien.png",
+              "stage3/fm.safetensors", "stage3/rankings.parquet", "controls/obrien.png",
               "taxonomy/categories.png", "taxonomy/study_items.json", "semantics/explanations.json"):
         assert (run_dir / f).exists(), f
     results = RunResults(run_dir)
@@ -103,6 +104,24 @@ def test_pipeline_runs_and_resumes(world):
     assert s2["inactive_share"] == round(n_inactive / sum(len(r.set) for r in chosen), 4)
     assert set(results.stage1()) == {p.id for p in results.kept_prompts()}
     assert {pid for pid, r in results.stage3().items() if r.k} == set(results.stage3_sets())
+    # Stage 1 searched SAE layers up to l* only (stage1.layers: to_lstar), minus the excluded one
+    assert s1["layers"] == [l for l in range(1, 4) if l <= d["layer"]]
+    # per-prompt Stage 3 rankings: each prompt's own Stage 2 latents are never in its ranking,
+    # and its Stage 3 set is the head of its ranking
+    rankings, s2_sets = results.stage3_rankings(), results.stage2_sets()
+    assert set(rankings) == {p.id for p in results.kept_prompts()}
+    assert s3["ranking"]["own"] + s3["ranking"]["global"] == len(rankings) and s3["ranking"]["own"] >= 1
+    for pid, ranked in rankings.items():
+        feats = [f for f, _ in ranked]
+        assert not set(feats) & set(s2_sets.get(pid, ()))
+        assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    for pid, s in results.stage3_sets().items():
+        assert list(s) == [f for f, _ in rankings[pid][: results.stage3()[pid].k]]
+    with pytest.raises(UserError, match="per prompt"):
+        results.stage3_ranking()
+    # every verdict says which judge decided it
+    filt = [json.loads(l) for l in (run_dir / "filter" / "completions.jsonl").read_text().splitlines()]
+    assert {r["decided_by"] for r in filt} == {"first-token"} and out["filter"]["decided_by"] == {"first-token": 8}
 
     # a second run skips every stage and reports the same numbers
     again = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])

@@ -49,10 +49,12 @@ def run_hydra(ctx: Context) -> dict:
 
 def run_stage3_only(ctx: Context) -> dict:
     def compute(st):
-        s3 = ctx.results.stage3_sets()
+        active2 = ctx.results.active_stage2()
+        # the paper's question is about prompts with a Stage 2 set (Stage 3 also ranks for the rest)
+        s3 = {pid: s for pid, s in ctx.results.stage3_sets().items() if pid in active2}
         prompts = _prompts(ctx, s3)
         ck = st.checkpoint("stage3_only", key="id")
-        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": ctx.results.active_stage2()}, ck,
+        fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": active2}, ck,
                 "stage-3-only ablation")
         records = [ck.records[pid] for pid, _ in prompts]
         out = {"summary": controls.stage3_only_summary(records), "records": records}
