@@ -119,6 +119,8 @@ def test_pipeline_runs_and_resumes(world):
         assert list(s) == [f for f, _ in rankings[pid][: results.stage3()[pid].k]]
     with pytest.raises(UserError, match="per prompt"):
         results.stage3_ranking()
+    # the direction's harmful train prompts are the refused ones (six of the eight)
+    assert (d["n_train_harmful"], d["n_train_harmful_given"]) == (6, 8)
     # every verdict says which judge decided it
     filt = [json.loads(l) for l in (run_dir / "filter" / "completions.jsonl").read_text().splitlines()]
     assert {r["decided_by"] for r in filt} == {"first-token"} and out["filter"]["decided_by"] == {"first-token": 8}
@@ -144,6 +146,33 @@ def test_pipeline_runs_and_resumes(world):
     resumed = runner.invoke(app, ["stage1", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["stage1"]["jailbroken"] == s1["jailbroken"]
+
+
+def test_stage2_can_prune_the_pool_of_prompts_stage1_left_refused(world, tmp_path):
+    """stage2.unbroken: k_max (the Llama preset: one Stage 1 rung): Algorithm 1 also runs on
+    prompts no Stage 1 rung jailbroke, with the k_max pool; nothing before Stage 1 reruns."""
+    import shutil
+
+    runner = CliRunner()
+    base = world / "run"
+    if not (base / "manifest.json").exists():
+        assert runner.invoke(app, ["stage2", "-c", str(world / "cfg.yaml"), "-r", str(base), "-q"]).exit_code == 0
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir)
+    cfg = yaml.safe_load((world / "cfg.yaml").read_text())
+    cfg["stage2"]["unbroken"] = "k_max"
+    cfg["stage1"].update(k_start=1, k_max=1)  # one rung, as the Llama preset has
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["stage2", "-c", str(tmp_path / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    s2 = json.loads(res.stdout)["stage2"]
+    s1 = RunResults(run_dir).summary("stage1")
+    assert s2["stage1_jailbroken"] == s1["jailbroken"] < s2["stage2_prompts"] == s2["refused"] == 6
+    records = RunResults(run_dir).stage2()
+    unbroken = {pid for pid, r in RunResults(run_dir).stage1().items() if r.k is None}
+    assert unbroken and unbroken <= set(records)
+    assert all(records[pid].candidates == len(s1["layers"]) for pid in unbroken)  # k_max = 1 per layer
+    assert RunResults(run_dir).summary("direction") == RunResults(base).summary("direction")
 
 
 def test_config_errors_are_one_line(world, tmp_path):
