@@ -55,7 +55,7 @@ def world(tmp_path_factory):
     return root
 
 
-def test_pipeline_runs_and_resumes(world):
+def test_pipeline_runs_and_resumes(world, capsys):
     runner = CliRunner()
     run_dir = world / "run"
     res = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
@@ -119,6 +119,16 @@ def test_pipeline_runs_and_resumes(world):
         assert list(s) == [f for f, _ in rankings[pid][: results.stage3()[pid].k]]
     with pytest.raises(UserError, match="per prompt"):
         results.stage3_ranking()
+    # the CLI prints every stage's table (both taxonomy views, Table 4) without failing
+    from refusalscope.interfaces.tables import print_stage_summaries
+
+    capsys.readouterr()
+    print_stage_summaries(out)
+    shown = capsys.readouterr().out
+    for part in ("Refusal filter", "Table 2", "Fig 3", "Table 4"):
+        assert part in shown, part
+    assert set(out["taxonomy"]["histograms"]) == {"every_token", "sinks_skipped"}
+    assert out["semantics"]["n_by_stage"]["stage1"] == len(results.stage1_features()) > 0
     # the direction's harmful train prompts are the refused ones (six of the eight)
     assert (d["n_train_harmful"], d["n_train_harmful_given"]) == (6, 8)
     # every verdict says which judge decided it

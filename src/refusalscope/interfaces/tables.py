@@ -63,7 +63,8 @@ def print_stage_summaries(result: dict) -> None:
         f = result["filter"]
         print_table("Refusal filter (harmful test prompts)",
                     [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
-                      "dropped": f["n_dropped"]}])
+                      "dropped": f["n_dropped"],
+                      "decided by": " ".join(f"{k}:{n}" for k, n in f.get("decided_by", {}).items()) or "-"}])
     if "direction" in result:
         d = result["direction"]
         print_table("Refusal direction", [{
@@ -97,9 +98,12 @@ def print_analysis_summaries(result: dict) -> None:
         fm, t2 = s["fm"], s["table2"]
         print_table("Stage 3: factorization machine", [{
             "rows": fm["rows"], "latent columns": fm["columns"], "best epoch": fm["best_epoch"],
-            "FM test acc": fm["test_acc"], "probe test acc": s["probe"]["test_acc"],
+            "rows are": fm.get("mode", "pooled"), "FM test acc": fm["test_acc"],
+            "per prompt": fm.get("test_prompt_acc", "-"), "probe test acc": s["probe"]["test_acc"],
             "collapse (mean cos)": ", ".join(f"k={k}: {v}" for k, v in fm["collapse"].items())}])
+        rk = s.get("ranking", {"mode": "global", "aggregate": "max"})
         print_table("Table 2: jailbreaks with Stage 2 + top-K Stage 3 latents", [{
+            "ranking": f"{rk['mode']} ({rk['aggregate']} cosine)",
             "jailbroken / refused": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
             "unique Stage 3 latents": t2["unique_stage3_latents"],
             "K histogram": " ".join(f"{k}:{n}" for k, n in t2["k_histogram"].items())}])
@@ -127,10 +131,13 @@ def print_analysis_summaries(result: dict) -> None:
         print_table("Table 9: cross-entropy loss", [
             {k: r[k] for k in ("dataset", "setting", "mean", "std", "n_texts")} for r in result["ce_loss"]["rows"]])
     if "taxonomy" in result:
-        h = result["taxonomy"]["histogram"]
+        t = result["taxonomy"]
+        views = t.get("histograms") or {"every_token": t["histogram"]}
         print_table("Fig 3: critical latents by unsafe categories they fire on", [
-            {**{f"only {c}": n for c, n in h["single"].items()},
-             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}])
+            {"tokens": {"every_token": "all (paper)", "sinks_skipped": "no sinks"}.get(v, v),
+             **{f"only {c}": n for c, n in h["single"].items()},
+             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}
+            for v, h in views.items()])
     if "clamping" in result:
         rows = result["clamping"]["rows"]
         print_table("Tables 5/6: clamping woken latents at BOS", [
@@ -140,3 +147,7 @@ def print_analysis_summaries(result: dict) -> None:
         s = result["semantics"]
         print_table(f"Feature semantics ({s['source']} explanations, {s['n_features']} latents)", [
             {"stage": k, **g} for k, g in s["groups"].items()])
+        if "table4" in s:
+            print_table("Table 4: most frequent terms in Stage 1 latents' explanations",
+                        [{"term": t, "count": n} for t, n in s["table4"]]
+                        or [{"note": "no content words in the Stage 1 explanations"}])
