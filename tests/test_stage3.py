@@ -72,6 +72,10 @@ def test_feature_matrix_equals_dense(world, acts, tmp_path):
         assert (back.values != fm.values).nnz == 0 and (back.rows == fm.rows).all()
     with pytest.raises(UserError):
         collect_sae_activations(model, saes, HARMFUL[:1], [7])
+    # pooling a per-token matrix gives what the pooled collection records
+    pooled, tokens = acts["harmful", "pooled"], acts["harmful", "tokens"].pooled()
+    assert tokens.columns == pooled.columns and tokens.mode == "pooled" and (tokens.rows == pooled.rows).all()
+    np.testing.assert_allclose(tokens.values.toarray(), pooled.values.toarray(), atol=1e-6)
 
 
 def test_split_is_by_prompt_and_seeded(acts):
