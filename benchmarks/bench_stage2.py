@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from refusalscope.interventions.spec import FeatureAblation
+from refusalscope.interventions.features import FeatureSet
 from refusalscope.io.prompts import load_bundled
 from refusalscope.methods.direction import mean_differences
 from refusalscope.methods.evaluate import refusal_probs
@@ -34,7 +34,7 @@ def pool_for(model, saes, k: int) -> list[tuple[int, int]]:
     layer = model.n_layers // 2
     r = mean_differences(model, harm, safe, [-1], 16)[0, layer]
     ranked, _ = aligned_latents(saes, r.float(), [l for l in saes.keys() if l >= 2], k)
-    return [(l, i) for l, ids in top_k_set(ranked, k).items() for i in ids]
+    return [(f.layer, f.index) for f in top_k_set(ranked, k)]
 
 
 def compare_stage2(model, saes, prompt: str, pool, batch: int, sync=lambda: None,
@@ -51,7 +51,7 @@ def compare_stage2(model, saes, prompt: str, pool, batch: int, sync=lambda: None
 
     def p_fn(ablated):
         calls.append(1)
-        plans = [[FeatureAblation.from_ids(ablated)]] if ablated else None
+        plans = [FeatureSet(ablated).plan()] if ablated else None
         return refusal_probs(model, saes, [prompt], plans=plans).item()
 
     same, done, total = True, 0, len(TAUS) * len(traces)

@@ -129,6 +129,14 @@ def test_pipeline_runs_and_resumes(world, capsys):
         assert part in shown, part
     assert set(out["taxonomy"]["histograms"]) == {"every_token", "sinks_skipped"}
     assert out["semantics"]["n_by_stage"]["stage1"] == len(results.stage1_features()) > 0
+    # the studies read a finished run: FM accuracy per input choice, and the comparison tables
+    fm_rows = _bench("study_fm_inputs").study(str(run_dir), sizes=(2,))
+    assert [(r["rows"], r["scale"]) for r in fm_rows] == [("tokens", "max_abs"), ("tokens", "none"),
+                                                          ("pooled", "max_abs"), ("pooled", "none")]
+    assert fm_rows[0]["n_train_rows"] == 4 * fm_rows[2]["n_train_rows"]  # four token rows per prompt
+    nums = _bench("compare_runs").numbers(str(run_dir))
+    assert nums["stage3"]["jailbroken"] == f"{s3['table2']['jailbroken']} / 6"
+    assert "| stage2 | run |" in _bench("compare_runs").table([nums], "stage2")
     # the direction's harmful train prompts are the refused ones (six of the eight)
     assert (d["n_train_harmful"], d["n_train_harmful_given"]) == (6, 8)
     # every verdict says which judge decided it
@@ -183,6 +191,17 @@ def test_stage2_can_prune_the_pool_of_prompts_stage1_left_refused(world, tmp_pat
     assert unbroken and unbroken <= set(records)
     assert all(records[pid].candidates == len(s1["layers"]) for pid in unbroken)  # k_max = 1 per layer
     assert RunResults(run_dir).summary("direction") == RunResults(base).summary("direction")
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_config_errors_are_one_line(world, tmp_path):
