@@ -81,9 +81,12 @@ def run_direction(ctx: Context) -> dict:
         abl = generate_judged(model, None, texts, None, judge, gen.max_new_tokens, gen.batch_size,
                               shared=[DirectionAblation(choice.direction)], quiet=ctx.quiet, desc="ablate r̂")
         refusal = ctx.refusal_judge  # refusal on harmless prompts (a harm classifier says "no" to every benign reply)
-        add = generate_judged(model, None, safe_test, None, refusal, gen.max_new_tokens, gen.batch_size,
+        # a cascade's first pass reads openings only: generate no more than it reads
+        n_refusal = (cfg.judge.first_pass_tokens or gen.max_new_tokens) if refusal is not judge and cfg.judge.first_pass \
+            else gen.max_new_tokens
+        add = generate_judged(model, None, safe_test, None, refusal, n_refusal, gen.batch_size,
                               shared=[ActAdd(choice.vector, choice.layer)], quiet=ctx.quiet, desc="ActAdd r")
-        plain_safe = generate_judged(model, None, safe_test, None, refusal, gen.max_new_tokens,
+        plain_safe = generate_judged(model, None, safe_test, None, refusal, n_refusal,
                                      gen.batch_size, quiet=ctx.quiet, desc="harmless plain")
         g = torch.Generator().manual_seed(cfg.seed)
         controls = []
