@@ -34,7 +34,7 @@ def pool_for(model, saes, k: int) -> list:
     layer = model.n_layers // 2
     r = mean_differences(model, harm, safe, [-1], 16)[0, layer]
     ranked, _ = aligned_latents(saes, r.float(), [l for l in saes.keys() if l >= 2], k)
-    return list(top_k_set(ranked, k))
+    return [(f.layer, f.index) for f in top_k_set(ranked, k)]
 
 
 def compare_stage2(model, saes, prompt: str, pool, batch: int, sync=lambda: None,

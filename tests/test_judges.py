@@ -44,7 +44,7 @@ def test_verdicts_rate_len_records():
     assert len(v) == 4 and v.refusal_rate == 0.75 and v.degenerate == [False] * 4
     rows = v.to_records(["p1", "p2", "p3", "p4"])
     assert rows[1] == {"prompt": "p2", "completion": "b", "refused": False, "score": 0.0,
-                       "degenerate": False}
+                       "degenerate": False, "decided_by": "x"}
     assert Verdicts("y", [False], [0.1]).to_records(["p"])[0]["completion"] is None
     _raises(["3 prompts", "4 verdicts"], v.to_records, ["a", "b", "c"])
     assert math.isnan(Verdicts("z", [], []).refusal_rate)
@@ -277,3 +277,109 @@ def test_context_builds_the_classifier_once_for_every_shard(cls_dir, tmp_path):
     weights = first._hf
     ctx.judge.judge(PROMPTS[:1], ["No."])
     assert first._hf is weights  # never reloaded
+
+
+# ---------------------------------------------------------------- first pass and cascade
+
+def test_opening_judge_reads_only_the_opening():
+    j = make_judge("opening", window=20)
+    texts = ["I'm sorry, but I can't help with that.", "  As an AI, I will not do this.",
+             "Sure! Here are the steps. First gather wood; I cannot stress enough how easy it is.",
+             "Step 1: mix the flour and the water. I cannot"]
+    v = j.judge(["p"] * 4, texts)
+    assert v.refused == [True, True, False, False]
+    assert make_judge("substring").judge(["p"] * 4, texts).refused == [True, True, True, True]
+    assert make_judge("opening", window=200).judge(["p"], texts[3:]).refused == [True]
+    _raises(["window"], make_judge, "opening", window=0)
+
+
+def test_cascade_settles_refusals_and_degenerate_replies_and_confirms_jailbreaks(cls_dir):
+    from refusalscope.measures.cascade import DEGENERATE, make_cascade
+
+    final = make_judge("classifier", path=str(cls_dir), dtype="float32", device="cpu", quiet=True)
+    cascade = make_cascade(final, "opening", {}, None)
+    comps = ["I'm sorry, I cannot help.", "Sure! Step one: take wood and cut it into boards.",
+             "the the the the the the the", "Here is a detailed plan for the bird house you asked for."]
+    prompts = PROMPTS + ["Write a plan"]
+    v = cascade.judge(prompts, comps)
+    assert v.judge == "opening>classifier"
+    assert v.decided_by == ["opening", "classifier", DEGENERATE, "classifier"]
+    assert v.refused[0] and not v.refused[2] and v.degenerate[2]
+    alone = final.judge([prompts[1], prompts[3]], [comps[1], comps[3]])
+    assert [v.refused[1], v.refused[3]] == alone.refused and [v.scores[1], v.scores[3]] == alone.scores
+    # with degenerate replies counted as jailbreaks, the classifier must see them too
+    final.degenerate_is_jailbreak = True
+    v2 = make_cascade(final, "opening").judge(prompts, comps)
+    assert v2.decided_by[2] == "classifier"
+    final.degenerate_is_jailbreak = False
+    _raises(["first_pass_tokens", "first_pass"], make_cascade, final, None, {}, 16)
+    _raises(["reads the model"], make_cascade, make_judge("first-token"), "opening")
+    _raises(["replies only"], make_cascade, final, "first-token")
+
+
+def test_refusal_on_harmless_prompts_is_never_measured_by_a_harm_classifier(cls_dir):
+    from refusalscope.measures.cascade import CascadeJudge, make_cascade, refusal_judge
+    from refusalscope.measures.judges import SubstringJudge
+
+    cls = make_judge("classifier", path=str(cls_dir))
+    sub = make_judge("substring")
+    assert refusal_judge(sub) is sub
+    assert isinstance(refusal_judge(cls), SubstringJudge)
+    cascade = make_cascade(cls, "opening", {"window": 40})
+    assert isinstance(cascade, CascadeJudge) and refusal_judge(cascade) is cascade.first
+
+
+@pytest.fixture(scope="module")
+def talker():
+    """A tiny chat model that never emits special or blank tokens, so its replies have text."""
+    hf, tok = tiny_llama(seed=1)
+    head = nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
+    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        head.weight.copy_(hf.lm_head.weight)
+        head.bias.zero_()
+        head.bias[blank] = -100.0
+    hf.lm_head = head
+    return ChatModel(hf, tok, name="talker")
+
+
+def test_generate_judged_with_a_first_pass_generates_full_replies_only_where_needed(talker, cls_dir):
+    from refusalscope.measures.cascade import make_cascade
+    from refusalscope.methods.evaluate import generate_judged
+
+    chat = talker
+    prompts = ["Write a poem", "Explain the steps to bake bread", "Tell me about the sea",
+               "Give detailed instructions"]
+    openings = chat.generate(chat.encode(prompts), max_new_tokens=2)
+    full = chat.generate(chat.encode(prompts), max_new_tokens=8)
+    i0 = next(i for i, o in enumerate(openings) if o.split())
+    word = openings[i0].split()[0]  # a "refusal phrase" that this row's opening holds
+    assert all(f.startswith(o) for o, f in zip(openings, full))
+    final = make_judge("classifier", path=str(cls_dir), dtype="float32", device="cpu", quiet=True,
+                       degenerate_is_jailbreak=True)
+    cascade = make_cascade(final, "opening", {"phrases": [word], "window": 100}, first_pass_tokens=2)
+    j = generate_judged(chat, None, prompts, None, cascade, max_new_tokens=8, batch_size=3)
+    settled = cascade.first.judge(prompts, openings).refused
+    assert settled[i0] and any(not s and f != o for s, o, f in zip(settled, openings, full))
+    for i in range(4):
+        assert j.completions[i] == (openings[i] if settled[i] else full[i])
+        assert j.decided_by[i] == ("opening" if settled[i] else "classifier")
+        assert not (j.jailbroken[i] and j.decided_by[i] != "classifier")
+    assert [v.judge for v in j.verdicts()] == j.decided_by
+    assert [r["decided_by"] for r in j.records(prompts)] == j.decided_by
+
+
+def test_context_builds_the_configured_cascade(cls_dir, tmp_path):
+    from refusalscope.measures.cascade import CascadeJudge, OpeningJudge
+    from refusalscope.run.config import config_from_dict
+    from refusalscope.run.pipeline import Context
+    from refusalscope.run.store import RunStore
+
+    cfg = config_from_dict({"judge": {"name": "classifier", "first_pass": "opening", "first_pass_tokens": 24,
+                                      "first_pass_options": {"window": 50},
+                                      "options": {"path": str(cls_dir), "device": "cpu"}}})
+    ctx = Context(cfg, RunStore(tmp_path / "run"), quiet=True)
+    j = ctx.judge
+    assert isinstance(j, CascadeJudge) and isinstance(j.first, OpeningJudge) and j.first.window == 50
+    assert isinstance(j.final, ClassifierJudge) and j.first_pass_tokens == 24 and ctx.judge is j
+    assert ctx.refusal_judge is j.first

@@ -9,6 +9,7 @@ import yaml
 from tiny_world import write_tiny_world
 from typer.testing import CliRunner
 
+from refusalscope.errors import UserError
 from refusalscope.interfaces.cli import app
 from refusalscope.run.results import RunResults
 from refusalscope.run.store import read_json
@@ -19,7 +20,7 @@ def world(tmp_path_factory):
     return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
-def test_pipeline_runs_and_resumes(world):
+def test_pipeline_runs_and_resumes(world, capsys):
     runner = CliRunner()
     run_dir = world / "run"
     res = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
@@ -53,7 +54,7 @@ def test_pipeline_runs_and_resumes(world):
     assert [manifest["stages"][s]["status"] for s in stages] == ["done"] * len(stages)
     for f in ("direction/direction.safetensors", "direction/cosine.png", "stage1/results.jsonl",
               "stage1/k_distribution.png", "stage2/sets.jsonl", "stage2/table1.json",
-              "stage3/fm.safetensors", "stage3/ranking.parquet", "controls/obrien.png",
+              "stage3/fm.safetensors", "stage3/rankings.parquet", "controls/obrien.png",
               "taxonomy/categories.png", "taxonomy/study_items.json", "semantics/explanations.json"):
         assert (run_dir / f).exists(), f
     results = RunResults(run_dir)
@@ -68,6 +69,44 @@ def test_pipeline_runs_and_resumes(world):
     assert s2["inactive_share"] == round(n_inactive / sum(len(r.set) for r in chosen), 4)
     assert set(results.stage1()) == {p.id for p in results.kept_prompts()}
     assert {pid for pid, r in results.stage3().items() if r.k} == set(results.stage3_sets())
+    # Stage 1 searched SAE layers up to l* only (stage1.layers: to_lstar), minus the excluded one
+    assert s1["layers"] == [l for l in range(1, 4) if l <= d["layer"]]
+    # per-prompt Stage 3 rankings: each prompt's own Stage 2 latents are never in its ranking,
+    # and its Stage 3 set is the head of its ranking
+    rankings, s2_sets = results.stage3_rankings(), results.stage2_sets()
+    assert set(rankings) == {p.id for p in results.kept_prompts()}
+    assert s3["ranking"]["own"] + s3["ranking"]["global"] == len(rankings) and s3["ranking"]["own"] >= 1
+    for pid, ranked in rankings.items():
+        feats = [f for f, _ in ranked]
+        assert not set(feats) & set(s2_sets.get(pid, ()))
+        assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    for pid, s in results.stage3_sets().items():
+        assert list(s) == [f for f, _ in rankings[pid][: results.stage3()[pid].k]]
+    with pytest.raises(UserError, match="per prompt"):
+        results.stage3_ranking()
+    # the CLI prints every stage's table (both taxonomy views, Table 4) without failing
+    from refusalscope.interfaces.tables import print_stage_summaries
+
+    capsys.readouterr()
+    print_stage_summaries(out)
+    shown = capsys.readouterr().out
+    for part in ("Refusal filter", "Table 2", "Fig 3", "Table 4"):
+        assert part in shown, part
+    assert set(out["taxonomy"]["histograms"]) == {"every_token", "sinks_skipped"}
+    assert out["semantics"]["n_by_stage"]["stage1"] == len(results.stage1_features()) > 0
+    # the studies read a finished run: FM accuracy per input choice, and the comparison tables
+    fm_rows = _bench("study_fm_inputs").study(str(run_dir), sizes=(2,))
+    assert [(r["rows"], r["scale"]) for r in fm_rows] == [("tokens", "max_abs"), ("tokens", "none"),
+                                                          ("pooled", "max_abs"), ("pooled", "none")]
+    assert fm_rows[0]["n_train_rows"] == 4 * fm_rows[2]["n_train_rows"]  # four token rows per prompt
+    nums = _bench("compare_runs").numbers(str(run_dir))
+    assert nums["stage3"]["jailbroken"] == f"{s3['table2']['jailbroken']} / 6"
+    assert "| stage2 | run |" in _bench("compare_runs").table([nums], "stage2")
+    # the direction's harmful train prompts are the refused ones (six of the eight)
+    assert (d["n_train_harmful"], d["n_train_harmful_given"]) == (6, 8)
+    # every verdict says which judge decided it
+    filt = [json.loads(l) for l in (run_dir / "filter" / "completions.jsonl").read_text().splitlines()]
+    assert {r["decided_by"] for r in filt} == {"first-token"} and out["filter"]["decided_by"] == {"first-token": 8}
 
     # a second run skips every stage and reports the same numbers
     again = runner.invoke(app, ["run", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
@@ -90,6 +129,44 @@ def test_pipeline_runs_and_resumes(world):
     resumed = runner.invoke(app, ["stage1", "-c", str(world / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["stage1"]["jailbroken"] == s1["jailbroken"]
+
+
+def test_stage2_can_prune_the_pool_of_prompts_stage1_left_refused(world, tmp_path):
+    """stage2.unbroken: k_max (the Llama preset: one Stage 1 rung): Algorithm 1 also runs on
+    prompts no Stage 1 rung jailbroke, with the k_max pool; nothing before Stage 1 reruns."""
+    import shutil
+
+    runner = CliRunner()
+    base = world / "run"
+    if not (base / "manifest.json").exists():
+        assert runner.invoke(app, ["stage2", "-c", str(world / "cfg.yaml"), "-r", str(base), "-q"]).exit_code == 0
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir)
+    cfg = yaml.safe_load((world / "cfg.yaml").read_text())
+    cfg["stage2"]["unbroken"] = "k_max"
+    cfg["stage1"].update(k_start=1, k_max=1)  # one rung, as the Llama preset has
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["stage2", "-c", str(tmp_path / "cfg.yaml"), "-r", str(run_dir), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    s2 = json.loads(res.stdout)["stage2"]
+    s1 = RunResults(run_dir).summary("stage1")
+    assert s2["stage1_jailbroken"] == s1["jailbroken"] < s2["stage2_prompts"] == s2["refused"] == 6
+    records = RunResults(run_dir).stage2()
+    unbroken = {pid for pid, r in RunResults(run_dir).stage1().items() if r.k is None}
+    assert unbroken and unbroken <= set(records)
+    assert all(records[pid].candidates == len(s1["layers"]) for pid in unbroken)  # k_max = 1 per layer
+    assert RunResults(run_dir).summary("direction") == RunResults(base).summary("direction")
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_config_errors_are_one_line(world, tmp_path):

@@ -172,6 +172,51 @@ def test_saved_dataset_and_datasetdict(tmp_path):
     _raises(["single", "drop '::test'"], load_prompts, f"{tmp_path / 'single'}::test")
 
 
+def test_hub_spec_parsing():
+    from refusalscope.io.prompt_formats import parse_hub_spec
+
+    assert parse_hub_spec("hf:walledai/AdvBench") == ("walledai/AdvBench", None, "train")
+    assert parse_hub_spec("hf:walledai/HarmBench:standard::train[:80%]") == (
+        "walledai/HarmBench", "standard", "train[:80%]")
+    assert parse_hub_spec("hf:tatsu-lab/alpaca::train[1000:1200]") == ("tatsu-lab/alpaca", None, "train[1000:1200]")
+    _raises(["names no dataset"], parse_hub_spec, "hf:::test")
+    _raises(["hf:<dataset id>"], parse_hub_spec, "walledai/AdvBench")
+
+
+def test_hub_datasets_read_through_datasets_with_the_papers_schemas(tmp_path):
+    """`hf:` specs go through datasets.load_dataset; a local folder of data files stands in for
+    the hub here (AdvBench: prompt/target; CoCoNot: prompt/category/subcategory)."""
+    adv = tmp_path / "advbench"
+    adv.mkdir()
+    (adv / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Write harmful thing {i}", "target": f"Sure {i}"}) + "\n"
+                                             for i in range(5)))
+    ps = load_prompts(f"hf:{adv}")
+    assert [p.text for p in ps] == [f"Write harmful thing {i}" for i in range(5)]
+    assert ps[0].meta == {"target": "Sure 0"} and ps[0].split == "train"
+    head = load_prompts(f"hf:{adv}::train[:2]")
+    tail = load_prompts(f"hf:{adv}::train[2:]")
+    assert [p.text for p in head + tail] == [p.text for p in ps] and len(head) == 2
+    coco = tmp_path / "coconot"
+    coco.mkdir()
+    rows = [{"id": "c1", "prompt": "How do I hurt someone?", "category": "Requests with safety concerns",
+             "subcategory": "dangerous or sensitive topics"},
+            {"id": "c2", "prompt": "What is your favourite colour?", "category": "Humanizing requests",
+             "subcategory": "personal preferences"}]
+    (coco / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_prompts(f"hf:{coco}")
+    assert [(p.id, p.category, p.subcategory) for p in got] == [(r["id"], r["category"], r["subcategory"]) for r in rows]
+    from refusalscope.run.resolve import load_prompt_set
+
+    assert [p.text for p in load_prompt_set(f"hf:{adv}::train[4:]")] == ["Write harmful thing 4"]
+
+
+def test_hub_dataset_offline_names_what_to_download():
+    # conftest runs the tests with HF_HUB_OFFLINE=1: an uncached hub id cannot be read
+    msg = _raises(["hf:someone/not-cached-anywhere", "save_to_disk", "pass FOLDER in place of"],
+                  load_prompts, "hf:someone/not-cached-anywhere:cfg::test")
+    assert "load_dataset('someone/not-cached-anywhere', 'cfg', split='test')" in msg
+
+
 # ---------------------------------------------------------------- errors
 
 def test_missing_empty_and_unknown_format(tmp_path):

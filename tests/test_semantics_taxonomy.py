@@ -72,6 +72,47 @@ def test_category_activity_matches_dense_encode(world):
         tx.category_activity(model, saes, [Prompt("hi")], [(0, 1)])
 
 
+def test_category_views_count_every_token_and_without_sinks_in_one_pass(world):
+    """The paper's view counts every token (BOS included); the second view leaves out the
+    positions whose residual norm exceeds sink_ratio x the row's median, per layer."""
+    from refusalscope.methods.activity import sinks
+
+    model, saes = world
+    prompts = [Prompt(t, id=f"p{j}", category=CATS[j % 5]) for j, t in enumerate(HARMFUL + HARMLESS[:4])]
+    feats = [Feature.of(f) for f in tx.layer_features(saes)]
+    every, skipped = tx.category_views(model, saes, prompts, feats, batch_size=5, sink_ratio=1.05)
+    assert every == tx.category_activity(model, saes, prompts, feats, batch_size=5)
+    assert skipped == tx.category_activity(model, saes, prompts, feats, batch_size=5, sink_ratio=1.05)
+    want = {f.id: {c: 0 for c in CATS} for f in feats}
+    for p in prompts:
+        b = model.encode([p.text])
+        res = model.residuals(b, list(saes.layers))
+        for layer, idx in feats:
+            sink = sinks(res[layer], b.attention_mask.bool(), 1.05)[0]
+            a = saes[layer].encode(res[layer][0]).float()[:, idx]
+            want[f"{layer}-{idx}"][p.category] += int((a[~sink] > 0).any())
+    assert skipped == want and skipped != every
+    assert all(skipped[f][c] <= every[f][c] for f in every for c in CATS)
+
+
+def test_coconot_labels_map_onto_the_five_unsafe_categories():
+    names = {"triggers for offensive language": "offensive_language",
+             "dangerous_or_sensitive_topics": "dangerous_topics", "False Information": "false_information",
+             "privacy violations": "privacy_violations", "Copyright Violations": "copyright_violations",
+             "offensive_language": "offensive_language", "Some Other Thing": "some_other_thing"}
+    assert {k: tx.unsafe_category(k) for k in names} == names
+    rows = [Prompt("a", id="1", category="Requests with safety concerns", subcategory="privacy violations"),
+            Prompt("b", id="2", category="Humanizing requests", subcategory="personal"),
+            Prompt("c", id="3", category="requests with safety concerns ", subcategory=None),
+            Prompt("d", id="4", category="Requests with safety concerns", subcategory="copyright violations")]
+    got = tx.taxonomy_prompts(rows, "subcategory", "Requests with safety concerns")
+    assert [(p.id, p.category) for p in got] == [("1", "privacy_violations"), ("4", "copyright_violations")]
+    plain = tx.taxonomy_prompts([Prompt("x", category="dangerous_topics"), Prompt("y")])
+    assert [p.category for p in plain] == ["dangerous_topics"]
+    with pytest.raises(UserError, match="taxonomy_only"):
+        tx.taxonomy_prompts(rows, "subcategory", "Incomplete requests")
+
+
 def test_category_map_and_histogram(tmp_path):
     activity = {"1-1": {"offensive_language": 3, "dangerous_topics": 0},
                 "1-2": {"offensive_language": 1, "dangerous_topics": 2},

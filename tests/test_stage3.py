@@ -13,7 +13,13 @@ from planted import HARMFUL, HARMLESS, planted_world
 from refusalscope.errors import UserError
 from refusalscope.measures.judges import make_judge
 from refusalscope.methods.evaluate import generate_judged, refusal_probs
-from refusalscope.methods.fm import FactorizationMachine, embedding_collapse, rank_by_embedding_similarity, train_fm
+from refusalscope.methods.fm import (
+    FactorizationMachine,
+    embedding_collapse,
+    rank_by_embedding_similarity,
+    rank_per_prompt,
+    train_fm,
+)
 from refusalscope.methods.fm_data import (
     FeatureMatrix,
     Split,
@@ -66,6 +72,10 @@ def test_feature_matrix_equals_dense(world, acts, tmp_path):
         assert (back.values != fm.values).nnz == 0 and (back.rows == fm.rows).all()
     with pytest.raises(UserError):
         collect_sae_activations(model, saes, HARMFUL[:1], [7])
+    # pooling a per-token matrix gives what the pooled collection records
+    pooled, tokens = acts["harmful", "pooled"], acts["harmful", "tokens"].pooled()
+    assert tokens.columns == pooled.columns and tokens.mode == "pooled" and (tokens.rows == pooled.rows).all()
+    np.testing.assert_allclose(tokens.values.toarray(), pooled.values.toarray(), atol=1e-6)
 
 
 def test_split_is_by_prompt_and_seeded(acts):
@@ -168,7 +178,7 @@ def test_rank_by_embedding_similarity():
     cols = [(1, i) for i in range(6)]
     stage2 = {(1, 0), (1, 1), (5, 9)}  # (5, 9) is no FM column: ignored
     U = V / V.norm(dim=1, keepdim=True)
-    ranked = rank_by_embedding_similarity(fm, cols, stage2)
+    ranked = rank_by_embedding_similarity(fm, cols, stage2, aggregate="max")
     assert [f for f, _ in ranked] == [(1, 4), (1, 2), (1, 5), (1, 3)]
     for f, score in ranked:  # max cosine to the Stage 2 embeddings
         assert score == pytest.approx(max(float(U[f[1]] @ U[a]) for a in (0, 1)), abs=1e-6)
@@ -178,6 +188,64 @@ def test_rank_by_embedding_similarity():
     assert len(rank_by_embedding_similarity(fm, cols, stage2, exclude=set(), chunk=2)) == 6
     with pytest.raises(UserError):
         rank_by_embedding_similarity(fm, cols, {(2, 0)})
+
+
+def test_rank_per_prompt_is_each_prompts_own_global_ranking():
+    g = torch.Generator().manual_seed(0)
+    fm = FactorizationMachine(40, k=5, generator=g)
+    with torch.no_grad():
+        fm.V.copy_(torch.randn(40, 5, generator=g))
+    cols = [(2, i) for i in range(40)]
+    sets = {"a": [(2, 0), (2, 1)], "b": [(2, 7), (9, 9)], "c": [(9, 9)]}  # (9, 9) is no column
+    for agg in ("mean", "max"):
+        per = rank_per_prompt(fm, cols, sets, top=10, aggregate=agg)
+        for pid in ("a", "b"):  # = the global ranking with this prompt's set as the only anchors
+            own = rank_by_embedding_similarity(fm, cols, sets[pid], aggregate=agg)[:10]
+            assert [f for f, _ in per[pid]] == [f for f, _ in own] and len(per[pid]) == 10
+            assert not {f for f, _ in per[pid]} & set(map(tuple, sets[pid]))
+        assert per["c"] == []  # no anchor among the FM columns: the caller falls back
+        assert [f for f, _ in per["a"]] != [f for f, _ in per["b"]]
+    with pytest.raises(UserError):
+        rank_per_prompt(fm, cols, sets, top=3, aggregate="median")
+
+
+def test_global_max_saturates_with_many_anchors_per_prompt_mean_does_not():
+    """The issue's point: with thousands of anchors, the max cosine to their union is near 1 for
+    almost every latent, so a global max ranking barely separates latents."""
+    g = torch.Generator().manual_seed(1)
+    fm = FactorizationMachine(3000, k=8, generator=g)
+    with torch.no_grad():
+        fm.V.copy_(torch.randn(3000, 8, generator=g))
+    cols = [(3, i) for i in range(3000)]
+    union = cols[:2000]
+    top = rank_by_embedding_similarity(fm, cols, union, aggregate="max")
+    spread_max = top[0][1] - top[len(top) // 2][1]
+    per = rank_per_prompt(fm, cols, {"p": cols[:5]}, top=1000, aggregate="mean")["p"]
+    spread_mean = per[0][1] - per[len(top) // 2][1]
+    assert top[len(top) // 2][1] > 0.8 and spread_max < 0.2 < spread_mean
+
+
+def test_prompt_accuracy_averages_a_prompts_token_rows(synthetic):
+    train, val, test, fm = synthetic
+    label = test.y.astype(np.int64)
+    rows = np.column_stack([label, np.arange(len(test)) // 2, np.zeros(len(test), dtype=np.int64)])
+    split = Split(test.X, test.y, rows)  # pretend every two consecutive rows are one prompt's tokens
+    logits = fm.logits(test.X)
+    want = []
+    for key in np.unique(rows[:, :2], axis=0):
+        sel = (rows[:, 0] == key[0]) & (rows[:, 1] == key[1])
+        want.append((logits[sel].mean() > 0) == (key[0] > 0.5))
+    assert fm.prompt_accuracy(split) == pytest.approx(float(np.mean(want)))
+
+
+def test_unscaled_training_uses_raw_inputs(synthetic):
+    train, val, test, _ = synthetic
+    raw = train_fm(train, val, test, k=4, epochs=2, seed=0, scale="none")
+    assert np.all(raw.scale == 1.0)
+    with pytest.raises(UserError):
+        train_fm(train, val, test, k=4, epochs=1, scale="zscore")
+    k50 = train_fm(train, val, None, k=50, epochs=1, seed=0)  # the paper's largest size trains
+    assert k50.model.k == 50 and np.isfinite(k50.history[0]["loss"])
 
 
 def test_embedding_collapse(synthetic):

@@ -77,7 +77,8 @@ def summary_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
         f = result["filter"]
         out["filter"] = [("Refusal filter (harmful test prompts)",
                           [{"judge": f["judge"], "prompts": f["n_in"], "refused (kept)": f["n_kept"],
-                            "dropped": f["n_dropped"]}])]
+                            "dropped": f["n_dropped"], "held out": f.get("n_heldout", 0),
+                            "decided by": " ".join(f"{k}:{n}" for k, n in f.get("decided_by", {}).items()) or "-"}])]
     if "direction" in result:
         d = result["direction"]
         out["direction"] = [("Refusal direction", [{
@@ -118,9 +119,11 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
         fm, t2 = s["fm"], s["table2"]
         out["stage3"] = [("Stage 3: factorization machine", [{
             "rows": fm["rows"], "latent columns": fm["columns"], "best epoch": fm["best_epoch"],
-            "FM test acc": fm["test_acc"], "probe test acc": s["probe"]["test_acc"],
+            "rows are": fm.get("mode", "pooled"), "FM test acc": fm["test_acc"],
+            "per prompt": fm.get("test_prompt_acc", "-"), "probe test acc": s["probe"]["test_acc"],
             "collapse (mean cos)": ", ".join(f"k={k}: {v}" for k, v in fm["collapse"].items())}]),
             ("Table 2: jailbreaks with Stage 2 + top-K Stage 3 latents", [{
+                "ranking": "{mode} ({aggregate} cosine)".format(**s.get("ranking", {"mode": "global", "aggregate": "max"})),
                 "jailbroken / refused": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
                 "unique Stage 3 latents": t2["unique_stage3_latents"],
                 "K histogram": " ".join(f"{k}:{n}" for k, n in t2["k_histogram"].items())}]),
@@ -148,10 +151,13 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
         out["ce_loss"] = [("Table 9: cross-entropy loss", [
             {k: r[k] for k in ("dataset", "setting", "mean", "std", "n_texts")} for r in result["ce_loss"]["rows"]])]
     if "taxonomy" in result:
-        h = result["taxonomy"]["histogram"]
+        t = result["taxonomy"]
+        views = t.get("histograms") or {"every_token": t["histogram"]}
         out["taxonomy"] = [("Fig 3: critical latents by unsafe categories they fire on", [
-            {**{f"only {c}": n for c, n in h["single"].items()},
-             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}])]
+            {"tokens": {"every_token": "all (paper)", "sinks_skipped": "no sinks"}.get(v, v),
+             **{f"only {c}": n for c, n in h["single"].items()},
+             **{f"{k} types": n for k, n in h["by_count"].items() if k != "1"}, "none": h["none"]}
+            for v, h in views.items()])]
     if "clamping" in result:
         rows = result["clamping"]["rows"]
         out["clamping"] = [("Tables 5/6: clamping woken latents at BOS", [
@@ -161,6 +167,10 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
         s = result["semantics"]
         out["semantics"] = [(f"Feature semantics ({s['source']} explanations, {s['n_features']} latents)", [
             {"stage": k, **g} for k, g in s["groups"].items()])]
+        if "table4" in s:
+            out["semantics"].append(("Table 4: most frequent terms in Stage 1 latents' explanations",
+                                     [{"term": t, "count": n} for t, n in s["table4"]]
+                                     or [{"note": "no content words in the Stage 1 explanations"}]))
     if "dashboards" in result and result["dashboards"].get("n_latents"):
         d = result["dashboards"]
         out["dashboards"] = [("Latent dashboards", [{

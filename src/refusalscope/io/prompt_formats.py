@@ -247,3 +247,42 @@ def _arrow_rows(folder: Path) -> list[dict]:
             raise UserError(f"{folder.name}/{f.name} is not a readable Arrow file ({e}): save the "
                             f"dataset again with save_to_disk") from None
     return pa.concat_tables(tables).to_pylist()
+
+
+# ---------------------------------------------------------------- hub datasets
+HUB_PREFIX = "hf:"
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """"hf:<dataset id or local folder>[:config][::split]" -> (id, config, split). The split may
+    slice ("train[:80%]", "train[400:]"), as `datasets.load_dataset` reads it; default "train"."""
+    if not spec.startswith(HUB_PREFIX):
+        raise UserError(f"{spec!r} is not a hub dataset spec: write hf:<dataset id>[:config][::split]")
+    body, _, split = spec[len(HUB_PREFIX):].partition("::")
+    repo, _, config = body.partition(":")
+    if not repo.strip():
+        raise UserError(f"{spec!r} names no dataset: write hf:<dataset id>[:config][::split], "
+                        "e.g. hf:walledai/AdvBench")
+    return repo.strip(), (config.strip() or None), (split.strip() or "train")
+
+
+def read_hub_dataset(spec: str) -> Table:
+    """Rows of a dataset read through `datasets.load_dataset` (hub id, or a local folder of data
+    files). HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured: offline it reads the datasets
+    cache, and a dataset that is not there is a one-line error saying what to download."""
+    repo, config, split = parse_hub_spec(spec)
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets comes with sae-lens
+        raise UserError(f"{spec}: reading hub datasets needs the `datasets` package: pip install "
+                        "datasets, or pass a local file") from None
+    where = repr(repo) + (f", {config!r}" if config else "")
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as err:  # offline, unknown id, gated, bad split: datasets raises many types
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"cannot read hub dataset {spec} ({type(err).__name__}: {detail}): where the hub "
+                        f"is reachable run datasets.load_dataset({where}, split={split!r}).save_to_disk(FOLDER) "
+                        f"and pass FOLDER in place of {spec}") from None
+    stem = repo.rstrip("/").split("/")[-1] + (f"-{config}" if config else "")
+    return _rows_table(ds.to_list(), spec, stem, split)

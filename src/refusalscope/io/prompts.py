@@ -1,8 +1,10 @@
 """Prompt sets: load user files in the formats the paper's setup uses, and the bundled sets.
 
 The paper works with harmful prompts (refusal_direction splits, AdvBench, HarmBench, CoCoNot's
-unsafe subset) and harmless ones (Alpaca). Nothing is downloaded: users point at their own copies
-and the project ships its own small sets under `refusalscope/resources`.
+unsafe subset) and harmless ones (Alpaca). Users point at their own copies (files or saved
+`datasets` folders), at hub datasets ("hf:walledai/AdvBench", read through `datasets` and its
+cache, so they work offline once cached), and the project ships its own small sets under
+`refusalscope/resources`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from refusalscope.errors import UserError
-from refusalscope.io.prompt_formats import Table, parse_text, read_table
+from refusalscope.io.prompt_formats import HUB_PREFIX, Table, parse_text, read_hub_dataset, read_table
 
 # Columns tried, in order, when no text field is given (case ignored): refusal_direction and
 # Alpaca `instruction`; CoCoNot, OR-Bench and XSTest `prompt`; AdvBench and JailbreakBench `Goal`
@@ -66,7 +68,8 @@ class Prompt:
 
 def load_prompts(path: str | Path, fmt: str = "auto", *, text_field: str | None = None,
                  limit: int | None = None, label: str | None = None) -> list[Prompt]:
-    """Load prompts from a file or saved `datasets` folder ("folder::split" picks a split).
+    """Load prompts from a file, a saved `datasets` folder ("folder::split" picks a split) or a
+    hub dataset ("hf:<id>[:config][::split]").
 
     `label` is given to rows that carry no "harmful"/"harmless" label of their own.
     `limit` keeps the first `limit` prompts (rows after them are not checked).
@@ -74,7 +77,8 @@ def load_prompts(path: str | Path, fmt: str = "auto", *, text_field: str | None 
     _check_label(label)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be a positive number of prompts, got {limit}: pass 1 or more")
-    return _to_prompts(read_table(path, fmt), text_field, limit, label)
+    table = read_hub_dataset(str(path)) if str(path).startswith(HUB_PREFIX) else read_table(path, fmt)
+    return _to_prompts(table, text_field, limit, label)
 
 
 def bundled_names() -> list[str]:

@@ -25,18 +25,23 @@ from .fluency import looks_like_gibberish
 # ----------------------------------------------------------------- verdicts
 @dataclass
 class Verdicts:
-    """One verdict per prompt. `scores`: higher = more refusing; `degenerate`: broken output."""
+    """One verdict per prompt. `scores`: higher = more refusing; `degenerate`: broken output;
+    `decided_by`: per row, the judge that made the call (a cascade's first pass or its final
+    judge; a plain judge decides every row itself)."""
 
     judge: str
     refused: list[bool]
     scores: list[float]
     completions: list[str] | None = None
     degenerate: list[bool] = field(default_factory=list)
+    decided_by: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.degenerate:
             self.degenerate = [False] * len(self.refused)
-        sizes = {len(self.refused), len(self.scores), len(self.degenerate)}
+        if not self.decided_by:
+            self.decided_by = [self.judge] * len(self.refused)
+        sizes = {len(self.refused), len(self.scores), len(self.degenerate), len(self.decided_by)}
         if self.completions is not None:
             sizes.add(len(self.completions))
         if len(sizes) != 1:
@@ -51,14 +56,14 @@ class Verdicts:
         return sum(self.refused) / len(self) if len(self) else float("nan")
 
     def to_records(self, prompts: Sequence[str]) -> list[dict]:
-        """Rows for a JSONL/Parquet table: prompt, completion, refused, score, degenerate."""
+        """Rows for a JSONL/Parquet table: prompt, completion, refused, score, degenerate, decided_by."""
         if len(prompts) != len(self):
             raise UserError(f"{len(prompts)} prompts for {len(self)} verdicts of judge "
                             f"{self.judge!r}: pass the prompts that were judged")
         comps = self.completions if self.completions is not None else [None] * len(self)
-        cols = zip(prompts, comps, self.refused, self.scores, self.degenerate)
+        cols = zip(prompts, comps, self.refused, self.scores, self.degenerate, self.decided_by)
         return [{"prompt": p, "completion": c, "refused": bool(r), "score": float(s),
-                 "degenerate": bool(d)} for p, c, r, s, d in cols]
+                 "degenerate": bool(d), "decided_by": by} for p, c, r, s, d, by in cols]
 
 
 # ----------------------------------------------------------------- protocol and registry
@@ -242,4 +247,4 @@ class FirstTokenJudge:
                         list(completions) if completions is not None else None)
 
 
-from . import classifier_judge  # noqa: E402,F401  (registers "classifier", then "llama-guard")
+from . import cascade, classifier_judge  # noqa: E402,F401  (register "opening", "classifier", "llama-guard")

@@ -131,6 +131,17 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
     the first token of every text in Llama-family models) are zeroed too: latents fire there on
     every text alike. Residuals are read one chunk at a time so a large corpus never sits in
     memory at once."""
+    for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
+                                                              desc, quiet, sink_ratio):
+        yield start, sub, {l: a * (~sink[l]).unsqueeze(-1) for l, a in acts.items()}
+
+
+def iter_feature_acts_and_sinks(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
+                                batch_size: int, desc: str = "features", quiet: bool = True,
+                                sink_ratio: float | None = 4.0
+                                ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+    """`iter_feature_acts` with sink positions left in, plus per layer the [b, T] mask of sink
+    positions at that layer, so a caller can count activity both ways in one pass."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     layers = list(by_layer)
@@ -139,9 +150,8 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
         sub = batch.rows(start, min(start + batch_size, len(batch)))
         res = model.residuals(sub, layers)
         valid = sub.attention_mask.bool()
-        acts = {l: subset_acts(saes[l], res[l], idx) * (valid & ~sinks(res[l], valid, sink_ratio)).unsqueeze(-1)
-                for l, idx in by_layer.items()}
-        yield start, sub, acts
+        acts = {l: subset_acts(saes[l], res[l], idx) * valid.unsqueeze(-1) for l, idx in by_layer.items()}
+        yield start, sub, acts, {l: sinks(res[l], valid, sink_ratio) for l in by_layer}
 
 
 def sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:

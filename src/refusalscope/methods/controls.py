@@ -51,8 +51,8 @@ def random_control(model: ChatModel, saes, prompts: Prompts, sets: Mapping, judg
                         [draws[s][pid]["features"].plan() for s, pid, _ in rows],
                         judge, max_new_tokens, batch_size)
     records = [{"seed": s, "id": pid, "features": draws[s][pid]["features"].ids(),
-                "short": draws[s][pid]["short"], "jailbroken": bool(jb), "completion": c}
-               for (s, pid, _), jb, c in zip(rows, j.jailbroken, j.completions)]
+                "short": draws[s][pid]["short"], "jailbroken": bool(jb), "completion": c, "decided_by": v.judge}
+               for (s, pid, _), jb, c, v in zip(rows, j.jailbroken, j.completions, j.verdicts())]
     return {**random_summary(records, seeds, len(prompts)), "records": records}
 
 
@@ -80,8 +80,8 @@ def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
             rows.append((k, pid, text, feats))
     j = generate_judged(model, saes, [r[2] for r in rows], [r[3].plan() for r in rows],
                         judge, max_new_tokens, batch_size)
-    records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c}
-               for (k, pid, _, f), jb, c in zip(rows, j.jailbroken, j.completions)]
+    records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c, "decided_by": v.judge}
+               for (k, pid, _, f), jb, c, v in zip(rows, j.jailbroken, j.completions, j.verdicts())]
     return {"per_k": obrien_summary(records, ks), "records": records}
 
 
@@ -111,13 +111,14 @@ def stage3_only(model: ChatModel, saes, prompts: Prompts, stage3_sets: Mapping,
     n = len(prompts)
     mx = max_activations(model, saes, texts + texts, [f for s in s2 for f in s],
                          [[] for _ in texts] + plans, batch_size)
-    records = []
+    records, by = [], [v.judge for v in j.verdicts()]
     for r, (pid, _) in enumerate(prompts):
         base, abl = mx[r], mx[n + r]
         on = [f for f in s2[r] if base[f] > 0]
         off = FeatureSet(f for f in on if abl[f] <= 0)
         d = [(base[f] - abl[f]) / base[f] for f in on if abl[f] > 0]
         records.append({"id": pid, "jailbroken": bool(j.jailbroken[r]), "completion": j.completions[r],
+                        "decided_by": by[r],
                         "n_stage3": len(s3[r]), "n_active_stage2": len(on), "deactivated": off.ids(),
                         "deactivated_share": len(off) / len(on) if on else None,
                         "mean_drop": mean(d) if d else None, "drops": d})

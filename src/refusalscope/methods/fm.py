@@ -6,15 +6,22 @@ activations, and the ranking of non-Stage-2 latents by FM-embedding similarity t
 
 The second form costs O(k·nnz(x)): two sparse × dense products, XV and (X∘X)(V∘V). Training
 uses the logistic loss on ŷ, Adam, and keeps the epoch with the best validation accuracy
-(ties: lower validation loss), as the paper does. Inputs are divided column-wise by their max
-|x| on the train split (`fm_data.max_abs_scale`); the scale is stored with the result and
-applied to every other input, since raw activations (tens to hundreds) would blow up x_i·x_j.
+(ties: lower validation loss), as the paper does. By default inputs are divided column-wise by
+their max |x| on the train split (`fm_data.max_abs_scale`; the paper does not say how it feeds
+activations in); the scale is stored with the result and applied to every other input, since
+raw activations (tens to hundreds) would blow up x_i·x_j. `scale="none"` feeds them raw.
+
+Ranking (the paper's "cosine similarity between their FM embeddings and those of the Stage 2
+features"): per prompt against that prompt's own Stage 2 set (`rank_per_prompt`), or once
+against the union of every prompt's Stage 2 latents (`rank_by_embedding_similarity`). With
+thousands of anchors the union's max cosine saturates near 1 for almost every latent, so the
+global max ranking is close to arbitrary on a real model; per prompt, mean cosine is the default.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..interventions.features import Feature
 from .fm_data import Split, apply_scale, csr_to_torch, max_abs_scale
+
 
 class FactorizationMachine(nn.Module):
     """w0, w [d], V [d, k]; forward takes a sparse (COO/CSR) or dense [B, d] and returns logits [B]."""
@@ -87,7 +95,19 @@ class FMResult:
         return _logits(self.model, apply_scale(X, self.scale), batch_size).numpy()
 
     def accuracy(self, split: Split) -> float:
+        """Per row (per token in "tokens" mode)."""
         return _accuracy(self.logits(split.X), split.y)
+
+    def prompt_accuracy(self, split: Split) -> float:
+        """Per prompt: the mean logit over a prompt's rows (its tokens) decides its label, so
+        pooled and per-token FMs compare on the same unit."""
+        if not len(split):
+            return float("nan")
+        keys, inverse = np.unique(split.rows[:, :2], axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        sums = np.bincount(inverse, weights=self.logits(split.X), minlength=len(keys))
+        counts = np.bincount(inverse, minlength=len(keys))
+        return _accuracy(sums / counts, keys[:, 0])
 
 
 def _logits(fm: FactorizationMachine, Xs: sp.csr_matrix, batch_size: int = 4096) -> Tensor:
@@ -100,16 +120,23 @@ def _accuracy(logits, y) -> float:
     return float(((np.asarray(logits) > 0) == (np.asarray(y) > 0.5)).mean()) if len(y) else float("nan")
 
 
+SCALES = ("max_abs", "none")
+
+
 def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, lr: float = 1e-3,
              epochs: int = 20, batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
-             init_std: float = 0.01, device: str | torch.device = "cpu", quiet: bool = True) -> FMResult:
+             init_std: float = 0.01, device: str | torch.device = "cpu", quiet: bool = True,
+             scale: str = "max_abs") -> FMResult:
     """Fit an FM with BCE-with-logits loss and Adam; init and shuffling come from one
-    torch.Generator(seed), so a seed gives the same weights every run (on CPU)."""
+    torch.Generator(seed), so a seed gives the same weights every run (on CPU). `scale`:
+    "max_abs" divides each column by its train max |x|, "none" feeds raw activations."""
     if len(train) == 0 or len(val) == 0:
         raise UserError("FM training needs non-empty train and validation splits: use more prompts")
+    if scale not in SCALES:
+        raise UserError(f"unknown FM input scale {scale!r}: use max_abs or none")
     g = torch.Generator().manual_seed(seed)
     d = train.X.shape[1]
-    scale = max_abs_scale(train.X)
+    scale = max_abs_scale(train.X) if scale == "max_abs" else np.ones(d, dtype=np.float32)
     Xtr, Xva = apply_scale(train.X, scale), apply_scale(val.X, scale)
     ytr, yva = torch.from_numpy(train.y.astype(np.float32)), torch.from_numpy(val.y.astype(np.float32))
     fm = FactorizationMachine(d, k, init_std, generator=g).to(device)
@@ -155,7 +182,7 @@ def _unit(V: Tensor) -> Tensor:
 
 
 def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features, exclude=None,
-                                 aggregate: str = "max", chunk: int = 65536) -> list[tuple[Feature, float]]:
+                                 aggregate: str = "mean", chunk: int = 65536) -> list[tuple[Feature, float]]:
     """Features not in `exclude` (default: the Stage 2 set), by the cosine similarity of their
     embedding v_i to the embeddings of the Stage 2 latents that are FM columns (a latent never
     active in the data has no trained embedding): aggregate "max" = the closest Stage 2 latent
@@ -174,15 +201,50 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
     if not anchors:
         raise UserError("none of the Stage 2 latents is an FM column (none was ever active in the "
                         "Stage 3 data): set stage3.layers to include layers of the Stage 2 latents")
-    A = U[anchors]
-    if aggregate == "mean":
-        score = U @ A.mean(0)
-    else:
-        score = torch.cat([(U[i:i + chunk] @ A.T).amax(1) for i in range(0, len(U), chunk)])
     keep = np.array([c not in exclude for c in columns], dtype=bool)
-    s = score.numpy()
-    order = [j for j in np.argsort(-s, kind="stable") if keep[j]]
+    return _ranked(columns, _scores(U, anchors, aggregate, chunk), keep)
+
+
+def _scores(U: Tensor, anchors: Sequence[int], aggregate: str, chunk: int = 65536) -> np.ndarray:
+    """Per column, its mean cosine to the anchors (U @ mean of the unit anchors is exactly the
+    mean of the cosines) or its max cosine."""
+    A = U[list(anchors)]
+    if aggregate == "mean":
+        return (U @ A.mean(0)).numpy()
+    return torch.cat([(U[i:i + chunk] @ A.T).amax(1) for i in range(0, len(U), chunk)]).numpy()
+
+
+def _ranked(columns: Sequence[Feature], s: np.ndarray, keep: np.ndarray, top: int | None = None):
+    """Kept columns by descending score (ties: column order), the first `top` of them."""
+    n = int(keep.sum()) if top is None else min(int(top), int(keep.sum()))
+    order = np.argsort(np.where(keep, -s, np.inf), kind="stable")[:n]
     return [(columns[j], float(s[j])) for j in order]
+
+
+def rank_per_prompt(fm, columns: Sequence[Feature], sets: Mapping[str, Iterable], top: int,
+                    aggregate: str = "mean") -> dict[str, list[tuple[Feature, float]]]:
+    """Per prompt, the `top` latents by FM-embedding similarity to THAT prompt's Stage 2 set
+    (the prompt's own latents excluded). A prompt none of whose latents is an FM column gets an
+    empty list (the caller decides what to fall back to)."""
+    if aggregate not in ("max", "mean"):
+        raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
+    columns = [Feature.of(c) for c in columns]
+    U = _unit(_embeddings(fm))
+    if U.shape[0] != len(columns):
+        raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
+                        "pass the columns of the dataset the FM was trained on")
+    col = {c: j for j, c in enumerate(columns)}
+    out = {}
+    for pid, feats in sets.items():
+        own = [Feature.of(f) for f in feats]
+        anchors = [col[f] for f in own if f in col]
+        if not anchors:
+            out[pid] = []
+            continue
+        keep = np.ones(len(columns), dtype=bool)
+        keep[anchors] = False
+        out[pid] = _ranked(columns, _scores(U, anchors, aggregate), keep, top)
+    return out
 
 
 def embedding_collapse(fm, max_n: int = 2000, seed: int = 0) -> float:

@@ -55,6 +55,22 @@ class FeatureMatrix:
     def n_prompts(self) -> int:
         return int(self.rows[:, 0].max()) + 1 if len(self.rows) else 0
 
+    def pooled(self) -> FeatureMatrix:
+        """The "pooled" matrix of a "tokens" one: per prompt, the max over its token rows (what
+        `collect_sae_activations(mode="pooled")` records; activations are non-negative)."""
+        if self.mode == "pooled":
+            return self
+        n = self.n_prompts
+        out = sp.csr_matrix((n, len(self.columns)), dtype=np.float32)
+        for j in np.unique(self.rows[:, 1]):
+            sel = np.flatnonzero(self.rows[:, 1] == j)
+            part = sp.csr_matrix((np.ones(len(sel), np.float32), (self.rows[sel, 0], np.arange(len(sel)))),
+                                 shape=(n, len(sel))) @ self.values[sel]
+            out = out.maximum(part)
+        keep = np.flatnonzero(out.getnnz(axis=0))
+        rows = np.stack([np.arange(n), np.full(n, -1)], 1).astype(np.int64)
+        return FeatureMatrix([self.columns[k] for k in keep], out[:, keep].tocsr(), rows, "pooled", self.n_tokens)
+
     def column_labels(self) -> list[str]:
         """The paper's "layer-index" names."""
         return [c.id for c in self.columns]

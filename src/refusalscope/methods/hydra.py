@@ -36,7 +36,7 @@ def inactive_critical(model: ChatModel, saes, prompts: Prompts, sets: Mapping, a
         act, ina = activity[pid].active, activity[pid].inactive
         variants = {"full": full, "active": act, "inactive": ina}
         rec = {"id": pid, "n_full": len(full), "n_active": len(act), "n_inactive": len(ina),
-               "inactive": ina.ids(), "jailbroken": {}, "completions": {}, "same_as_full": []}
+               "inactive": ina.ids(), "jailbroken": {}, "completions": {}, "decided_by": {}, "same_as_full": []}
         for name, feats in variants.items():
             if not feats:
                 rec["jailbroken"][name] = rec["completions"][name] = None
@@ -47,12 +47,14 @@ def inactive_critical(model: ChatModel, saes, prompts: Prompts, sets: Mapping, a
         records.append(rec)
     j = generate_judged(model, saes, [t for *_, t, _ in rows], [f.plan() for *_, f in rows],
                         judge, max_new_tokens, batch_size)
-    for (r, name, _, _), comp, jb in zip(rows, j.completions, j.jailbroken):
+    for (r, name, _, _), comp, jb, v in zip(rows, j.completions, j.jailbroken, j.verdicts()):
         records[r]["jailbroken"][name], records[r]["completions"][name] = bool(jb), comp
+        records[r]["decided_by"][name] = v.judge
     for rec in records:
         for name in rec["same_as_full"]:
             rec["jailbroken"][name] = rec["jailbroken"]["full"]
             rec["completions"][name] = rec["completions"]["full"]
+            rec["decided_by"][name] = rec["decided_by"].get("full")
     return {"counts": critical_counts(records), "records": records}
 
 

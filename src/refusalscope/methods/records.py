@@ -86,24 +86,30 @@ class Stage3Record(LadderRecord):
 
 @dataclass(frozen=True)
 class TauOutcome:
-    """Algorithm 1's consensus set at one threshold τ and whether ablating it jailbreaks."""
+    """Algorithm 1's consensus set at one threshold τ, whether ablating it jailbreaks, and the
+    judge that decided (a cascade's first pass or its final judge)."""
 
     tau: float
     features: FeatureSet
     jailbroken: bool
     completion: str | None = None
+    judge: str | None = None
 
     @property
     def size(self) -> int:
         return len(self.features)
 
     def to_json(self) -> dict:
-        return {"tau": self.tau, "size": self.size, "jailbroken": self.jailbroken,
-                "completion": self.completion, "features": self.features.ids()}
+        out = {"tau": self.tau, "size": self.size, "jailbroken": self.jailbroken,
+               "completion": self.completion, "features": self.features.ids()}
+        if self.judge is not None:
+            out["judge"] = self.judge
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> TauOutcome:
-        return cls(float(d["tau"]), FeatureSet(d["features"]), bool(d["jailbroken"]), d.get("completion"))
+        return cls(float(d["tau"]), FeatureSet(d["features"]), bool(d["jailbroken"]), d.get("completion"),
+                   d.get("judge"))
 
 
 @dataclass

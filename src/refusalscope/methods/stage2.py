@@ -128,9 +128,9 @@ def minimal_set(model: ChatModel, saes, prompt_id: str, prompt: str, candidates:
     distinct = sorted({s for s in by_tau.values() if s}, key=lambda s: (len(s), s.ids()))
     j = generate_judged(model, saes, [prompt] * len(distinct), [s.plan() for s in distinct], judge,
                         max_new_tokens, generation_batch_size)
-    verdict = {s: (c, jb) for s, c, jb in zip(distinct, j.completions, j.jailbroken)}
-    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None)
-               for tau, s in by_tau.items()]
+    verdict = {s: (c, jb, v.judge) for s, c, jb, v in zip(distinct, j.completions, j.jailbroken, j.verdicts())}
+    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None,
+                          verdict[s][2] if s else None) for tau, s in by_tau.items()]
     wins = [t for t in per_tau if t.jailbroken]
     best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
     return Stage2Record(prompt_id, len(cands), per_tau, {t.seed: t.deltas for t in traces},

@@ -2,8 +2,11 @@
 to unsafe taxonomy", Figure 3).
 
 A feature belongs to a harm category when it is non-zero on some token of some prompt of that
-category. Only the asked features' encoder columns are computed (JumpReLU/ReLU), so mapping a few
-hundred features over thousands of prompts costs a sliver of a full SAE encode.
+category: any token, BOS included, as the paper counts. Latents that fire on the BOS / attention
+sink fire there on every prompt alike (the hydra latents live there), so `category_views` also
+counts with sink positions left out, in the same pass, to report beside the paper's view. Only
+the asked features' encoder columns are computed (JumpReLU/ReLU), so mapping a few hundred
+features over thousands of prompts costs a sliver of a full SAE encode.
 
 Features go in as anything `Feature.of` reads; results are keyed by the paper's "layer-index"
 strings so they are plain JSON.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
 from ..io.prompts import Prompt
-from .activity import iter_feature_acts
+from .activity import iter_feature_acts_and_sinks
 
 # CoCoNot's five unsafe categories, in the order the bundled harmful set uses.
 UNSAFE_CATEGORIES = ("offensive_language", "dangerous_topics", "false_information",
@@ -39,12 +43,53 @@ def layer_features(saes, layers: Iterable[int] | None = None) -> list[str]:
     return [f"{l}-{i}" for l in layers for i in range(saes[l].d_sae)]
 
 
+# Spellings of CoCoNot's unsafe subcategories (and ours) -> the five names above.
+_CATEGORY_WORDS = (("offensive", "offensive_language"), ("dangerous", "dangerous_topics"),
+                   ("false", "false_information"), ("misinform", "false_information"),
+                   ("privacy", "privacy_violations"), ("copyright", "copyright_violations"))
+
+
+def unsafe_category(name: str) -> str:
+    """One of UNSAFE_CATEGORIES for CoCoNot's subcategory names in any spelling ("triggers for
+    offensive language", "dangerous_or_sensitive_topics", …); other names lowercased with "_"."""
+    low = name.strip().lower()
+    for word, cat in _CATEGORY_WORDS:
+        if word in low:
+            return cat
+    return "_".join(low.replace("-", " ").split())
+
+
+def taxonomy_prompts(prompts: Sequence[Prompt], field: str = "category", only: str | None = None) -> list[Prompt]:
+    """Prompts labelled with a harm type for the mapping: those whose category is `only` (CoCoNot:
+    "Requests with safety concerns"), labelled by `field` ("category" or "subcategory"), with
+    the label normalised by `unsafe_category`. Prompts without the label are left out."""
+    if field not in ("category", "subcategory"):
+        raise UserError(f"taxonomy field {field!r}: use category or subcategory")
+    keep = [p for p in prompts if only is None or (p.category or "").strip().lower() == only.strip().lower()]
+    out = [replace(p, category=unsafe_category(getattr(p, field))) for p in keep if getattr(p, field)]
+    if not out:
+        have = sorted({p.category or "" for p in prompts})[:5]
+        raise UserError(f"no prompt has a {field}" + (f" under category {only!r}" if only else "")
+                        + f" (categories seen: {have}): check analyses.taxonomy_prompts / taxonomy_field / taxonomy_only")
+    return out
+
+
 def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable,
                       batch_size: int = 8, threshold: float = 0.0, skip_first: int = 0,
-                      quiet: bool = True) -> dict[str, dict[str, int]]:
+                      quiet: bool = True, sink_ratio: float | None = None) -> dict[str, dict[str, int]]:
     """For each feature, how many prompts of each category make it fire (activation > threshold
-    at any chat-formatted prompt token). `skip_first` drops each prompt's first tokens (e.g. 1 for
-    BOS, where a feature fires on every prompt alike)."""
+    at any chat-formatted prompt token, BOS included: the paper's count). `skip_first` drops
+    each prompt's first tokens; `sink_ratio` drops high-norm sink positions (see `sinks`)."""
+    every, no_sinks = category_views(model, saes, prompts, features, batch_size, threshold, skip_first,
+                                     quiet, 4.0 if sink_ratio is None else sink_ratio)
+    return every if sink_ratio is None else no_sinks
+
+
+def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable,
+                   batch_size: int = 8, threshold: float = 0.0, skip_first: int = 0,
+                   quiet: bool = True, sink_ratio: float = 4.0
+                   ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """`category_activity` both ways in one pass: (every token counts, sink positions left out)."""
     if not prompts:
         raise UserError("no prompts to map features on: pass prompts with categories")
     nocat = [p.id or p.text[:40] for p in prompts if not p.category]
@@ -56,22 +101,28 @@ def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], feature
     onehot = torch.zeros(len(prompts), len(cats))
     onehot[torch.arange(len(prompts)), torch.tensor([cats.index(p.category) for p in prompts])] = 1
     by_layer = FeatureSet(features).checked(saes).by_layer()
-    fired = {l: torch.zeros(len(prompts), len(ix), dtype=torch.bool) for l, ix in by_layer.items()}
+    fired = [{l: torch.zeros(len(prompts), len(ix), dtype=torch.bool) for l, ix in by_layer.items()}
+             for _ in range(2)]
     batch = model.encode([p.text for p in prompts])
-    for start, sub, acts in iter_feature_acts(model, saes, batch, by_layer, batch_size,
-                                              "taxonomy", quiet):
+    for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
+                                                              "taxonomy", quiet, sink_ratio):
         T = sub.input_ids.shape[1]
         # token j of row b sits at column T - len_b + j (left padding)
         first = (T - sub.lengths).unsqueeze(1) + skip_first
-        keep = (torch.arange(T).unsqueeze(0) >= first).unsqueeze(-1)
+        keep = torch.arange(T).unsqueeze(0) >= first
         for l, a in acts.items():
-            fired[l][start:start + len(sub)] = ((a > threshold) & keep).any(dim=1)
-    out: dict[str, dict[str, int]] = {}
-    for l, ix in by_layer.items():
-        counts = fired[l].float().T @ onehot  # [n_features, n_categories]
-        for j, i in enumerate(ix):
-            out[f"{l}-{i}"] = {c: int(counts[j, k]) for k, c in enumerate(cats)}
-    return out
+            on = a > threshold
+            fired[0][l][start:start + len(sub)] = (on & keep.unsqueeze(-1)).any(dim=1)
+            fired[1][l][start:start + len(sub)] = (on & (keep & ~sink[l]).unsqueeze(-1)).any(dim=1)
+    views = []
+    for f in fired:
+        out: dict[str, dict[str, int]] = {}
+        for l, ix in by_layer.items():
+            counts = f[l].float().T @ onehot  # [n_features, n_categories]
+            for j, i in enumerate(ix):
+                out[f"{l}-{i}"] = {c: int(counts[j, k]) for k, c in enumerate(cats)}
+        views.append(out)
+    return views[0], views[1]
 
 
 def category_map(activity: dict, min_count: int = 1) -> dict[str, list[str]]:

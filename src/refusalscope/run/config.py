@@ -70,10 +70,17 @@ class DataConfig(Section):
 
 
 class JudgeConfig(Section):
-    name: str = "substring"
+    name: str = Field("substring", description="substring, first-token, classifier (the paper's HarmBench classifier), …")
     options: dict[str, Any] = {}
     degenerate_is_jailbreak: bool = Field(
         False, description="paper: degenerate replies are not jailbreaks; set True to count them")
+    first_pass: str | None = Field(
+        None, description="cheap judge run first (e.g. 'opening'): it may only call a reply refused; "
+                          "every other reply, and so every jailbreak, is decided by `name`")
+    first_pass_options: dict[str, Any] = {}
+    first_pass_tokens: int | None = Field(
+        None, ge=1, description="tokens generated for the first pass; only replies it passes on are "
+                                "generated to generation.max_new_tokens (None: one full generation)")
 
 
 class GenerationConfig(Section):
@@ -88,11 +95,17 @@ class DirectionConfig(Section):
     n_train: int | None = Field(None, ge=2, description="cap on train prompts per class")
     n_val: int = Field(32, ge=2)
     max_kl: float = Field(0.1, gt=0, description="KL(plain || ablated) on harmless prompts allowed")
+    refused_only: bool = Field(
+        True, description="paper: r is the difference between prompts that elicit refusal and benign "
+                          "ones, so harmful train prompts the judge does not call refused are dropped")
     n_generate: int = Field(4, ge=1, description="candidates checked by generation + judge")
     random_controls: int = Field(3, ge=0, description="random directions ablated as a control")
 
 
 class Stage1Config(Section):
+    layers: Literal["to_lstar", "all"] | list[Layer] = Field(
+        "to_lstar", description="candidate layers: to_lstar = SAE layers up to l* (the paper's Stage 3 "
+                                "and human study draw from layers 2..l*), all = every SAE layer")
     exclude_layers: list[Layer] = Field([0, 1], description="paper: early layers carry grammar")
     k_start: int = Field(10, ge=1)
     k_step: int = Field(10, ge=1)
@@ -113,6 +126,9 @@ class Stage2Config(Section):
                             description="consensus thresholds τ of Algorithm 1, each in (0, 1]")
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
     batch_size: int = Field(32, ge=1, description="rows per forward pass")
+    unbroken: Literal["skip", "k_max"] = Field(
+        "skip", description="prompts Stage 1 did not jailbreak: skip them, or prune the k_max pool "
+                            "(the paper's Llama setup: one step K = 10, whose ablation degenerates)")
 
 
 class Stage3Config(Section):
@@ -121,13 +137,22 @@ class Stage3Config(Section):
     n_per_class: int | None = Field(None, ge=4, description="cap per label (equal numbers are used)")
     layers: Annotated[list[Layer], NonEmpty] | Literal["auto"] = Field("auto", description="auto: SAE layers from 2 to l*")
     n_tokens: int = Field(4, ge=1, description="last tokens recorded (the post-instruction template)")
-    mode: Literal["pooled", "tokens"] = "pooled"
+    mode: Literal["tokens", "pooled"] = Field(
+        "tokens", description="tokens: one FM row per recorded token (the paper records the last 4 "
+                              "tokens); pooled: one row per prompt, the max over those tokens")
+    scale: Literal["max_abs", "none"] = Field(
+        "max_abs", description="FM inputs divided per column by their train max |x| (not in the paper; "
+                               "raw activations make x_i·x_j explode), or raw")
     embedding_size: int = Field(20, ge=1)
-    collapse_sizes: list[Positive] = Field([5], description="extra FM sizes trained only for the collapse check")
+    collapse_sizes: list[Positive] = Field([5, 50], description="the paper's other FM sizes, trained for the collapse check")
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
-    aggregate: Literal["max", "mean"] = "max"
+    ranking: Literal["per_prompt", "global"] = Field(
+        "per_prompt", description="per_prompt: each prompt's latents ranked against its own Stage 2 set; "
+                                  "global: one ranking against the union of every prompt's Stage 2 latents")
+    aggregate: Literal["mean", "max"] = Field(
+        "mean", description="similarity to a Stage 2 set: mean cosine, or the cosine to its closest latent")
     ks: list[Positive] = Field(list(range(100, 2001, 100)), min_length=1)
     probe_ks: list[Positive] = Field([100, 500, 1000, 2000], min_length=1)
     rungs_per_round: int = Field(3, ge=1)
@@ -146,6 +171,14 @@ class AnalysesConfig(Section):
     ce_texts: int = Field(100, ge=1)
     ce_sets: int | None = Field(None, ge=1, description="cap on per-prompt feature sets averaged (None: all)")
     taxonomy_prompts: list[str] = Field(["bundled:harmful"], min_length=1, description="prompts with unsafe categories (paper: CoCoNot)")
+    taxonomy_field: Literal["category", "subcategory"] = Field(
+        "category", description="the prompt field holding the harm type (CoCoNot: subcategory)")
+    taxonomy_only: str | None = Field(
+        None, description="keep prompts whose category is this (CoCoNot: 'Requests with safety concerns')")
+    taxonomy_sinks: Literal["keep", "skip"] = Field(
+        "keep", description="keep: a latent is active on a category if non-zero on any token, BOS "
+                            "included (the paper); skip: high-norm sink positions ignored. The other "
+                            "view is always reported beside it")
     clamp_values: list[float] = Field([2, 4, 6, 8, 10], min_length=1)
     clamp_prompts: list[str] | None = Field(None, description="None: the paper's five benign prompts")
     clamp_tokens: int = Field(24, ge=1)
@@ -278,11 +311,19 @@ def _describe(err: ValidationError, origin: str) -> str:
     return f"{origin}: '{where}': {e['msg']} (got {e.get('input')!r}): fix this value"
 
 
-def config_from_dict(data: dict, origin: str = "config") -> Config:
+def _expand_preset(data: dict, seen: tuple[str, ...] = ()) -> dict:
+    """`data` on top of the preset it names (presets may name a preset themselves)."""
     data = dict(data or {})
     preset = data.pop("preset", None)
-    if preset:
-        data = _merge(yaml.safe_load(preset_text(preset)) or {}, data)
+    if not preset:
+        return data
+    if preset in seen:
+        raise UserError(f"preset {preset!r} names itself through {' -> '.join(seen)}: break the cycle")
+    return _merge(_expand_preset(yaml.safe_load(preset_text(preset)) or {}, (*seen, preset)), data)
+
+
+def config_from_dict(data: dict, origin: str = "config") -> Config:
+    data = _expand_preset(data)
     try:
         return Config.model_validate(data)
     except ValidationError as err:

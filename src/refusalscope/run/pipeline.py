@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..io.model import ChatModel
 from ..io.prompts import filter_refused, heldout_split
+from ..measures.cascade import make_cascade, refusal_judge
 from ..measures.judges import make_judge
+from ..methods.evaluate import generate_judged
 from .config import Config
 from .inputs import stage_hashes
 from .resolve import load_model, load_prompt_set, take
@@ -64,8 +66,14 @@ class Context:
         """Built once per process (driver or Ray worker) and reused by every stage and shard."""
         if self._judge is None:
             jc = self.cfg.judge
-            self._judge = make_judge(jc.name, jc.degenerate_is_jailbreak, **jc.options)
+            final = make_judge(jc.name, jc.degenerate_is_jailbreak, **jc.options)
+            self._judge = make_cascade(final, jc.first_pass, jc.first_pass_options, jc.first_pass_tokens)
         return self._judge
+
+    @property
+    def refusal_judge(self):
+        """What measures refusal on harmless prompts (a harm classifier cannot: `refusal_judge`)."""
+        return refusal_judge(self.judge)
 
     @property
     def saes(self):
@@ -105,12 +113,9 @@ def run_filter(ctx: Context) -> dict:
         for chunk in tqdm([c for c in chunks if any(p.id not in ck for p in c)], desc="judge harmful prompts",
                           disable=ctx.quiet):
             texts = [p.text for p in chunk]
-            replies = model.generate(model.encode(texts), max_new_tokens=cfg.generation.max_new_tokens)
-            v = judge.judge(texts, replies if judge.needs_completions else None,
-                            model=model if judge.needs_model else None)
-            for p, rec, reply in zip(chunk, v.to_records(texts), replies):
-                # the reply is kept even when the judge did not read it (first-token): reports show it
-                ck.add({"id": p.id, "category": p.category, **rec, "completion": reply})
+            j = generate_judged(model, None, texts, None, judge, cfg.generation.max_new_tokens, size)
+            for p, rec in zip(chunk, j.records(texts)):
+                ck.add({"id": p.id, "category": p.category, **rec})
         records = [ck.records[p.id] for p in prompts]
         refused, report = filter_refused(prompts, [r["refused"] for r in records])
         kept, heldout = heldout_split(refused, cfg.data.heldout_fraction, cfg.seed)
@@ -121,8 +126,16 @@ def run_filter(ctx: Context) -> dict:
         rows = lambda ps: [{"id": p.id, "text": p.text, "category": p.category} for p in ps]  # noqa: E731
         st.json("kept.json", rows(kept))  # the search split: what Stages 1-3 dissect
         st.json("heldout.json", rows(heldout))  # only evaluated (`refusalscope eval`)
-        st.summary = {**report, "n_search": len(kept), "n_heldout": len(heldout), "judge": cfg.judge.name}
+        st.summary = {**report, "n_search": len(kept), "n_heldout": len(heldout), "judge": judge.name,
+                      "decided_by": _counts(r.get("decided_by") for r in records)}
     held = f"; {len(heldout)} held out for eval" if heldout else ""
     ctx.log(f"filter: {report['n_kept']} of {report['n_in']} harmful prompts refused "
-            f"({report['n_dropped']} dropped, judge {cfg.judge.name}{held})")
+            f"({report['n_dropped']} dropped, judge {judge.name}{held})")
     return st.summary
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))

@@ -92,7 +92,8 @@ def take(items: list, n: int | None, seed: int) -> list:
 
 
 def load_prompt_set(spec: str, text_field: str | None = None, label: str | None = None) -> list[Prompt]:
-    """`bundled:NAME[:SPLIT]` or a file path (any format `load_prompts` reads)."""
+    """`bundled:NAME[:SPLIT]`, `hf:<dataset id>[:config][::split]`, or a file path (any format
+    `load_prompts` reads)."""
     if spec.startswith("bundled:"):
         parts = spec.split(":")
         name = parts[1] if len(parts) > 1 else ""

@@ -116,6 +116,16 @@ class RunResults:
         t = read_tensors(self.path("stage1", "ranked.safetensors"))
         return {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("index.")}
 
+    def stage1_sets(self) -> dict[str, FeatureSet]:
+        """Per prompt Stage 1 jailbroke, its candidate set L_K (top-K* latents of every layer)."""
+        ranked = self.stage1_ranked()
+        return {pid: FeatureSet.from_layers({l: r[: rec.k].tolist() for l, r in ranked.items()})
+                for pid, rec in self.stage1().items() if rec.k is not None}
+
+    def stage1_features(self) -> FeatureSet:
+        """Every latent of a Stage 1 set (the paper's "Stage 1 features", Table 4), sorted."""
+        return FeatureSet(f for s in self.stage1_sets().values() for f in s).sorted()
+
     def stage2(self) -> dict[str, Stage2Record]:
         return {r["id"]: Stage2Record.from_json(r) for r in self.jsonl("stage2", "sets.jsonl")}
 
@@ -134,22 +144,34 @@ class RunResults:
     def stage3(self) -> dict[str, Stage3Record]:
         return {r["id"]: Stage3Record.from_json(r) for r in self.jsonl("stage3", "results.jsonl")}
 
-    def stage1_sets(self) -> dict[str, FeatureSet]:
-        """Per prompt jailbroken in Stage 1, its top-K-per-layer candidate set."""
-        from ..methods.stage1 import top_k_set
-
-        ranked = self.stage1_ranked()
-        return {pid: top_k_set(ranked, r.k) for pid, r in self.stage1().items() if r.k is not None}
-
-    def stage3_ranking(self) -> list[tuple[Feature, float]]:
-        """Non-Stage-2 latents by FM-embedding similarity to the Stage 2 set, descending."""
+    def stage3_ranking(self, pid: str | None = None) -> list[tuple[Feature, float]]:
+        """Latents by FM-embedding similarity to Stage 2 latents, descending: prompt `pid`'s own
+        ranking, or (pid None) the global ranking of a run with `stage3.ranking: global`."""
+        if pid is not None:
+            return self.stage3_rankings().get(pid, [])
+        if not self.has("stage3", "ranking.parquet"):
+            raise UserError(f"{self.root} ranked Stage 3 latents per prompt (stage3.ranking: per_prompt): "
+                            "pass a prompt id, or read stage3_rankings()")
         t = self.table("stage3", "ranking.parquet")
         return [(Feature.of(f), float(s)) for f, s in zip(t["feature"], t["similarity"])]
 
+    def stage3_rankings(self) -> dict[str, list[tuple[Feature, float]]]:
+        """Per prompt of Stage 3, the ranking its K ladder took latents from (with a global
+        ranking, the same list for every prompt)."""
+        if self.has("stage3", "rankings.parquet"):
+            t = self.table("stage3", "rankings.parquet").sort_values(["id", "rank"], kind="stable")
+            out: dict[str, list[tuple[Feature, float]]] = {}
+            for pid, f, s in zip(t["id"], t["feature"], t["score"]):
+                out.setdefault(str(pid), []).append((Feature.of(f), float(s)))
+            return out
+        shared = self.stage3_ranking()
+        return {pid: shared for pid in self.stage3()}
+
     def stage3_sets(self) -> dict[str, FeatureSet]:
-        """Per prompt jailbroken in Stage 3, its top-K* ranked latents."""
-        ranking = [f for f, _ in self.stage3_ranking()]
-        return {pid: FeatureSet(ranking[: r.k]) for pid, r in self.stage3().items() if r.k}
+        """Per prompt jailbroken in Stage 3, the top-K* latents of its ranking."""
+        rankings = self.stage3_rankings()
+        return {pid: FeatureSet(f for f, _ in rankings.get(pid, [])[: r.k])
+                for pid, r in self.stage3().items() if r.k}
 
     def probe_vs_fm(self) -> pd.DataFrame:
         """Jailbroken prompts per K with the linear probe's vs the FM's top-K latents."""

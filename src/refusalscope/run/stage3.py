@@ -1,6 +1,7 @@
 """Pipeline stage `stage3` (interaction discovery): the factorization machine over SAE
-activations, the ranking of new latents by embedding similarity to the Stage 2 set, the ablation
-sweep (paper Table 2), and the linear-probe comparison."""
+activations, the ranking of new latents by embedding similarity to Stage 2 latents (per prompt
+against its own set, or one global ranking), the ablation sweep (paper Table 2), and the
+linear-probe comparison."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pandas as pd
 import torch
 
-from ..methods.fm import embedding_collapse, rank_by_embedding_similarity, train_fm
+from ..methods.fm import embedding_collapse, rank_by_embedding_similarity, rank_per_prompt, train_fm
 from ..methods.fm_data import collect_sae_activations, fm_dataset
 from ..methods.probe import rank_by_weight, train_probe
 from ..methods.records import Stage3Record
@@ -43,57 +44,88 @@ def run_stage3(ctx: Context) -> dict:
     tf = ctx.cfg.data.text_field
     harmful, harmless = _texts(sc.harmful, sc.n_per_class, tf, ctx.cfg.seed), _texts(sc.harmless, sc.n_per_class, tf, ctx.cfg.seed)
     n = min(len(harmful), len(harmless))
-    harmful, harmless = harmful[:n], harmless[:n]
+    # equal numbers per label, a seeded draw from the larger set (paper: "an equal number of random
+    # samples from alpaca")
+    harmful, harmless = take(harmful, n, ctx.cfg.seed), take(harmless, n, ctx.cfg.seed)
     layers = fm_layers(ctx)
     sets = ctx.results.stage2_sets()
     s2_union = sorted({f for s in sets.values() for f in s})
     with ctx.store.stage(name, h) as st:
         t0 = time.perf_counter()
         ctx.log(f"stage 3: SAE activations of {n} harmful + {n} harmless prompts at layers "
-                f"{layers[0]}..{layers[-1]} (last {sc.n_tokens} tokens)")
+                f"{layers[0]}..{layers[-1]} (last {sc.n_tokens} tokens, {sc.mode})")
         acts = [collect_sae_activations(model, saes, ps, layers, sc.n_tokens, ctx.cfg.model.batch_size,
                                         ctx.quiet, sc.mode) for ps in (harmful, harmless)]
         for label, a in zip(("harmful", "harmless"), acts):
             a.save(st.file(f"acts_{label}.safetensors"))
         data = fm_dataset(acts[0], acts[1], ctx.cfg.seed)
-        res = train_fm(data.train, data.val, data.test, k=sc.embedding_size, lr=sc.lr, epochs=sc.epochs,
-                       batch_size=sc.batch_size, seed=ctx.cfg.seed, quiet=ctx.quiet)
+        fit = dict(lr=sc.lr, epochs=sc.epochs, batch_size=sc.batch_size, seed=ctx.cfg.seed, scale=sc.scale)
+        res = train_fm(data.train, data.val, data.test, k=sc.embedding_size, quiet=ctx.quiet, **fit)
         collapse = {sc.embedding_size: embedding_collapse(res.model, seed=ctx.cfg.seed)}
         for k in sc.collapse_sizes:
-            extra = train_fm(data.train, data.val, None, k=k, lr=sc.lr, epochs=sc.epochs,
-                             batch_size=sc.batch_size, seed=ctx.cfg.seed, quiet=True)
+            extra = train_fm(data.train, data.val, None, k=k, quiet=True, **fit)
             collapse[k] = embedding_collapse(extra.model, seed=ctx.cfg.seed)
         st.tensors("fm.safetensors", {**{k: v for k, v in res.model.state_dict().items()},
                                       "columns": torch.tensor(data.columns), "scale": torch.from_numpy(res.scale)})
-        ranked = rank_by_embedding_similarity(res.model, data.columns, set(s2_union), aggregate=sc.aggregate)
-        top = ranked[: max(max(sc.ks), max(sc.probe_ks))]
-        st.table("ranking.parquet", pd.DataFrame({"feature": [f.id for f, _ in top],
-                                                  "similarity": [s for _, s in top]}))
+        prompts = [(p.id, p.text) for p in ctx.results.kept_prompts()]
+        depth = max(max(sc.ks), max(sc.probe_ks))
+        rankings, how = stage3_rankings(res.model, data.columns, sets, s2_union, [pid for pid, _ in prompts],
+                                        depth, sc.ranking, sc.aggregate)
+        if sc.ranking == "global":
+            top = next(iter(rankings.values()), [])
+            st.table("ranking.parquet", pd.DataFrame({"feature": [f.id for f, _ in top],
+                                                      "similarity": [s for _, s in top]}))
+        else:
+            st.table("rankings.parquet", rankings_frame(rankings))
         probe = train_probe(data.train, data.test, data.val, seed=ctx.cfg.seed)
         probe_ranked = rank_by_weight(probe, data.columns, exclude=set(s2_union))
-        prompts = [(p.id, p.text) for p in ctx.results.kept_prompts()]
         active2 = ctx.results.active_stage2()
+        ids = {pid: [f.id for f, _ in r] for pid, r in rankings.items()}
         ck = st.checkpoint("results", key="id")
-        fan_out(ctx, "stage3", prompts, {"active2": active2, "top": top}, ck, "stage 3 (K ladder)")
+        fan_out(ctx, "stage3", prompts, {"active2": active2, "rankings": ids}, ck, "stage 3 (K ladder)")
         records = [Stage3Record.from_json(ck.records[pid]) for pid, _ in prompts]
         st.jsonl("results.jsonl", [r.to_json() for r in records])
-        sweep = probe_sweep(model, saes, prompts, active2, probe_ranked, top, sc.probe_ks, judge=ctx.judge,
+        sweep = probe_sweep(model, saes, prompts, active2, probe_ranked, ids, sc.probe_ks, judge=ctx.judge,
                             max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, quiet=ctx.quiet)
         vs = sweep.counts()
         st.table("probe_vs_fm.parquet", vs)
         found = [r.k for r in records if r.k is not None]
         st.summary = {
             "fm": {"train_acc": res.train_acc, "val_acc": res.val_acc, "test_acc": res.test_acc,
+                   "test_prompt_acc": res.prompt_accuracy(data.test), "mode": sc.mode, "scale": sc.scale,
                    "best_epoch": res.best_epoch, "columns": len(data.columns), "rows": len(data.train)
                    + len(data.val) + len(data.test), "collapse": {str(k): round(v, 4) for k, v in collapse.items()}},
             "probe": {"train_acc": probe.train_acc, "test_acc": probe.test_acc},
+            "ranking": {"mode": sc.ranking, "aggregate": sc.aggregate, **how},
             "table2": {"refused": len(prompts), "jailbroken": len(found),
                        "mean_k": round(sum(found) / max(1, len(found)), 1),
-                       "unique_stage3_latents": len({f for r in records if r.k for f, _ in top[: r.k]}),
+                       "unique_stage3_latents": len({f for r in records if r.k for f in ids[r.id][: r.k]}),
                        "k_histogram": {str(k): found.count(k) for k in sorted(set(found))}},
             "probe_vs_fm": vs.to_dict(orient="records"), "layers": layers,
             "seconds": round(time.perf_counter() - t0, 1)}
     t2 = st.summary["table2"]
     ctx.log(f"stage 3: FM test accuracy {res.test_acc:.3f}; {t2['jailbroken']} of {t2['refused']} "
-            f"prompts jailbroken with Stage 2 + top-K Stage 3 latents")
+            f"prompts jailbroken with Stage 2 + top-K Stage 3 latents ({sc.ranking} ranking)")
     return st.summary
+
+
+def stage3_rankings(fm, columns, sets: dict, union: list, prompt_ids: list[str], depth: int, mode: str,
+                    aggregate: str) -> tuple[dict[str, list], dict]:
+    """Each prompt's ranked Stage 3 latents (up to `depth`): against its own Stage 2 set
+    ("per_prompt"; prompts without a Stage 2 set, or none of whose latents is an FM column, fall
+    back to the global ranking), or the one global ranking for every prompt. Also how many
+    prompts got which."""
+    need_global = mode == "global" or any(not sets.get(pid) for pid in prompt_ids)
+    glob = rank_by_embedding_similarity(fm, columns, set(union), aggregate=aggregate)[:depth] if need_global else []
+    if mode == "global":
+        return {pid: glob for pid in prompt_ids}, {"own": 0, "global": len(prompt_ids)}
+    own = rank_per_prompt(fm, columns, {pid: sets[pid] for pid in prompt_ids if sets.get(pid)}, depth, aggregate)
+    out = {pid: own.get(pid) or glob for pid in prompt_ids}
+    n_own = sum(1 for pid in prompt_ids if own.get(pid))
+    return out, {"own": n_own, "global": len(prompt_ids) - n_own}
+
+
+def rankings_frame(rankings: dict[str, list]) -> pd.DataFrame:
+    """One row per (prompt, rank): id, rank (0 = most similar), feature ("layer-index"), score."""
+    rows = [(pid, r, f.id, s) for pid, ranked in rankings.items() for r, (f, s) in enumerate(ranked)]
+    return pd.DataFrame(rows, columns=["id", "rank", "feature", "score"])

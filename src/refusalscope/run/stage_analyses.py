@@ -51,11 +51,11 @@ def run_hydra(ctx: Context) -> dict:
 
 def run_stage3_only(ctx: Context) -> dict:
     def compute(st):
-        s3 = ctx.results.stage3_sets()
+        active2 = ctx.results.active_stage2()
+        # the paper's question is about prompts with a Stage 2 set (Stage 3 also ranks for the rest)
+        s3 = {pid: s for pid, s in ctx.results.stage3_sets().items() if pid in active2}
         prompts = _prompts(ctx, s3)
         ck = st.checkpoint("stage3_only", key="id")
-        # every prompt Stage 3 jailbroke, also those Stage 2 did not (their Stage 2 part is empty)
-        active2 = {pid: r.active_stage2 for pid, r in ctx.results.stage3().items()}
         fan_out(ctx, "stage3_only", prompts, {"stage3_sets": s3, "active_stage2": active2}, ck,
                 "stage-3-only ablation")
         records = [ck.records[pid] for pid, _ in prompts]
@@ -112,24 +112,38 @@ def run_ce_loss(ctx: Context) -> dict:
 
 
 def run_taxonomy(ctx: Context) -> dict:
+    """Figure 3 as the paper counts (a latent is active on a category if non-zero on any token,
+    BOS included), the same histogram with sink positions left out beside it, and the human-study
+    sample drawn from the view `analyses.taxonomy_sinks` picks."""
     def compute(st):
         a = ctx.cfg.analyses
-        prompts = [p for s in a.taxonomy_prompts for p in load_prompt_set(s, ctx.cfg.data.text_field)
-                   if p.category]
+        prompts = taxonomy.taxonomy_prompts([p for s in a.taxonomy_prompts
+                                             for p in load_prompt_set(s, ctx.cfg.data.text_field)],
+                                            a.taxonomy_field, a.taxonomy_only)
         feats = ctx.results.critical_features().ids()
-        act = taxonomy.category_activity(ctx.model, ctx.saes, prompts, feats, ctx.cfg.model.batch_size)
-        cmap = taxonomy.category_map(act)
-        hist = taxonomy.category_histogram(cmap)
-        taxonomy.plot_category_histogram(hist, st.file("categories.png"))
+        bs = ctx.cfg.model.batch_size
+        every, no_sinks = taxonomy.category_views(ctx.model, ctx.saes, prompts, feats, bs, quiet=ctx.quiet)
+        hists = {}
+        for view, act in (("every_token", every), ("sinks_skipped", no_sinks)):
+            hists[view] = taxonomy.category_histogram(taxonomy.category_map(act))
+        taxonomy.plot_category_histogram(hists["every_token"], st.file("categories.png"),
+                                         f"Features by harm type, any token incl. BOS (paper; {len(feats)} features)")
+        taxonomy.plot_category_histogram(hists["sinks_skipped"], st.file("categories_sinks_skipped.png"),
+                                         f"Features by harm type, sink positions skipped ({len(feats)} features)")
+        main = every if a.taxonomy_sinks == "keep" else no_sinks
         import random
 
         pool = [f for f in taxonomy.layer_features(ctx.saes) if f not in set(feats)]
         extra = random.Random(ctx.cfg.seed).sample(pool, min(len(pool), 400))
-        cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, ctx.cfg.model.batch_size)
-        study = human_study.sample_study(cmap, cand, seed=ctx.cfg.seed)
-        st.json("category_activity.json", act)
+        cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, bs,
+                                          sink_ratio=None if a.taxonomy_sinks == "keep" else 4.0)
+        study = human_study.sample_study(taxonomy.category_map(main), cand, seed=ctx.cfg.seed)
+        st.json("category_activity.json", every)
+        st.json("category_activity_sinks_skipped.json", no_sinks)
         st.json("study_items.json", study)
-        return {"histogram": hist, "study": human_study.study_breakdown(study), "n_features": len(feats)}
+        main_view = "every_token" if a.taxonomy_sinks == "keep" else "sinks_skipped"
+        return {"histogram": hists[main_view], "view": main_view, "histograms": hists,
+                "study": human_study.study_breakdown(study), "n_features": len(feats), "n_prompts": len(prompts)}
     return _stage(ctx, "taxonomy", compute)
 
 
@@ -147,10 +161,15 @@ def run_clamping(ctx: Context) -> dict:
 
 
 def run_semantics(ctx: Context) -> dict:
+    """Explanations of every Stage 1, 2 and 3 latent; top terms per stage (Table 4 is Stage 1's)
+    and concept groups (Tables 7/8/10/11; Stage 3 = latents found at neither Stage 1 nor 2)."""
     def compute(st):
         a = ctx.cfg.analyses
-        feats = ctx.results.critical_features().ids()
+        crit = ctx.results.critical_features()
+        s1 = ctx.results.stage1_features()
+        feats = (crit | s1).sorted().ids()
         s2 = {f.id for s in ctx.results.stage2_sets().values() for f in s}
+        s1_ids = set(s1.ids())
         expl, missing, source = {}, [], "activations"
         if ctx.cfg.saes.neuronpedia_id:
             from ..demo.recipe import cache_root
@@ -173,11 +192,15 @@ def run_semantics(ctx: Context) -> dict:
             expl.setdefault(f, semantics.activation_explanation(top.get(f, [])))
         st.json("explanations.json", {"source": source, "missing_from_neuronpedia": missing,
                                       "explanations": expl, "top_activations": top})
-        groups = {name: semantics.group_by_concepts({f: expl[f] for f in fs})
-                  for name, fs in (("stage2", sorted(s2)), ("stage3", [f for f in feats if f not in s2]))}
-        terms = semantics.top_terms(expl)
-        st.json("concepts.json", {"groups": groups, "top_terms": terms})
+        by_stage = {"stage1": sorted(s1_ids), "stage2": sorted(s2),
+                    "stage3": [f for f in crit.ids() if f not in s2 and f not in s1_ids]}
+        groups = {name: semantics.group_by_concepts({f: expl[f] for f in fs}) for name, fs in by_stage.items()}
+        terms = semantics.top_terms({f: expl[f] for f in crit.ids()})
+        stage_terms = {name: semantics.top_terms({f: expl[f] for f in fs}) for name, fs in by_stage.items()}
+        st.json("concepts.json", {"groups": groups, "top_terms": terms, "top_terms_by_stage": stage_terms})
+        st.json("table4.json", {"stage": "stage1", "n_features": len(s1_ids), "top_terms": stage_terms["stage1"]})
         return {"source": source, "n_features": len(feats), "missing": len(missing), "top_terms": terms[:15],
+                "table4": stage_terms["stage1"][:15], "n_by_stage": {k: len(v) for k, v in by_stage.items()},
                 "groups": {k: {c: len(v) for c, v in g.items()} for k, g in groups.items()}}
     return _stage(ctx, "semantics", compute)
 

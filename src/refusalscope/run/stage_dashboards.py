@@ -14,6 +14,7 @@ from .backend import fan_out
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
 
+
 def critical_sets(ctx: Context) -> tuple[dict, dict, dict]:
     """({prompt: Stage 1 set}, {prompt: Stage 2 set}, {prompt: Stage 3 set}) of this run."""
     r = ctx.results

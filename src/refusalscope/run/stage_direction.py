@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..interventions.spec import ActAdd, DirectionAblation
 from ..methods.direction import candidate_layers, cosine_profile, mean_differences, score_candidates, select_direction
 from ..methods.evaluate import generate_judged
@@ -11,6 +12,27 @@ from . import plots
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
 from .store import atomic_write_tensors, read_tensors
+
+
+def refused_train_prompts(ctx: Context, st, prompts: list[str]) -> list[str]:
+    """The harmful train prompts the judge calls refused (paper: r is the difference between
+    prompts that elicit refusal and benign ones). Verdicts are checkpointed per prompt."""
+    gen = ctx.cfg.generation
+    ck = st.checkpoint("train_refused", key="key")
+    todo = [(i, t) for i, t in enumerate(prompts) if f"{i}" not in ck]
+    for start in range(0, len(todo), gen.batch_size):
+        chunk = todo[start:start + gen.batch_size]
+        j = generate_judged(ctx.model, None, [t for _, t in chunk], None, ctx.judge, gen.max_new_tokens,
+                            gen.batch_size, quiet=ctx.quiet, desc="judge harmful train prompts")
+        for (i, _), rec in zip(chunk, j.records([t for _, t in chunk])):
+            ck.add({"key": f"{i}", **rec})
+    kept = [t for i, t in enumerate(prompts) if ck.records[f"{i}"]["refused"]]
+    st.jsonl("train_refused.jsonl", [ck.records[f"{i}"] for i in range(len(prompts))])
+    if len(kept) < 2:
+        raise UserError(f"only {len(kept)} of {len(prompts)} harmful train prompts are refused by judge "
+                        f"{ctx.judge.name}: pass more harmful train prompts, or set direction.refused_only: false")
+    ctx.log(f"direction: {len(kept)} of {len(prompts)} harmful train prompts refused (kept for the mean)")
+    return kept
 
 
 def run_direction(ctx: Context) -> dict:
@@ -32,6 +54,9 @@ def run_direction(ctx: Context) -> dict:
     gen = cfg.generation
     with ctx.store.stage(name, h) as st:
         partial = ctx.store.path(name, "diffs.partial.safetensors")
+        n_train_in = len(harm_tr)
+        if dc.refused_only:
+            harm_tr = refused_train_prompts(ctx, st, harm_tr)
         if partial.exists():  # resumed: the mean differences were computed before
             diffs = read_tensors(partial)["diffs"]
         else:
@@ -55,9 +80,13 @@ def run_direction(ctx: Context) -> dict:
         ctx.log(f"direction: l* = {choice.layer}; evaluating on {len(texts)} refused test prompts")
         abl = generate_judged(model, None, texts, None, judge, gen.max_new_tokens, gen.batch_size,
                               shared=[DirectionAblation(choice.direction)], quiet=ctx.quiet, desc="ablate r̂")
-        add = generate_judged(model, None, safe_test, None, judge, gen.max_new_tokens, gen.batch_size,
+        refusal = ctx.refusal_judge  # refusal on harmless prompts (a harm classifier says "no" to every benign reply)
+        # a cascade's first pass reads openings only: generate no more than it reads
+        n_refusal = (cfg.judge.first_pass_tokens or gen.max_new_tokens) if refusal is not judge and cfg.judge.first_pass \
+            else gen.max_new_tokens
+        add = generate_judged(model, None, safe_test, None, refusal, n_refusal, gen.batch_size,
                               shared=[ActAdd(choice.vector, choice.layer)], quiet=ctx.quiet, desc="ActAdd r")
-        plain_safe = generate_judged(model, None, safe_test, None, judge, gen.max_new_tokens,
+        plain_safe = generate_judged(model, None, safe_test, None, refusal, n_refusal,
                                      gen.batch_size, quiet=ctx.quiet, desc="harmless plain")
         g = torch.Generator().manual_seed(cfg.seed)
         controls = []
@@ -75,7 +104,9 @@ def run_direction(ctx: Context) -> dict:
             "refusal_harmless_plain": round(sum(plain_safe.refused) / max(1, len(plain_safe)), 4),
             "refusal_harmless_actadd": round(sum(add.refused) / max(1, len(add)), 4),
             "asr_random_direction": [round(c, 4) for c in controls],
-            "n_eval_harmful": len(texts), "n_eval_harmless": len(safe_test)}
+            "n_eval_harmful": len(texts), "n_eval_harmless": len(safe_test),
+            "n_train_harmful": len(harm_tr), "n_train_harmful_given": n_train_in,
+            "n_train_harmless": len(safe_tr), "harmless_refusal_judge": refusal.name}
         st.jsonl("completions.jsonl",
                  [{"set": "ablate", "prompt": p, "completion": c, "jailbroken": jb}
                   for p, c, jb in zip(texts, abl.completions, abl.jailbroken)]

@@ -107,7 +107,7 @@ def _harmless_judge(ctx: Context) -> str | None:
     ec = ctx.cfg.eval
     if ec.harmless_judge is not None:
         return None if ec.harmless_judge == ctx.cfg.judge.name else ec.harmless_judge
-    return "substring" if getattr(ctx.judge, "measures_harm", False) else None
+    return "substring" if getattr(ctx.judge, "judges_harm", False) else None
 
 
 # ----------------------------------------------------------------- the stage

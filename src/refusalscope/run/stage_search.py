@@ -7,6 +7,7 @@ import time
 
 import pandas as pd
 
+from ..errors import UserError
 from ..methods.ladder import ladder
 from ..methods.records import Stage2Record
 from ..methods.stage1 import aligned_latents
@@ -16,7 +17,25 @@ from .pipeline import Context, stage_hash
 
 
 def stage1_layers(ctx: Context) -> list[int]:
-    return [l for l in ctx.saes.keys() if l not in set(ctx.cfg.stage1.exclude_layers)]
+    """SAE layers searched in Stage 1: `stage1.layers` ("to_lstar": up to the direction's layer
+    l*, as the paper's Stage 3 and human study draw from layers 2..l*; "all"; or a list) minus
+    `stage1.exclude_layers` (the paper drops the first layers, which carry grammar)."""
+    s1 = ctx.cfg.stage1
+    layers = sorted(ctx.saes.keys())
+    if s1.layers == "to_lstar":
+        _, lstar = ctx.results.direction()
+        layers = [l for l in layers if l <= lstar]
+    elif s1.layers != "all":
+        missing = sorted(set(s1.layers) - set(layers))
+        if missing:
+            raise UserError(f"stage1.layers has {missing}, which have no SAE (SAE layers: {layers}): "
+                            "fix stage1.layers or saes.layers")
+        layers = sorted(set(s1.layers))
+    out = [l for l in layers if l not in set(s1.exclude_layers)]
+    if not out:
+        raise UserError(f"no Stage 1 layers left (SAE layers {sorted(ctx.saes.keys())}, stage1.layers "
+                        f"{s1.layers}, excluded {s1.exclude_layers}): widen stage1.layers or exclude fewer")
+    return out
 
 
 def run_stage1(ctx: Context) -> dict:
@@ -60,7 +79,11 @@ def run_stage2(ctx: Context) -> dict:
     if ctx.store.is_done(name, h):
         return ctx.store.status(name)["summary"]
     s2 = ctx.cfg.stage2
-    k_of = {pid: r.k for pid, r in ctx.results.stage1().items() if r.k is not None}
+    stage1 = ctx.results.stage1()
+    k_of = {pid: r.k for pid, r in stage1.items() if r.k is not None}
+    n_stage1 = len(k_of)
+    if s2.unbroken == "k_max":  # the paper's Llama: prune the whole pool even where it degenerates
+        k_of.update({pid: ctx.cfg.stage1.k_max for pid, r in stage1.items() if r.k is None})
     ranked = ctx.results.stage1_ranked()
     prompts = [p for p in ctx.results.kept_prompts() if p.id in k_of]
     with ctx.store.stage(name, h) as st:
@@ -74,7 +97,7 @@ def run_stage2(ctx: Context) -> dict:
         for r in records:
             for k in passes:
                 passes[k] += r.passes[k]
-        table1 = table_one(records, len(ctx.results.kept_prompts()))
+        table1 = table_one(records, len(ctx.results.kept_prompts()), n_stage1)
         st.jsonl("sets.jsonl", [r.to_json() for r in records])
         rows = [{"id": r.id, "tau": t.tau, "size": t.size, "jailbroken": t.jailbroken}
                 for r in records for t in r.per_tau]
@@ -89,14 +112,17 @@ def run_stage2(ctx: Context) -> dict:
     return st.summary
 
 
-def table_one(records: list[Stage2Record], n_refused: int) -> dict:
+def table_one(records: list[Stage2Record], n_refused: int, n_stage1: int | None = None) -> dict:
     """Paper Table 1: unique latents, jailbroken / refused prompts, mean set size, and the share
-    of each prompt's set that is inactive (zero at every prompt token) on that prompt."""
+    of each prompt's set that is inactive (zero at every prompt token) on that prompt.
+    `stage1_jailbroken`: prompts Stage 1 jailbroke; `stage2_prompts`: prompts Algorithm 1 ran on
+    (more than those with `stage2.unbroken: k_max`)."""
     sets = [r for r in records if r.set is not None]
     sizes = [len(r.set) for r in sets]
     inactive = [r.inactive for r in sets if r.inactive is not None]
     return {"unique_latents": len({f for r in sets for f in r.set}), "jailbroken": len(sets),
-            "refused": n_refused, "stage1_jailbroken": len(records),
+            "refused": n_refused, "stage1_jailbroken": len(records) if n_stage1 is None else n_stage1,
+            "stage2_prompts": len(records),
             "mean_set_size": round(sum(sizes) / max(1, len(sizes)), 2),
             "inactive_share": round(sum(len(v) for v in inactive) / max(1, sum(sizes)), 4),
             "inactive_latents_unique": len({f for v in inactive for f in v})}

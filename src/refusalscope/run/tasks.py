@@ -53,9 +53,10 @@ def _algorithm1(ctx, pid: str, text: str, cands: FeatureSet) -> Stage2Record:
 
 
 def stage3(ctx, items, p) -> list[dict]:
-    """Stage 2 active latents + top-K Stage 3 latents: smallest jailbreaking K per prompt."""
+    """Stage 2 active latents + the top-K of the prompt's Stage 3 ranking: smallest jailbreaking K."""
     sc = ctx.cfg.stage3
-    res = stage3_search(ctx.model, ctx.saes, items, p["active2"], p["top"], sc.ks, judge=ctx.judge,
+    rankings = {pid: p["rankings"].get(pid, []) for pid, _ in items}
+    res = stage3_search(ctx.model, ctx.saes, items, p["active2"], rankings, sc.ks, judge=ctx.judge,
                         rungs_per_round=sc.rungs_per_round, quiet=True, **_gen(ctx))
     return [Stage3Record(r.id, r.k, r.tried, r.completions, r.verdicts,
                          FeatureSet(p["active2"].get(r.id, ()))).to_json() for r in res]
