@@ -245,7 +245,11 @@ def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, th
             "judge": {"name": "first-token", "options": {"threshold": threshold},
                       "degenerate_is_jailbreak": True},  # a random model's replies are word salad
             "stage3": {"harmful": [files["harmful_all"]], "harmless": [files["harmless_all"]]},
-            "analyses": {"taxonomy_prompts": [files["harmful_all"]], "ce_instructions": files["harmless_test"]}}
+            # every text the presets read from the hub comes from the world's own files (no network)
+            "analyses": {"taxonomy_prompts": [files["harmful_all"]], "ce_instructions": files["harmless_test"],
+                         "ce_general": files["harmless_test"], "taxonomy_field": "category", "taxonomy_only": None},
+            "dashboards": {"corpus": [files["harmless_test"]]},
+            "eval": {"general_text": files["harmless_test"]}}
 
 
 def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False, d_sae: int | None = None,

@@ -95,4 +95,12 @@ def test_quickstart_runs_on_the_demo_world():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "-n", "2"], capture_output=True,
                          text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("refusal direction: layer ") and "minimal set [" in out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refusal direction: layer ")
+    ks = ast.literal_eval(lines[1].split(":", 1)[1].strip())
+    assert len(ks) == 2 and any(k is not None for k in ks.values())  # the demo's refusals do break
+    # Algorithm 1 may keep no faithful set on the demo world (ΔP("I") is spread thin over 8 × 28
+    # latents); each prompt Stage 1 broke gets its line, and a set found is shown ablated
+    sets = [l for l in lines if "minimal set" in l]
+    assert len(sets) == sum(k is not None for k in ks.values())
+    assert sum("plain:" in l for l in lines) == sum("minimal set [" in l for l in sets)

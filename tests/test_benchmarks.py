@@ -109,15 +109,13 @@ def test_planted_world_writes_llama_scope_checkpoints(tmp_path):
 def test_planted_pipeline_small_measures_every_stage(small_world, tmp_path):
     root, _ = small_world
     out = tmp_path / "b6.json"
-    # stage3_only is left out: it fails when Stage 3 jailbreaks a prompt Stage 2 did not
-    # (active_stage2 has no entry for it; methods/controls.stage3_only), which this world provokes
-    analyses = ["hydra", "controls", "ce_loss", "taxonomy", "clamping", "semantics"]
+    analyses = ["hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics"]
     res = _bench("bench_planted_pipeline").main(["--small", "--world", str(root), "--prompts", "6",
                                                  "--run", str(tmp_path / "run"), "--out", str(out),
                                                  "--analyses", *analyses])
     assert json.loads(out.read_text())["stage_total_s"] == res["stage_total_s"]
     stages = [r["stage"] for r in res["stages"]]
-    assert stages == ["filter", "direction", "stage1", "stage2", "stage3", *analyses]
+    assert stages == ["filter", "direction", "stage1", "stage2", "stage3", *analyses, "dashboards"]
     by = {r["stage"]: r for r in res["stages"]}
     assert by["filter"]["fwd_rows"] == 6 and by["filter"]["gen_rows"] == 6  # the first-token judge's pass
     assert by["stage2"]["fwd_rows"] > 0 and by["stage1"]["gen_rows"] > 0

@@ -292,9 +292,16 @@ def preset_text(name: str) -> str:
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section. A judge section that names another judge
+    replaces the base's whole judge section: its options and first pass were written for the
+    judge it named (a classifier's `path` means nothing to first-token)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if k == "judge" and isinstance(v, dict) and isinstance(out.get(k), dict) \
+                and v.get("name", out[k].get("name")) != out[k].get("name"):
+            out[k] = v
+        else:
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
