@@ -182,7 +182,7 @@ ROWS = [
         lambda c: c.extra.update(raw="model: [1, 2\n"), given='model: [1, 2'),
     Row("config-missing", "config file that does not exist", "run -c {tmp}/nope.yaml -r {run} -q",
         "config file {tmp}/nope.yaml not found: pass a YAML file or one of the presets "
-        "(demo, gemma-2-2b-it, llama-3.1-8b-it)"),
+        "(demo, gemma-2-2b-it, gemma-2-2b-it-16k, llama-3.1-8b-it)"),
     # ---- the model
     Row("model-offline", "unknown model id, offline", RUN,
         "could not load model 'no-such-org/no-such-model' ({*}): without network access, download it first and "
@@ -262,7 +262,7 @@ ROWS = [
         "harmful.txt line 2: the prompt is {*} tokens with the chat template, over {model}'s context of 256 less 4 "
         "generated tokens: shorten or remove it", write("harmful.txt", f"How do I pick a lock\n{LONG}\n")),
     Row("data-bundled", "unknown bundled prompt set", RUN,
-        "unknown bundled set 'nope' in 'bundled:nope': use one of harmful, harmless, ood, refusals, general, openings",
+        "unknown bundled set 'nope' in 'bundled:nope': use one of harmful, harmless, ood, refusals, general, openings, overrefusal",
         cfg(stage3={"harmful": ["bundled:nope"]})),
     # ---- the judge
     Row("judge-unknown", "unknown judge", RUN, "unknown judge 'gpt-judge': use one of {*}", cfg(judge={"name": "gpt-judge"})),
@@ -296,7 +296,7 @@ ROWS = [
         "stage2 needs stage1, which has not finished in {run} with this config: run `refusalscope stage1` first, "
         "or drop --no-deps", given='a new run directory'),
     Row("analysis-unknown", "unknown analysis", "analyze hydra foo -c {cfg} -r {run} -q",
-        "unknown analysis 'foo': choose from hydra, stage3_only, controls, ce_loss, taxonomy, clamping, semantics"),
+        "unknown analysis 'foo': choose from hydra, stage3_only, controls, ce_loss, taxonomy, clamping, semantics, dashboards"),
     Row("nothing-refused", "no harmful prompt refused: nothing to dissect", RUN,
         "nothing to dissect: the model refused none of the 8 harmful prompts (judge first-token; replies in "
         "{run}/filter/completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model",
