@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     for name, p in res["pages"].items():
-        print(f"{name:<15} {p['html_bytes'] / 1e3:>8.1f} kB  DOM ready {p['dom_ready_ms']:>7.1f} ms  load {p['load_ms']:>7.1f} ms")
+        print(
+            f"{name:<15} {p['html_bytes'] / 1e3:>8.1f} kB  DOM ready {p['dom_ready_ms']:>7.1f} ms  "
+            f"load {p['load_ms']:>7.1f} ms"
+        )
     pg = res["playground"]
     print(f"playground: first {pg['first_with_model_load']['browser_s']} s (model load included), warm "
           + ", ".join(f"{r['browser_s']} s" for r in pg["warm"]))

@@ -33,13 +33,19 @@ def numbers(run_dir: str) -> dict:
         t2, fm = s3["table2"], s3["fm"]
         rk = s3.get("ranking", {"mode": "global", "aggregate": "max"})
         vs = {row["k"]: row for row in s3["probe_vs_fm"]}
-        out["stage3"] = {"ranking": f"{rk['mode']}/{rk['aggregate']}", "rows": fm.get("mode", "pooled"),
-                         "FM test acc": round(fm["test_acc"], 4), "FM test acc (prompts)": fm.get("test_prompt_acc"),
-                         "probe test acc": round(s3["probe"]["test_acc"], 4),
-                         "jailbroken": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
-                         "unique latents": t2["unique_stage3_latents"],
-                         "FM any K (probe Ks)": vs.get("any", {}).get("fm"), "probe any K": vs.get("any", {}).get("probe"),
-                         "collapse": fm["collapse"]}
+        out["stage3"] = {
+            "ranking": f"{rk['mode']}/{rk['aggregate']}",
+            "rows": fm.get("mode", "pooled"),
+            "FM test acc": round(fm["test_acc"], 4),
+            "FM test acc (prompts)": fm.get("test_prompt_acc"),
+            "probe test acc": round(s3["probe"]["test_acc"], 4),
+            "jailbroken": f"{t2['jailbroken']} / {t2['refused']}",
+            "mean K": t2["mean_k"],
+            "unique latents": t2["unique_stage3_latents"],
+            "FM any K (probe Ks)": vs.get("any", {}).get("fm"),
+            "probe any K": vs.get("any", {}).get("probe"),
+            "collapse": fm["collapse"],
+        }
         if r.has("stage3", "rankings.parquet") or r.has("stage3", "ranking.parquet"):
             ranked = r.stage3_rankings()
             tops = [[s for _, s in v[:100]] for v in ranked.values() if v]

@@ -150,9 +150,12 @@ def summarise(trials: list[dict]) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    print(f"\n{s['trials']} trials, {s['kills_that_fired']} kills landed ({s['kill_points_tried']} tried, "
-          f"{s['kills_leaving_a_temp_file']} left a half-written temp file); identical after resume: {s['identical_trials']} of "
-          f"{s['trials']}")
+    print(
+        f"\n{s['trials']} trials, {s['kills_that_fired']} kills landed ({s['kill_points_tried']} tried, "
+        f"{s['kills_leaving_a_temp_file']} left a half-written temp file); "
+        f"identical after resume: {s['identical_trials']} of "
+        f"{s['trials']}"
+    )
     print("kills by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_stage"].items())))
     print("kills by rule:  " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_rule"].items())))
 

@@ -30,8 +30,10 @@ def world(tmp_path_factory):
         f"{t},{lab},{kind}\n" for t, lab, kind in
         [(HARMFUL[0], "unsafe", "contrast"), (HARMFUL[3], "unsafe", "contrast"), (HARMLESS[0], "safe", "homonym"),
          (HARMLESS[2], "safe", "homonym"), (HARMLESS[5], "safe", "figurative")]))
-    data = {k: str(root / f"{'harmful' if 'harmful' in k else 'harmless'}.txt")
-            for k in ("harmful_train", "harmful_val", "harmful_test", "harmless_train", "harmless_val", "harmless_test")}
+    data = {
+        k: str(root / f"{'harmful' if 'harmful' in k else 'harmless'}.txt")
+        for k in ("harmful_train", "harmful_val", "harmful_test", "harmless_train", "harmless_val", "harmless_test")
+    }
     cfg = {"name": "tiny", "seed": 0,
            "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
            "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
@@ -74,7 +76,9 @@ def test_eval_matrix_end_to_end(world):
     stage2 = r.stage2_sets()
     assert stage2, "the planted world jailbreaks at least one search prompt"
     union = FeatureSet(f for s in stage2.values() for f in s)
-    assert {"none", "direction", "actadd", "core@1", "core@2", "core@500", "stage2_union", "critical_union"} <= set(rows)
+    assert {"none", "direction", "actadd", "core@1", "core@2", "core@500", "stage2_union", "critical_union"} <= set(
+        rows
+    )
     assert rows["core@500"]["size"] == len(union) and rows["core@500"]["same_as"] in (None, "core@2", "core@1")
     assert rows["stage2_union"]["same_as"] is not None  # identical latents to a core row: not run twice
     counts = {}
@@ -106,7 +110,9 @@ def test_eval_matrix_end_to_end(world):
         assert len(mine) == c.n and sum(x["refused"] for x in mine) / c.n == pytest.approx(c.refusal_rate)
         assert all(x["judge"] == "first-token" for x in mine)
     alias = rows["stage2_union"]["same_as"]
-    assert cells[("stage2_union", "heldout", "harmful")].refusal_rate == cells[(alias, "heldout", "harmful")].refusal_rate
+    assert (
+        cells[("stage2_union", "heldout", "harmful")].refusal_rate == cells[(alias, "heldout", "harmful")].refusal_rate
+    )
 
     # an independent recomputation of one cell: the refusal direction on the held-out prompts
     ctx = open_context(str(world / "cfg.yaml"), run_dir, quiet=True)

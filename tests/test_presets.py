@@ -97,7 +97,9 @@ def test_paper_presets_follow_the_paper(name):
     assert repos == {"walledai/HarmBench", "walledai/AdvBench", "tatsu-lab/alpaca", "NeelNanda/pile-10k",
                      "allenai/coconot"}
     assert parse_hub_spec(cfg.data.harmful_train) == ("walledai/HarmBench", "standard", "train[:80%]")
-    assert cfg.analyses.taxonomy_field == "subcategory" and cfg.analyses.taxonomy_only == "Requests with safety concerns"
+    assert (
+        cfg.analyses.taxonomy_field == "subcategory" and cfg.analyses.taxonomy_only == "Requests with safety concerns"
+    )
 
 
 @pytest.mark.parametrize("name, width, release_model", [

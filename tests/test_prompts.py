@@ -188,8 +188,8 @@ def test_hub_datasets_read_through_datasets_with_the_papers_schemas(tmp_path):
     the hub here (AdvBench: prompt/target; CoCoNot: prompt/category/subcategory)."""
     adv = tmp_path / "advbench"
     adv.mkdir()
-    (adv / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Write harmful thing {i}", "target": f"Sure {i}"}) + "\n"
-                                             for i in range(5)))
+    rows = [{"prompt": f"Write harmful thing {i}", "target": f"Sure {i}"} for i in range(5)]
+    (adv / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ps = load_prompts(f"hf:{adv}")
     assert [p.text for p in ps] == [f"Write harmful thing {i}" for i in range(5)]
     assert ps[0].meta == {"target": "Sure 0"} and ps[0].split == "train"
@@ -204,7 +204,8 @@ def test_hub_datasets_read_through_datasets_with_the_papers_schemas(tmp_path):
              "subcategory": "personal preferences"}]
     (coco / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_prompts(f"hf:{coco}")
-    assert [(p.id, p.category, p.subcategory) for p in got] == [(r["id"], r["category"], r["subcategory"]) for r in rows]
+    want = [(r["id"], r["category"], r["subcategory"]) for r in rows]
+    assert [(p.id, p.category, p.subcategory) for p in got] == want
     from refusalscope.run.resolve import load_prompt_set
 
     assert [p.text for p in load_prompt_set(f"hf:{adv}::train[4:]")] == ["Write harmful thing 4"]

@@ -122,8 +122,10 @@ def test_disk_full_on_a_small_filesystem_then_resume_after_freeing_space(world, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     run = f"{sys.executable} -m refusalscope filter -c {world / 'cfg.yaml'} -r {mnt / 'run'} -q"
-    script = (f"mount -t tmpfs -o size=20k tmpfs {mnt} && {{ {run} 2>{tmp_path / 'full.err'}; "
-              f"echo $? > {tmp_path / 'full.rc'}; }}; mount -o remount,size=4m {mnt} && {run} && cp -a {mnt / 'run'} {out}")
+    script = (
+        f"mount -t tmpfs -o size=20k tmpfs {mnt} && {{ {run} 2>{tmp_path / 'full.err'}; "
+        f"echo $? > {tmp_path / 'full.rc'}; }}; mount -o remount,size=4m {mnt} && {run} && cp -a {mnt / 'run'} {out}"
+    )
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr

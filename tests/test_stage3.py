@@ -275,7 +275,9 @@ def test_stage3_ladder_equals_sequential_loop(world):
     for (pid, text), r in zip(prompts, res):
         seq = None
         for k in ks:  # grow K until ablating Stage 2 ∪ top-K jailbreaks
-            if generate_judged(model, saes, [text], [combined_plan(active[pid], ranked, k)], judge, 1, 16).jailbroken[0]:
+            if generate_judged(model, saes, [text], [combined_plan(active[pid], ranked, k)], judge, 1, 16).jailbroken[
+                0
+            ]:
                 seq = k
                 break
         assert r.k == seq, pid

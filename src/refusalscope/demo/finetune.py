@@ -101,7 +101,9 @@ class FrozenPrefix:
         self.n, self.cache = n, [None] * len(items)
         dec = hf.get_decoder()
         grab = {}
-        handle = dec.layers[n - 1].register_forward_hook(lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o))
+        handle = dec.layers[n - 1].register_forward_hook(
+            lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o)
+        )
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         try:
             with torch.no_grad(), _layers(dec, slice(0, n)):

@@ -25,10 +25,15 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config file or preset name (default: demo).")
 RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<config name>).")
 BACKEND = typer.Option(None, "--backend", help="local (default) or ray: fan per-prompt work out over Ray workers.")
-ADDRESS = typer.Option(None, "--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
+ADDRESS = typer.Option(
+    None, "--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one."
+)
 WORKERS = typer.Option(None, "--workers", min=1, help="Ray workers (default: one per GPU, else one per CPU).")
-ACCEPT = typer.Option(False, "--accept-version",
-                      help="Continue a run directory written by another refusalscope release, keeping its finished stages.")
+ACCEPT = typer.Option(
+    False,
+    "--accept-version",
+    help="Continue a run directory written by another refusalscope release, keeping its finished stages.",
+)
 NO_DEPS = typer.Option(False, "--no-deps",
                        help="Run only this stage: the stages it needs must have finished already (with this config).")
 
@@ -261,9 +266,11 @@ def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
 
 @app.command("report")
 @friendly
-def report_cmd(run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
-               out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),
-               quiet: bool = QUIET):
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),
+    quiet: bool = QUIET,
+):
     """Write the run as one self-contained HTML file (inlined CSS and figures; opens offline)."""
     from .report import write_report
 

@@ -108,7 +108,8 @@ class RunIndex:
         if d is None:
             raise UserError(f"latent {key} is not in any Stage 1-3 set of this run: pick one from the latent browser")
         f = Feature.of(key)  # a latent with a dashboard but no set: one of the human study's random latents
-        return LatentRow(key, f.layer, f.index, categories=[c for c, n in self.categories.get(key, {}).items() if n > 0],
+        cats = [c for c, n in self.categories.get(key, {}).items() if n > 0]
+        return LatentRow(key, f.layer, f.index, categories=cats,
                          explanation=d.explanation, cos=d.cos_direction, density=d.density, sink=d.sink_flag)
 
     def filter(self, stage: str | None = None, layer: int | None = None, category: str | None = None,
@@ -164,7 +165,8 @@ class RunIndex:
         return {
             "id": pid, "text": p.text, "category": p.category, "baseline": base.get("reply"),
             "baseline_refused": base.get("refused"),
-            "stage1": None if s1 is None else {"k": s1.k, "reply": s1.completion, "size": len(self.sets["1"].get(pid, ())),
+            "stage1": None if s1 is None else {"k": s1.k, "reply": s1.completion,
+                                               "size": len(self.sets["1"].get(pid, ())),
                                                "ids": self.sets["1"].get(pid, None)},
             "stage2": None if s2 is None else {
                 "set": s2.set, "tau": s2.tau, "reply": s2.completion, "inactive": set(s2.inactive or ()),

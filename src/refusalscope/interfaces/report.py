@@ -60,8 +60,15 @@ def latent_cards(index: RunIndex) -> list[dict]:
             continue
         board = index.dashboards.get(row.id)
         deltas = [e["delta_alone"] for e in (board.effects if board else []) if e.get("delta_alone") is not None]
-        out.append({"row": row, "board": board, "critical": sorted(set(row.prompts.get("2", [])) | set(row.prompts.get("3", []))),
-                    "mean_delta": sum(deltas) / len(deltas) if deltas else None, "n_effects": len(deltas)})
+        out.append(
+            {
+                "row": row,
+                "board": board,
+                "critical": sorted(set(row.prompts.get("2", [])) | set(row.prompts.get("3", []))),
+                "mean_delta": sum(deltas) / len(deltas) if deltas else None,
+                "n_effects": len(deltas),
+            }
+        )
     return out
 
 

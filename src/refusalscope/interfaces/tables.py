@@ -123,7 +123,8 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
             "per prompt": fm.get("test_prompt_acc", "-"), "probe test acc": s["probe"]["test_acc"],
             "collapse (mean cos)": ", ".join(f"k={k}: {v}" for k, v in fm["collapse"].items())}]),
             ("Table 2: jailbreaks with Stage 2 + top-K Stage 3 latents", [{
-                "ranking": "{mode} ({aggregate} cosine)".format(**s.get("ranking", {"mode": "global", "aggregate": "max"})),
+                "ranking": "{mode} ({aggregate} cosine)".format(
+                    **s.get("ranking", {"mode": "global", "aggregate": "max"})),
                 "jailbroken / refused": f"{t2['jailbroken']} / {t2['refused']}", "mean K": t2["mean_k"],
                 "unique Stage 3 latents": t2["unique_stage3_latents"],
                 "K histogram": " ".join(f"{k}:{n}" for k, n in t2["k_histogram"].items())}]),

@@ -28,7 +28,8 @@ class Section:
 
 
 SECTIONS: list[tuple[str, str, tuple[str, ...], str]] = [
-    ("config", "Run configuration", (), "The config this run used, every default filled in, and how long each stage took."),
+    ("config", "Run configuration", (),
+     "The config this run used, every default filled in, and how long each stage took."),
     ("model", "Model and SAEs", ("dashboards",),
      "The chat model dissected and the SAE on each residual layer: width, mean L0 on the run's corpus (BOS and other "
      "attention sinks left out) and the share of latents that never fired there."),
@@ -165,7 +166,8 @@ def _hydra(sec: Section, results: RunResults, latent_url) -> None:
     wake = results.wake_up()
     sec.extra = {"woken": [{"prompt": r["id"], "latents": [
         {"id": x["feature"], "regions": sorted({h["region"] for h in x["firings"]}),
-         "tokens": [h["token"] for h in x["firings"]][:6]} for x in r["woken"]]} for r in wake["records"] if r["woken"]]}
+         "tokens": [h["token"] for h in x["firings"]][:6]} for x in r["woken"]]}
+        for r in wake["records"] if r["woken"]]}
 
 
 def _controls(sec: Section, results: RunResults, _) -> None:

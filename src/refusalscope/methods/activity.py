@@ -136,10 +136,16 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
         yield start, sub, {l: a * (~sink[l]).unsqueeze(-1) for l, a in acts.items()}
 
 
-def iter_feature_acts_and_sinks(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
-                                batch_size: int, desc: str = "features", quiet: bool = True,
-                                sink_ratio: float | None = 4.0
-                                ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+def iter_feature_acts_and_sinks(
+    model: ChatModel,
+    saes,
+    batch: PromptBatch,
+    by_layer: dict[int, list[int]],
+    batch_size: int,
+    desc: str = "features",
+    quiet: bool = True,
+    sink_ratio: float | None = 4.0,
+) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
     """`iter_feature_acts` with sink positions left in, plus per layer the [b, T] mask of sink
     positions at that layer, so a caller can count activity both ways in one pass."""
     if batch_size < 1:

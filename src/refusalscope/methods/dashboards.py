@@ -128,7 +128,9 @@ def _keep(s: _Stats, new: torch.Tensor, cap: int, g: torch.Generator) -> None:
     s.values, s.keys = [vals], keys
 
 
-def sink_mask(model: ChatModel, sub: PromptBatch, h: torch.Tensor, ratio: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sink_mask(
+    model: ChatModel, sub: PromptBatch, h: torch.Tensor, ratio: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([b, T] sink positions, [b, T] BOS positions) of a left-padded chunk."""
     valid = sub.attention_mask.bool()
     T = sub.input_ids.shape[1]
@@ -201,8 +203,16 @@ def _pick(stats: _Stats, top_k: int, bands: int, per_band: int, rng: random.Rand
 
 
 # ----------------------------------------------------------------- corpus pass 2: windows
-def token_windows(model: ChatModel, saes, batch: PromptBatch, wanted: Mapping[Feature, dict[int, int]],
-                  batch_size: int, left: int, right: int, sink_ratio: float | None) -> dict[tuple[Feature, int], TokenWindow]:
+def token_windows(
+    model: ChatModel,
+    saes,
+    batch: PromptBatch,
+    wanted: Mapping[Feature, dict[int, int]],
+    batch_size: int,
+    left: int,
+    right: int,
+    sink_ratio: float | None,
+) -> dict[tuple[Feature, int], TokenWindow]:
     """For each latent and each of its texts (text -> peak token index), the window of tokens
     around the peak with the latent's activation on each."""
     texts = sorted({t for m in wanted.values() for t in m})
@@ -267,7 +277,9 @@ def decoder_cosines(saes, features: Iterable, direction: torch.Tensor) -> dict[F
     return out
 
 
-def fm_neighbours(V: torch.Tensor, columns: Sequence, features: Iterable, k: int = 10) -> dict[Feature, list[tuple[str, float]]]:
+def fm_neighbours(
+    V: torch.Tensor, columns: Sequence, features: Iterable, k: int = 10
+) -> dict[Feature, list[tuple[str, float]]]:
     """Per latent that is an FM column, the `k` columns whose FM embeddings are most similar
     (cosine): the latents the factorization machine sees it interact with."""
     cols = [Feature.of(c) for c in columns]

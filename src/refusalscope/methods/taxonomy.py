@@ -69,8 +69,11 @@ def taxonomy_prompts(prompts: Sequence[Prompt], field: str = "category", only: s
     out = [replace(p, category=unsafe_category(getattr(p, field))) for p in keep if getattr(p, field)]
     if not out:
         have = sorted({p.category or "" for p in prompts})[:5]
-        raise UserError(f"no prompt has a {field}" + (f" under category {only!r}" if only else "")
-                        + f" (categories seen: {have}): check analyses.taxonomy_prompts / taxonomy_field / taxonomy_only")
+        raise UserError(
+            f"no prompt has a {field}"
+            + (f" under category {only!r}" if only else "")
+            + f" (categories seen: {have}): check analyses.taxonomy_prompts / taxonomy_field / taxonomy_only"
+        )
     return out
 
 

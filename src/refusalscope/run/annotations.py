@@ -82,7 +82,9 @@ class AnnotationStore:
             sql, args = sql + " WHERE annotator = ?", (annotator,)
         with self._connect() as con:
             rows = con.execute(sql + " ORDER BY id", args).fetchall()
-        return [{"id": i, "annotator": a, "feature": f, "labels": json.loads(l), "created": c} for i, a, f, l, c in rows]
+        return [
+            {"id": i, "annotator": a, "feature": f, "labels": json.loads(l), "created": c} for i, a, f, l, c in rows
+        ]
 
     def latest(self, annotator: str | None = None) -> dict[str, dict[str, list[str]]]:
         """{feature: {annotator: labels of their latest answer}}."""

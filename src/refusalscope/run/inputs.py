@@ -31,8 +31,8 @@ class StageInputs:
 
 
 STAGES: dict[str, StageInputs] = {
-    "filter": StageInputs(("model", "data.harmful_test", "data.text_field", "data.max_prompts", "data.heldout_fraction", "judge",
-                           "generation", "seed"), ("data.harmful_test",)),
+    "filter": StageInputs(("model", "data.harmful_test", "data.text_field", "data.max_prompts",
+                           "data.heldout_fraction", "judge", "generation", "seed"), ("data.harmful_test",)),
     "direction": StageInputs(("model", "data", "judge", "generation", "direction", "seed"),
                              ("data.harmful_train", "data.harmful_val", "data.harmless_train",
                               "data.harmless_val", "data.harmless_test"), ("filter",)),

@@ -21,7 +21,11 @@ from .inputs import STAGES, files_of
 from .pipeline import Context
 from .resolve import chat_template_text, load_prompt_set, sae_layers
 
-UNFORMATTED = {"analyses.ce_general", "dashboards.corpus", "eval.general_text"}  # raw corpus texts (truncated when read), not chat prompts
+UNFORMATTED = {
+    "analyses.ce_general",
+    "dashboards.corpus",
+    "eval.general_text",
+}  # raw corpus texts (truncated when read), not chat prompts
 
 
 @dataclass
@@ -158,9 +162,11 @@ def check_prompts(cfg, stages, info: ModelInfo | None, log) -> None:
                 for p in prompts:
                     n = len(info.tokenizer(fmt.format_chat(p.text), add_special_tokens=False)["input_ids"])
                     if n > budget:
-                        raise UserError(f"{p.source or spec} {_line(p)}: the prompt is {n} tokens with the chat template, "
-                                        f"over {info.name}'s context of {info.context} less "
-                                        f"{cfg.generation.max_new_tokens} generated tokens: shorten or remove it")
+                        raise UserError(
+                            f"{p.source or spec} {_line(p)}: the prompt is {n} tokens with the chat template, "
+                            f"over {info.name}'s context of {info.context} less "
+                            f"{cfg.generation.max_new_tokens} generated tokens: shorten or remove it"
+                        )
 
 
 def _line(p) -> str:

@@ -104,9 +104,11 @@ def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = 
         for name in names:
             out[name] = STAGES[name](ctx)
             if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:
-                raise UserError(f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "
-                                f"prompts (judge {ctx.cfg.judge.name}; replies in {ctx.store.root}/filter/"
-                                "completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model")
+                raise UserError(
+                    f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "
+                    f"prompts (judge {ctx.cfg.judge.name}; replies in {ctx.store.root}/filter/"
+                    "completions.jsonl): check data.harmful_test and the judge, or use a safety-tuned model"
+                )
     finally:
         ctx.close()
     out["run"] = str(ctx.store.root)

@@ -42,7 +42,10 @@ def run_stage3(ctx: Context) -> dict:
         return ctx.store.status(name)["summary"]
     sc, gen, model, saes = ctx.cfg.stage3, ctx.cfg.generation, ctx.model, ctx.saes
     tf = ctx.cfg.data.text_field
-    harmful, harmless = _texts(sc.harmful, sc.n_per_class, tf, ctx.cfg.seed), _texts(sc.harmless, sc.n_per_class, tf, ctx.cfg.seed)
+    harmful, harmless = (
+        _texts(sc.harmful, sc.n_per_class, tf, ctx.cfg.seed),
+        _texts(sc.harmless, sc.n_per_class, tf, ctx.cfg.seed),
+    )
     n = min(len(harmful), len(harmless))
     # equal numbers per label, a seeded draw from the larger set (paper: "an equal number of random
     # samples from alpaca")

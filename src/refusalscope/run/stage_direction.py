@@ -82,8 +82,11 @@ def run_direction(ctx: Context) -> dict:
                               shared=[DirectionAblation(choice.direction)], quiet=ctx.quiet, desc="ablate r̂")
         refusal = ctx.refusal_judge  # refusal on harmless prompts (a harm classifier says "no" to every benign reply)
         # a cascade's first pass reads openings only: generate no more than it reads
-        n_refusal = (cfg.judge.first_pass_tokens or gen.max_new_tokens) if refusal is not judge and cfg.judge.first_pass \
+        n_refusal = (
+            (cfg.judge.first_pass_tokens or gen.max_new_tokens)
+            if refusal is not judge and cfg.judge.first_pass
             else gen.max_new_tokens
+        )
         add = generate_judged(model, None, safe_test, None, refusal, n_refusal, gen.batch_size,
                               shared=[ActAdd(choice.vector, choice.layer)], quiet=ctx.quiet, desc="ActAdd r")
         plain_safe = generate_judged(model, None, safe_test, None, refusal, n_refusal,

@@ -36,8 +36,15 @@ def latents(request: Request, stage: Literal["", "1", "2", "3"] = "", layer: str
             q: str = Query("", max_length=200), sort: Literal["prompts", "layer", "cos", "density"] = "prompts",
             page: int = Query(1, ge=1, le=100000)):
     st = _state(request)
-    rows = st.index.filter(stage or None, int(layer) if layer else None, category or None, prompt or None, activity or None,
-                           q.strip() or None, sort)
+    rows = st.index.filter(
+        stage or None,
+        int(layer) if layer else None,
+        category or None,
+        prompt or None,
+        activity or None,
+        q.strip() or None,
+        sort,
+    )
     pages = max(1, -(-len(rows) // PAGE))
     shown = rows[(page - 1) * PAGE: page * PAGE]
     args = {"stage": stage, "layer": int(layer) if layer else "", "category": category, "prompt": prompt,

@@ -28,7 +28,9 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
-        raise UserError(f"cannot resolve host {host!r} ({err.strerror}): pass an IP address such as 127.0.0.1") from None
+        raise UserError(
+            f"cannot resolve host {host!r} ({err.strerror}): pass an IP address such as 127.0.0.1"
+        ) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.bind(addr)
