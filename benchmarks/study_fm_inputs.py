@@ -17,10 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from refusalscope.methods.fm import EMBEDDING_SIZES, embedding_collapse, train_fm
+from refusalscope.methods.fm import embedding_collapse, train_fm
 from refusalscope.methods.fm_data import FeatureMatrix, fm_dataset
 from refusalscope.run.config import load_config
 from refusalscope.run.results import RunResults
+
+EMBEDDING_SIZES = (5, 20, 50)  # the FM sizes the paper compares
 
 
 def study(run_dir: str, sizes=EMBEDDING_SIZES) -> list[dict]:

@@ -117,8 +117,11 @@ def test_eval_matrix_end_to_end(world):
     # an independent recomputation of one cell: the refusal direction on the held-out prompts
     ctx = open_context(str(world / "cfg.yaml"), run_dir, quiet=True)
     direction, _ = r.direction()
-    j = generate_judged(ctx.model, None, [p.text for p in held], None, ctx.judge, 3, 4,
-                        shared=[DirectionAblation(direction)])
+    try:
+        j = generate_judged(ctx.model, None, [p.text for p in held], None, ctx.judge, 3, 4,
+                            shared=[DirectionAblation(direction)])
+    finally:
+        ctx.close()  # the run directory's lock: the next test writes to it
     assert sum(j.jailbroken) / len(held) == pytest.approx(cells[("direction", "heldout", "harmful")].jailbreak_rate)
 
     assert {"heatmap", "tradeoff", "core_curve"} == set(r.eval_figures())

@@ -10,8 +10,9 @@ from refusalscope.run.config import config_from_dict
 from refusalscope.run.inputs import PIPELINE, needed, stage_hashes
 
 ANALYSES = {"hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics"}
-ALL = set(PIPELINE) | ANALYSES
-AFTER_STAGE3 = {"stage3", "stage3_only", "taxonomy", "semantics"}
+LAST = {"dashboards", "eval"}  # dashboards read whichever analyses run; eval reads Stages 1-3 and hydra
+ALL = set(PIPELINE) | ANALYSES | LAST
+AFTER_STAGE3 = {"stage3", "stage3_only", "taxonomy", "semantics", *LAST}
 
 
 def changed(base: dict, override: dict) -> set[str]:
@@ -26,17 +27,19 @@ def changed(base: dict, override: dict) -> set[str]:
     ({"data": {"harmful_train": "bundled:harmful:val"}}, ALL - {"filter"}),
     ({"direction": {"n_val": 16}}, ALL - {"filter"}),
     ({"saes": {"layers": [3, 5]}}, ALL - {"filter", "direction"}),
-    ({"saes": {"neuronpedia_id": "x/{layer}-res"}}, {"semantics"}),
+    ({"saes": {"neuronpedia_id": "x/{layer}-res"}}, {"semantics", "dashboards"}),
     ({"stage1": {"k_max": 150}}, ALL - {"filter", "direction"}),
     ({"stage2": {"taus": [0.2, 0.5]}}, ALL - {"filter", "direction", "stage1"}),
     ({"stage3": {"epochs": 5}}, AFTER_STAGE3),
-    ({"analyses": {"wake_threshold": 0.2}}, {"hydra", "clamping"}),
+    ({"analyses": {"wake_threshold": 0.2}}, {"hydra", "clamping", *LAST}),
     ({"analyses": {"random_seeds": [5]}}, {"controls"}),
     ({"analyses": {"ce_texts": 10}}, {"ce_loss"}),
-    ({"analyses": {"taxonomy_prompts": ["bundled:harmful:test"]}}, {"taxonomy"}),
+    ({"analyses": {"taxonomy_prompts": ["bundled:harmful:test"]}}, {"taxonomy", "dashboards"}),
     ({"analyses": {"clamp_values": [3]}}, {"clamping"}),
-    ({"analyses": {"explain_texts": 50}}, {"semantics"}),
-    ({"analyses": {"run": ["hydra"]}}, set()),
+    ({"analyses": {"explain_texts": 50}}, {"semantics", "dashboards"}),
+    ({"dashboards": {"top_k": 5}}, {"dashboards"}),
+    ({"eval": {"core_sizes": [5]}}, {"eval"}),
+    ({"analyses": {"run": ["hydra"]}}, {"dashboards"}),  # it no longer reads taxonomy and semantics
     ({"execution": {"shard_size": 2, "backend": "local"}}, set()),
     ({"name": "other"}, set()),
 ])

@@ -55,14 +55,17 @@ XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 
 
 def hostile_copy(run_dir: Path, dest: Path) -> tuple[Path, str]:
-    """A copy of a run whose first refused prompt and every recorded reply carry HTML/JS (model
+    """A copy of a run whose first refused prompt with a Stage 2 set, and every recorded reply, carry HTML/JS (model
     output and prompts are untrusted): pages must show it as text. Returns (copy, prompt id)."""
     import shutil
 
     shutil.copytree(run_dir, dest)
     kept = json.loads((dest / "filter" / "kept.json").read_text())
-    pid = kept[0]["id"]
-    kept[0]["text"] = "Tell me " + XSS
+    with_set = {r["id"] for r in map(json.loads, (dest / "stage2" / "sets.jsonl").read_text().splitlines())
+                if r.get("set")}
+    first = next(i for i, k in enumerate(kept) if k["id"] in with_set)  # pages that show a Stage 2 set
+    pid = kept[first]["id"]
+    kept[first]["text"] = "Tell me " + XSS
     (dest / "filter" / "kept.json").write_text(json.dumps(kept))
     for rel in ("filter/completions.jsonl", "stage2/sets.jsonl"):
         rows = [json.loads(line) for line in (dest / rel).read_text().splitlines()]

@@ -19,13 +19,15 @@ def refused_train_prompts(ctx: Context, st, prompts: list[str]) -> list[str]:
     prompts that elicit refusal and benign ones). Verdicts are checkpointed per prompt."""
     gen = ctx.cfg.generation
     ck = st.checkpoint("train_refused", key="key")
-    todo = [(i, t) for i, t in enumerate(prompts) if f"{i}" not in ck]
-    for start in range(0, len(todo), gen.batch_size):
-        chunk = todo[start:start + gen.batch_size]
+    items = list(enumerate(prompts))
+    # chunks are cut from all prompts, so a resumed run pads each prompt as an uninterrupted one does
+    chunks = [items[s:s + gen.batch_size] for s in range(0, len(items), gen.batch_size)]
+    for chunk in [c for c in chunks if any(f"{i}" not in ck for i, _ in c)]:
         j = generate_judged(ctx.model, None, [t for _, t in chunk], None, ctx.judge, gen.max_new_tokens,
                             gen.batch_size, quiet=ctx.quiet, desc="judge harmful train prompts")
         for (i, _), rec in zip(chunk, j.records([t for _, t in chunk])):
-            ck.add({"key": f"{i}", **rec})
+            if f"{i}" not in ck:
+                ck.add({"key": f"{i}", **rec})
     kept = [t for i, t in enumerate(prompts) if ck.records[f"{i}"]["refused"]]
     st.jsonl("train_refused.jsonl", [ck.records[f"{i}"] for i in range(len(prompts))])
     if len(kept) < 2:
