@@ -135,6 +135,17 @@ def held(c: Case) -> None:
     assert c.holder.stdout.readline().strip() == "locked"
 
 
+def busy_port(c: Case) -> None:
+    import shutil
+
+    shutil.copytree(c.extra["reference"], c.tmp / "ref")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    sock.bind(("127.0.0.1", 47613))
+    sock.listen(1)
+    c.extra["socket"] = sock  # held open until the test ends
+
+
 def no_ray(c: Case) -> None:
     c.monkeypatch.setitem(sys.modules, "ray", None)
 
@@ -291,6 +302,13 @@ ROWS = [
     Row("rundir-manifest", "run directory whose manifest is damaged", RUN,
         "{run}/manifest.json is not a refusalscope manifest (not valid JSON): pass another run directory (-r), or "
         "move this one away to start afresh", garbled_manifest, given='runs/x/manifest.json cut short'),
+    # ---- looking at a run
+    Row("report-no-run", "report of a folder that holds no run", "report {tmp}/nothing -q",
+        "no run found at {tmp}/nothing (no manifest.json): run `refusalscope run` into it first, or pass the "
+        "directory a run wrote", given="refusalscope report runs/typo"),
+    Row("serve-port-in-use", "serve on a port already in use", "serve {tmp}/ref --port 47613",
+        "cannot listen on 127.0.0.1:47613 ({*}): stop what uses that port or pass another --port", busy_port,
+        given="another server on port 47613"),
     # ---- the pipeline
     Row("stage-no-deps", "a stage asked for before the stage it needs (--no-deps)", "stage2 -c {cfg} -r {run} -q --no-deps",
         "stage2 needs stage1, which has not finished in {run} with this config: run `refusalscope stage1` first, "

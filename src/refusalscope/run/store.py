@@ -54,7 +54,8 @@ class RunStore:
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root)
         if not create and not (self.root / "manifest.json").exists():
-            raise UserError(f"no run found at {self.root}: run `refusalscope run` first or pass --run")
+            raise UserError(f"no run found at {self.root} (no manifest.json): run `refusalscope run` into it first, "
+                            "or pass the directory a run wrote")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
