@@ -28,7 +28,8 @@ def test_report_has_every_section_and_works_offline(tiny_run, tmp_path):
         assert f'id="prompt-{p.id}"' in html
     for f in r.critical_features():
         assert f'id="latent-{f.id}"' in html
-    assert "did not run" not in html  # the tiny run ran every stage
+    ran = [sid for sid, *_ in SECTIONS if f"The `{sid}` stage did not run" in html]
+    assert ran == ["eval"]  # the tiny run ran every stage of `run`; eval runs only when asked for
     assert not EXTERNAL.search(html) and "<script" not in html.lower() and "<link" not in html.lower()
     imgs = re.findall(r'<img src="([^"]+)"', html)
     assert len(imgs) >= 6 and all(s.startswith("data:image/png;base64,") for s in imgs)
@@ -61,3 +62,17 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2
     assert res.output.strip().startswith("error: no run found") and len(res.output.strip().splitlines()) == 1
+
+
+def test_eval_section_shows_the_matrix_once_eval_ran(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    res = CliRunner().invoke(app, ["eval", "-c", str(tiny_run.parent / "cfg.yaml"), "-r", str(run), "-q",
+                                   "--datasets", "search,harmless", "--interventions", "none,direction,core,random"])
+    assert res.exit_code == 0, res.output
+    html = build_report(run)
+    section = html.split('<section id="eval">')[1].split("</section>")[0]
+    assert "did not run" not in section and "Per intervention" in section
+    rows = {r["intervention"] for r in RunResults(run).summary("eval")["rows"]}
+    assert {"none", "direction"} <= rows and all(name.split(" = ")[0] in section for name in rows)
+    assert section.count('<img src="data:image/png;base64,') >= 2  # heatmap and trade-off at least

@@ -65,11 +65,15 @@ SECTIONS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("semantics", "What the latents mean (Tables 4, 7, 8)", ("semantics",),
      "The most frequent words in the latents' explanations and the latents grouped by concept, for Stage 2 and "
      "Stage 3 separately."),
+    ("eval", "Beyond one prompt: interventions on held-out and benchmark sets", ("eval",),
+     "The latents most often critical (core sets of N), matched random latents, the unions and the direction, "
+     "each applied to every prompt of the held-out split and the benchmarks: jailbreak or refusal rate per "
+     "dataset part, and the cost (degenerate replies, KL on harmless prompts, ΔCE on general text)."),
 ]
 
 
 def _missing(stage: str, results: RunResults) -> str:
-    cmd = stage if stage in ("filter", "direction", "stage1", "stage2", "stage3") else f"analyze {stage}"
+    cmd = stage if stage in ("filter", "direction", "stage1", "stage2", "stage3", "eval") else f"analyze {stage}"
     return (f"The `{stage}` stage did not run for this run directory: "
             f"run `refusalscope {cmd} -r {results.root}` (or `refusalscope run`) to fill this section.")
 
@@ -207,6 +211,23 @@ def _semantics(sec: Section, results: RunResults, latent_url) -> None:
     sec.extra = {"groups": c["groups"], "source": results.explanation_source()}
 
 
+def _eval(sec: Section, results: RunResults, _) -> None:
+    s = _summary(results, "eval")
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    side = ("degenerate", "kl harmless", "ce delta")
+    sec.tables = [("Per intervention: rates per dataset part (harmful parts: jailbroken, others: refused)", [
+        {"intervention": r["intervention"] + (f" = {r['same_as']}" if r.get("same_as") else ""),
+         "latents": r["latents"], **{k: pct(v) for k, v in r.items()
+                                     if k not in ("intervention", "latents", "same_as", *side)},
+         "degenerate": pct(r["degenerate"]), "KL harmless (nats)": r["kl harmless"],
+         "ΔCE (nats/token)": r["ce delta"]} for r in s.get("rows", [])])]
+    if s.get("notes"):
+        sec.tables.append(("Left out", [{"note": n} for n in s["notes"]]))
+    names = {"core_curve": "held-out jailbreak rate of the core set as N grows, against random latents and r̂",
+             "heatmap": "rate per intervention and dataset part", "tradeoff": "jailbreak rate against KL and ΔCE"}
+    sec.figures = [f for n, alt in names.items() for f in _figure(results, "eval", f"{n}.png", alt)]
+
+
 FILLERS = {"config": _config, "model": _model, "direction": _direction, "stage1": _stage1, "stage2": _stage2,
            "stage3": _stage3, "hydra": _hydra, "controls": _controls, "ce_loss": _ce, "taxonomy": _taxonomy,
-           "clamping": _clamping, "semantics": _semantics}
+           "clamping": _clamping, "semantics": _semantics, "eval": _eval}
