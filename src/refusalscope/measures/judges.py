@@ -237,9 +237,9 @@ class FirstTokenJudge:
                             f"{type(model).__name__}: wrap the model with ChatModel")
         if not model.refusal_token_ids:
             raise UserError("the model has no refusal tokens: set refusal_tokens (e.g. 'I')")
-        probs = model.next_token_probs(model.encode(list(prompts)),
-                                       batch_size=batch_size or self.batch_size, quiet=self.quiet)
-        return probs[:, list(model.refusal_token_ids)].double().sum(1)
+        probs = model.next_token_probs(model.encode(list(prompts)), batch_size=batch_size or self.batch_size,
+                                       quiet=self.quiet, columns=list(model.refusal_token_ids))
+        return probs.double().sum(1)  # only the refusal-token columns leave the device
 
     def judge(self, prompts, completions=None, model=None, batch_size=None) -> Verdicts:
         check_inputs(self, prompts, completions, model)
