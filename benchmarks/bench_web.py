@@ -1,4 +1,4 @@
-"""B6: the web app under load. A real uvicorn server over a run directory, `--clients`
+"""B9: the web app under load. A real uvicorn server over a run directory, `--clients`
 concurrent keep-alive clients making `--requests` GETs over the read pages (overview, latent
 browser, latent and prompt pages, study) and `--annotations` annotation posts from distinct
 annotators. Reports errors, lost annotations (rows in SQLite vs posts answered 303), p50/p99

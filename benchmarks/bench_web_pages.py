@@ -1,4 +1,4 @@
-"""B7: the web app in a real browser on a run (default runs/demo): page weight and load time of
+"""B10: the web app in a real browser on a run (default runs/demo): page weight and load time of
 each kind of page in headless Chromium, and playground latency (the first run loads the model;
 the next ones reuse it). Saves a screenshot per page. Needs /usr/bin/chromium + chromedriver.
 
