@@ -1,4 +1,4 @@
-"""Smoke test of the web load benchmark (B6) at a small size on a real tiny run: no errors, no
+"""Smoke test of the web load benchmark (B9) at a small size on a real tiny run: no errors, no
 lost annotation. Latency is reported by the benchmark, never asserted here."""
 
 import importlib.util
