@@ -22,6 +22,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/mypy
 
 bench: setup
 	mkdir -p runs/bench

@@ -59,7 +59,7 @@ def load_saes(source: Any = "demo", layers: Iterable[int] | str = "all", model: 
     if str(source) == "demo":
         from .demo.world import demo_layers, sae_dir
 
-        wanted = demo_layers() if layers == "all" else list(layers)
+        wanted: list[Any] = demo_layers() if layers == "all" else list(layers)
         source, layers = {l: str(sae_dir(l)) for l in wanted}, wanted
     elif layers == "all":
         if model is None:
@@ -150,7 +150,7 @@ def find_direction(model: ChatModel, harmful: PromptsLike, harmless: PromptsLike
 
 def stage1(model: ChatModel, saes: SAESet, prompts: PromptsLike, direction: torch.Tensor, judge: Judge, *,
            layers: Sequence[int] | None = None, ks: Sequence[int] = ladder(10, 10, 200), max_new_tokens: int = 48,
-           batch_size: int = 16) -> tuple[list[LadderRecord], dict[int, FeatureSet]]:
+           batch_size: int = 16) -> tuple[list[LadderRecord], dict[str, FeatureSet]]:
     """Stage 1: per prompt the smallest K whose top-K-per-layer aligned latents jailbreak it.
     Returns the records and, per record with a K, its candidate set L_K (Stage 2's input)."""
     layers = list(layers) if layers is not None else [l for l in saes.layers if l >= 2]

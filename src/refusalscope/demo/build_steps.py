@@ -7,10 +7,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..artifacts import Checkpoint, atomic_write_json, atomic_write_jsonl, config_hash, read_json, read_jsonl
+from ..io.hooks import HookFn, HookPoint
 from ..io.model import ChatModel
 from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
@@ -151,7 +153,7 @@ def finetune_step(base: ChatModel, replies: list[str], recipe: DemoRecipe, root:
     shutil.rmtree(work)
 
 
-QUALITY_SETS = {
+QUALITY_SETS: dict[str, tuple[str, dict[str, Any]]] = {
     "harmful test": ("harmful", {"split": "test"}),
     "harmless test (plain)": ("harmless", {"split": "test", "contrast": False}),
     "harmless test (contrast)": ("harmless", {"split": "test", "contrast": True}),
@@ -243,7 +245,7 @@ def _ce(model: ChatModel, batch, layer: int | None = None, sae: SAEWeights | Non
         recon = sae.decode(sae.encode(h.float())).to(h.dtype)
         return torch.where(keep, recon, h)
 
-    hooks = {layer: splice} if layer is not None else {}
+    hooks: dict[HookPoint, HookFn | list[HookFn]] = {layer: splice} if layer is not None else {}
     with model.hooks(hooks):
         logits = model.logits(batch, last=None)
     target = batch.input_ids[:, 1:]

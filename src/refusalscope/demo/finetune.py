@@ -62,7 +62,8 @@ def _batches(items, batch_size: int, seed: int):
     return batches
 
 
-def _collate(items, idx, pad_id: int, decision_weight: float):
+def _collate(items, idx, pad_id: int,
+             decision_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(items[i][0]) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -98,9 +99,10 @@ class FrozenPrefix:
     rescale `inputs_embeds` inside their forward."""
 
     def __init__(self, hf, items, n: int, batch_size: int = 16, quiet: bool = True):
-        self.n, self.cache = n, [None] * len(items)
+        self.n = n
+        self.cache: list[torch.Tensor | None] = [None] * len(items)
         dec = hf.get_decoder()
-        grab = {}
+        grab: dict[str, torch.Tensor] = {}
         handle = dec.layers[n - 1].register_forward_hook(
             lambda m, a, o: grab.update(h=o[0] if isinstance(o, tuple) else o)
         )
@@ -125,7 +127,9 @@ class FrozenPrefix:
         return n > 0 and hf.config.model_type == "llama"
 
     def inputs(self, idx, width: int) -> torch.Tensor:
-        out = torch.zeros(len(idx), width, self.cache[0].shape[-1], dtype=self.cache[0].dtype)
+        first = self.cache[0]
+        assert first is not None  # __init__ fills every entry
+        out = torch.zeros(len(idx), width, first.shape[-1], dtype=first.dtype)
         for row, i in enumerate(idx):
             out[row, :len(self.cache[i])] = self.cache[i]
         return out

@@ -51,7 +51,7 @@ def overrefusal_rates(recipe: DemoRecipe | None = None, compute: bool = True, qu
 
     parts = {"safe (over-refusal)": "harmless", "unsafe contrasts": "harmful"}
     rows = [row(name, [i for i, p in enumerate(prompts) if p.label == label]) for name, label in parts.items()]
-    kinds = sorted({p.category for p in prompts})
+    kinds = sorted({p.category for p in prompts}, key=str)  # str: the categories are strings
     by_kind = [row(f"safe: {k}", [i for i, p in enumerate(prompts) if p.category == k and p.label == "harmless"])
                for k in kinds]
     examples = [{"prompt": p.text, "label": p.label, "category": p.category, "reply": gen.texts[i],

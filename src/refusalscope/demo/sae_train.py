@@ -26,6 +26,7 @@ class SAEWeights:
 
     def encode(self, x: Tensor) -> Tensor:
         pre = x @ self.W_enc + self.b_enc
+        assert self.threshold is not None, "encode needs JumpReLU thresholds"
         return pre * (pre > self.threshold)
 
     def decode(self, f: Tensor) -> Tensor:
@@ -165,6 +166,7 @@ def finetune_jumprelu(w: SAEWeights, X: Tensor, target_l0: float, epochs: int, l
     b_enc = w.b_enc.clone().requires_grad_()
     W_dec = (w.W_dec * scale).clone().requires_grad_()
     b_dec = (w.b_dec * scale).clone().requires_grad_()
+    assert w.threshold is not None, "fitting thresholds needs a start"
     log_theta = w.threshold.clamp(min=1e-3).log().clone().requires_grad_()
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec, log_theta], lr=lr, betas=(0.0, 0.999))
     lam = 1e-3

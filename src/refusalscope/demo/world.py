@@ -60,7 +60,11 @@ def load_demo_model(recipe: DemoRecipe | None = None, **kwargs) -> ChatModel:
 
 def demo_layers(recipe: DemoRecipe | None = None, n_layers: int = 30) -> list[int]:
     recipe = recipe or DemoRecipe()
-    return list(range(n_layers)) if recipe.sae.layers == "all" else list(recipe.sae.layers)
+    layers = recipe.sae.layers
+    if layers == "all":
+        return list(range(n_layers))
+    assert not isinstance(layers, str), f"SAE layers {layers!r}: a list of layers or 'all'"
+    return list(layers)
 
 
 def _set_threads() -> None:

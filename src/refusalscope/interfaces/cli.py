@@ -6,6 +6,7 @@ import json
 import sys
 from functools import wraps
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -98,7 +99,8 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 
     log = _log(quiet, as_json)
     info = build_world(quiet=quiet, log=log)
-    result = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality", "sae_quality")}}
+    result: dict[str, Any] = {"world": {k: info[k] for k in ("path", "hash", "build_seconds", "quality",
+                                                             "sae_quality")}}
     ex = _execution(backend, address, workers)
     result.update(_run_stages("demo", run, quiet, as_json, "analyses", execution=ex,
                               accept_version=accept_version))

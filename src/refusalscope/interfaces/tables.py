@@ -42,7 +42,8 @@ def print_quality(quality: dict) -> None:
 
 def print_examples(examples: list[dict], per_set: int = 2) -> None:
     """A few replies per quality set, so coherence can be judged by eye."""
-    rows, seen = [], {}
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
     for e in examples:
         if seen.get(e["set"], 0) < per_set:
             seen[e["set"]] = seen.get(e["set"], 0) + 1

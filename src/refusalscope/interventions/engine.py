@@ -92,10 +92,10 @@ class _LayerFeatures:
                 clamped[r, c] = 1.0
         if shared:  # rows=None entries apply to every row and win over per-row ones
             mask[:, torch.tensor([e[0] for e in shared])] = 1.0
-            cl = [(col, val) for col, val in shared if val is not None]
-            if cl:
-                c = torch.tensor([e[0] for e in cl])
-                target[:, c] = torch.tensor([float(e[1]) for e in cl])
+            cl_shared = [(col, val) for col, val in shared if val is not None]
+            if cl_shared:
+                c = torch.tensor([e[0] for e in cl_shared])
+                target[:, c] = torch.tensor([float(e[1]) for e in cl_shared])
                 clamped[:, c] = 1.0
         move = dict(device=self.device, dtype=self.dtype)
         return mask.to(**move), target.to(**move), clamped.to(**move) if clamped.any() else None
@@ -127,7 +127,8 @@ class Intervener:
             if saes is None or layer not in saes:
                 raise UserError(f"cannot record layer {layer}: no SAE loaded there")
         self.device, self.dtype = model.device, model.dtype
-        self._pm_step, self._pm = None, {}
+        self._pm_step: object = None
+        self._pm: dict[tuple[object, object], Tensor] = {}
         self.directions: dict = defaultdict(list)  # point -> [(row|None, unit dir)]
         self.adds: dict = defaultdict(list)  # layer -> [(row|None, vector)]
         self.features: dict[int, _LayerFeatures] = {}
@@ -269,6 +270,7 @@ class Intervener:
         return out.to(h.dtype)
 
     def _record(self, layer: int, h: Tensor, step) -> None:
+        assert self.record is not None  # only called when recording
         ids = list(self.record.features[layer])
         fd = self.saes[layer].to(self.device, self.dtype)
         if fd.architecture == "topk":
@@ -279,6 +281,7 @@ class Intervener:
         entry["acts"][layer] = acts.float().cpu()
 
     def _entry(self, step) -> dict:
+        assert self.record is not None  # only called when recording
         steps = self.record.steps
         if not steps or steps[-1]["_step"] is not step:
             steps.append({"_step": step, "row_offset": step.row_offset,

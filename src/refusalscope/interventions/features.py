@@ -19,7 +19,7 @@ class Feature(NamedTuple):
     """One SAE latent: `index` of the SAE at residual layer `layer` (layers count from 0)."""
 
     layer: int
-    index: int
+    index: int  # type: ignore[assignment]  # public field name; it shadows tuple.index on purpose
 
     @classmethod
     def of(cls, value: Any) -> Feature:
@@ -138,7 +138,7 @@ class FeatureSet(Sequence[Feature]):
 
     # ------------------------------------------------------------- interventions
     def ablation(self, positions: Positions = "all") -> FeatureAblation:
-        return FeatureAblation(self.by_layer(), positions)
+        return FeatureAblation({l: tuple(v) for l, v in self.by_layer().items()}, positions)
 
     def plan(self, positions: Positions = "all") -> list[Intervention]:
         """The row plan that zero-ablates the set ([] for an empty set: the plain model)."""

@@ -110,6 +110,7 @@ class StreamHooks:
                         self.layers[0].register_forward_pre_hook(self._pre(fns), with_kwargs=True)
                     )
                 else:
+                    assert isinstance(point, int)  # _check_point allows only EMBED or a layer index
                     handles.append(self.layers[point].register_forward_hook(self._post(fns)))
             yield
         finally:
@@ -117,8 +118,10 @@ class StreamHooks:
                 h.remove()
 
     def _apply(self, fns: list[HookFn], h: Tensor) -> Tensor:
+        step = self.step
+        assert step is not None  # set by the decoder's pre-hook, which runs before any layer
         for fn in fns:
-            out = fn(h, self.step)
+            out = fn(h, step)
             if out is not None:
                 h = out
         return h

@@ -8,10 +8,11 @@ and `hooks` to read or rewrite `blocks.L.hook_resid_post` while doing so.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -75,6 +76,8 @@ class PromptBatch:
 
 class ChatModel:
     """Wraps a transformers causal LM and its tokenizer (see module docstring)."""
+
+    log: Callable[[str], None]  # optional: set by the caller; io/oom.py reports retries through it
 
     def __init__(self, hf_model, tokenizer, name: str = "model", system_prompt: str | None = None,
                  refusal_tokens: Sequence[str] = ("I",)):
@@ -179,8 +182,8 @@ class ChatModel:
     @contextmanager
     def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None) -> Iterator[None]:
         """Install residual hooks (layer index or "embed" → function(s)) for a `with` block."""
-        fns = {k: (v if isinstance(v, list) else [v]) for k, v in (fns or {}).items()}
-        with self._hooks.installed(fns):
+        lists = {k: (v if isinstance(v, list) else [v]) for k, v in (fns or {}).items()}
+        with self._hooks.installed(lists):
             yield
 
     @contextmanager
@@ -280,6 +283,7 @@ class ChatModel:
             new = seq[:, ids.shape[1]:].cpu()
             replies.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
             ended.extend((new == self.tokenizer.eos_token_id).any(dim=1).tolist())
+            assert first.p is not None  # set at the first generated position
             p_refusal.append(first.p)
         return Generation([r.strip() for r in replies], ended, torch.cat(p_refusal))
 
@@ -289,7 +293,8 @@ class _FirstStepRefusal:
     (keeping every step's logits would cost B x V per step)."""
 
     def __init__(self, token_ids: Sequence[int]):
-        self.token_ids, self.p = list(token_ids), None
+        self.token_ids = list(token_ids)
+        self.p: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.p is None:
@@ -349,7 +354,7 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
     elif (str(source).startswith((".", "/", "~")) or src.exists()) and not src.is_dir():
         raise UserError(f"model folder {src} not found: pass a local model folder, a .gguf file "
                         "or a HuggingFace hub id")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     kwargs["trust_remote_code"] = bool(trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(src), **kwargs)
@@ -357,7 +362,7 @@ def load_chat_model(source: str | os.PathLike, *, gguf_file: str | None = None, 
     except OSError as err:
         raise UserError(f"could not load model {source!r} ({str(err).splitlines()[0]}): without "
                         "network access, download it first and pass the local folder") from err
-    hf.to(dev)
+    cast(torch.nn.Module, hf).to(dev)  # transformers wraps `to`; its stub misses the bound self
     if chat_template:
         tok.chat_template = chat_template
     model = ChatModel(hf, tok, name=name or str(source), system_prompt=system_prompt,

@@ -138,7 +138,8 @@ def _parse_json(text: str, name: str, stem: str) -> Table:
 def _item_lines(text: str) -> list[int]:
     """Line on which each top-level list item starts (the text is known to be a valid list)."""
     dec, ws = json.JSONDecoder(), " \t\r\n"
-    idx, line, last, out = text.index("[") + 1, 1, 0, []
+    out: list[int] = []
+    idx, line, last = text.index("[") + 1, 1, 0
     while True:
         while text[idx] in ws or text[idx] == ",":
             idx += 1

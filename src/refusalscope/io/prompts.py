@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -130,7 +130,10 @@ def load_bundled(name: str, split: str | None = None, *, contrast: bool | None =
     return prompts
 
 
-def sample(prompts: Sequence[Prompt], n: int, seed: int) -> list[Prompt]:
+_T = TypeVar("_T")
+
+
+def sample(prompts: Sequence[_T], n: int, seed: int) -> list[_T]:
     """`n` prompts drawn without replacement; the same seed gives the same draw, and a smaller
     `n` gives a prefix of a larger one."""
     if not 0 <= n <= len(prompts):

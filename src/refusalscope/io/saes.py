@@ -103,6 +103,7 @@ class FeatureDictionary:
         """Latent activations [..., d_sae], exactly as SAELens's `sae.encode`."""
         pre = self.pre_activations(h)
         if self.architecture == "topk":
+            assert self.k is not None  # __post_init__ requires k for a TopK SAE
             values, idx = torch.topk(pre, k=self.k, dim=-1, sorted=False)
             out = torch.zeros_like(pre)
             return out.scatter_(-1, idx, values.relu())

@@ -31,6 +31,7 @@ class OpeningJudge:
     ("…and I cannot stress enough…") does not count, so this judge calls fewer replies refused
     than the substring judge does."""
 
+    name: str  # set by @register_judge
     needs_completions = True
     needs_model = False
     degenerate_is_jailbreak = False

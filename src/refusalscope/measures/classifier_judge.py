@@ -70,6 +70,7 @@ def answer_token_ids(tokenizer, yes_words: Sequence[str], no_words: Sequence[str
 class ClassifierJudge:
     """HarmBench classifier; weights are loaded on first use and kept for this judge instance."""
 
+    name: str  # set by @register_judge
     needs_completions = True
     needs_model = False
     degenerate_is_jailbreak = False

@@ -16,7 +16,7 @@ def vocabulary() -> frozenset[str]:
     """Lower-cased words of every bundled prompt, refusal and text (several thousand)."""
     from ..io.prompts import bundled_names, load_bundled
 
-    words = set()
+    words: set[str] = set()
     for name in bundled_names():
         for p in load_bundled(name):
             words.update(w.lower() for w in _WORD.findall(p.text))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..interventions.engine import intervene
 from ..interventions.features import FeatureSet
-from ..interventions.spec import DirectionAblation
+from ..interventions.spec import DirectionAblation, Intervention
 from ..io.model import ChatModel, PromptBatch
 
 
@@ -89,7 +89,7 @@ def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Ten
         batch = encode_texts(model, ds, max_length)
         n = len(batch)
         base = {"dataset": ds.name, "n_texts": n}
-        settings = [("baseline", [])]
+        settings: list[tuple[str, list[Intervention]]] = [("baseline", [])]
         if direction is not None:
             settings.append(("direction", [DirectionAblation(direction)]))
         for name, shared in settings:

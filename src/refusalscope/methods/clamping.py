@@ -25,7 +25,7 @@ def clamp_rows(prompts: Sequence[str], features: Iterable, values: Sequence[floa
     fs = FeatureSet(features)
     if not fs:
         raise UserError("no latents to clamp: pass the woken hydra latents as (layer, index) pairs")
-    rows = []
+    rows: list[tuple[str, object, list]] = []
     for p in prompts:
         rows.append((p, "baseline", []))
         for v in values:

@@ -50,6 +50,7 @@ def candidate_layers(n_layers: int, layers: Sequence[int] | str) -> list[int]:
     """'auto': skip the first layer and the last 20% (Arditi et al.), else the given list."""
     if layers == "auto":
         return list(range(1, max(2, int(0.8 * n_layers))))
+    assert not isinstance(layers, str)  # the config allows "auto" or a list of layers
     return list(layers)
 
 

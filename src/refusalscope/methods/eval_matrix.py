@@ -54,6 +54,7 @@ class EvalIntervention:
         if self.kind == "actadd":
             return [ActAdd(vector, layer)]
         if self.kind == "bos_clamp":
+            assert self.clamp is not None  # a bos_clamp setting carries its clamp value
             return [self.features.clamp(self.clamp, positions=(0,))]
         return self.features.plan(positions)
 
@@ -81,8 +82,8 @@ def category_sets(sets: Mapping[str, Iterable], categories: Mapping[str, str | N
     """Per unsafe category with at least `min_sets` sets, its prompts' sets."""
     out: dict[str, dict[str, FeatureSet]] = {}
     for pid, s in sets.items():
-        if categories.get(pid):
-            out.setdefault(categories[pid], {})[pid] = FeatureSet(s)
+        if cat := categories.get(pid):
+            out.setdefault(cat, {})[pid] = FeatureSet(s)
     return {c: v for c, v in sorted(out.items()) if len(v) >= min_sets}
 
 
@@ -185,12 +186,12 @@ def evaluate_prompts(model: ChatModel, saes, prompts: Sequence[Prompt], plan: Se
                   (harmless_judge, [i for i, p in enumerate(prompts) if harmless_judge and p.label == "harmless"])]
         verdicts: dict[int, tuple] = {}
         for j, idx in groups:
-            if not idx:
+            if j is None or not idx:  # no harmless judge: its group is empty
                 continue
             v = _judge(model, j, [texts[i] for i in idx], [gen.texts[i] for i in idx], batch_size)
             for k, i in enumerate(idx):
                 verdicts[i] = (v.refused[k], v.degenerate[k], v.jailbroken[k], v.judge)
-    kl = kl_divergence(plain, probs).tolist() if plan else [0.0] * len(prompts)
+    kl = kl_divergence(plain, probs).tolist() if plain is not None and probs is not None else [0.0] * len(prompts)
     return [{"id": p.id, "label": p.label, "category": p.category, "prompt": p.text, "completion": gen.texts[i],
              "refused": bool(verdicts[i][0]), "degenerate": bool(verdicts[i][1]),
              "jailbroken": bool(verdicts[i][2]), "judge": verdicts[i][3],

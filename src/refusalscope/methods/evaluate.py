@@ -36,14 +36,14 @@ class Judged:
                 for r, d in zip(self.refused, self.degenerate)]
 
     def verdicts(self) -> list[Verdict]:
-        by = self.decided_by or [self.judge] * len(self)
+        by: Sequence[str | None] = self.decided_by or [self.judge] * len(self)
         return [Verdict(bool(r), bool(d), bool(j), b)
                 for r, d, j, b in zip(self.refused, self.degenerate, self.jailbroken, by)]
 
     def records(self, prompts: Sequence[str]) -> list[dict]:
         """One JSON-able row per prompt: prompt, completion, refused, degenerate, jailbroken,
         score, decided_by."""
-        by = self.decided_by or [self.judge] * len(self)
+        by: Sequence[str | None] = self.decided_by or [self.judge] * len(self)
         return [{"prompt": p, "completion": c, "refused": bool(r), "degenerate": bool(d),
                  "jailbroken": bool(j), "score": float(s), "decided_by": b}
                 for p, c, r, d, j, s, b in zip(prompts, self.completions, self.refused, self.degenerate,

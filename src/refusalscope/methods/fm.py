@@ -136,8 +136,8 @@ def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, l
         raise UserError(f"unknown FM input scale {scale!r}: use max_abs or none")
     g = torch.Generator().manual_seed(seed)
     d = train.X.shape[1]
-    scale = max_abs_scale(train.X) if scale == "max_abs" else np.ones(d, dtype=np.float32)
-    Xtr, Xva = apply_scale(train.X, scale), apply_scale(val.X, scale)
+    col_scale = max_abs_scale(train.X) if scale == "max_abs" else np.ones(d, dtype=np.float32)
+    Xtr, Xva = apply_scale(train.X, col_scale), apply_scale(val.X, col_scale)
     ytr, yva = torch.from_numpy(train.y.astype(np.float32)), torch.from_numpy(val.y.astype(np.float32))
     fm = FactorizationMachine(d, k, init_std, generator=g).to(device)
     opt = torch.optim.Adam(fm.parameters(), lr=lr, weight_decay=weight_decay)
@@ -165,8 +165,10 @@ def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, l
         key = (rec["val_acc"], -val_loss)
         if best_key is None or key > best_key:
             best_key, best = key, (epoch, copy.deepcopy(fm.state_dict()))
+    assert best is not None  # epochs >= 1: the first epoch sets it
     fm.load_state_dict(best[1])
-    res = FMResult(fm.eval(), scale, best[0], history[best[0]]["train_acc"], history[best[0]]["val_acc"], None, history)
+    res = FMResult(fm.eval(), col_scale, best[0], history[best[0]]["train_acc"], history[best[0]]["val_acc"], None,
+                   history)
     if test is not None and len(test):
         res.test_acc = res.accuracy(test)
     return res
@@ -234,7 +236,7 @@ def rank_per_prompt(fm, columns: Sequence[Feature], sets: Mapping[str, Iterable]
         raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
                         "pass the columns of the dataset the FM was trained on")
     col = {c: j for j, c in enumerate(columns)}
-    out = {}
+    out: dict[str, list[tuple[Feature, float]]] = {}
     for pid, feats in sets.items():
         own = [Feature.of(f) for f in feats]
         anchors = [col[f] for f in own if f in col]

@@ -101,7 +101,7 @@ class FeatureMatrix:
         t = load_file(str(path))
         shape = tuple(t["shape"].tolist())
         values = sp.csr_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()), shape=shape)
-        return cls([tuple(c) for c in t["columns"].tolist()], values, t["rows"].numpy(),
+        return cls([Feature.of(c) for c in t["columns"].tolist()], values, t["rows"].numpy(),
                    meta["mode"], json.loads(meta["n_tokens"]))
 
 
@@ -225,7 +225,7 @@ def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: 
     splits = [Split(sp.vstack([p[0] for p in ps]).tocsr().astype(np.float32),
                     np.concatenate([p[1] for p in ps]),
                     np.concatenate([p[2] for p in ps]).astype(np.int64).reshape(-1, 3)) for ps in parts]
-    return FMDataset(*splits, columns=columns)
+    return FMDataset(splits[0], splits[1], splits[2], columns=columns)
 
 
 def max_abs_scale(X: sp.spmatrix) -> np.ndarray:

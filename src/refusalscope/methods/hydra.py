@@ -31,7 +31,8 @@ def inactive_critical(model: ChatModel, saes, prompts: Prompts, sets: Mapping, a
     under any variant, including an inactive set whose ablation is a no-op."""
     lists = lookup(sets, prompts)
     require(activity, prompts, "activity")
-    rows, records = [], []
+    rows: list[tuple] = []
+    records: list[dict] = []
     for (pid, text), full in zip(prompts, lists):
         act, ina = activity[pid].active, activity[pid].inactive
         variants = {"full": full, "active": act, "inactive": ina}
@@ -89,7 +90,8 @@ def wake_up(model: ChatModel, saes, prompts: Prompts, activity: Mapping[str, Act
     with_inactive = [(pid, t) for pid, t in prompts if activity[pid].inactive]
     if ids is not None:
         wanted = set(ids)
-        kept, step2 = [(pid, t) for pid, t in with_inactive if pid in wanted], {}
+        step2: dict = {}
+        kept = [(pid, t) for pid, t in with_inactive if pid in wanted]
     else:
         kept, step2 = redundant_prompts(model, saes, with_inactive, activity, batch_size, threshold, impact)
     records = woken_latents(model, saes, kept, activity, batch_size, tokenizer)

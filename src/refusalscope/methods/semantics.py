@@ -260,7 +260,7 @@ def group_by_concepts(explanations: Mapping[Feature, str],
     concepts = DEFAULT_CONCEPTS if concepts is None else concepts
     pats = {c: _keyword_pattern(kw) for c, kw in concepts.items() if kw}
     texts = {Feature.of(f).id: t or "" for f, t in explanations.items()}
-    out = {c: [] for c in concepts}
+    out: dict[str, list[str]] = {c: [] for c in concepts}
     out.setdefault("Misc", [])
     for f in FeatureSet(texts).sorted().ids():
         hits = [c for c, p in pats.items() if p.search(texts[f])]

@@ -49,7 +49,7 @@ def literal_algorithm1(p_fn: Callable[[frozenset], float], candidates: Sequence[
                        tau: float, seed: int) -> set[Feature]:
     """Algorithm 1 as written, one P evaluation at a time (for tests and benchmarks)."""
     rng = random.Random(seed)
-    C, K = set(map(Feature.of, candidates)), set()
+    C, K = set(map(Feature.of, candidates)), set[Feature]()
     while len(C - K) >= n:
         V = set(rng.sample(sorted(C - K), n))
         if delta(p_fn(frozenset(C - K)), p_fn(frozenset(C - (K | V)))) >= tau:

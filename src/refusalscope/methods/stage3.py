@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,7 +37,7 @@ def ranked_features(ranked: Sequence) -> list[Feature]:
     return out
 
 
-Ranking = Sequence | Mapping[Hashable, Sequence]
+Ranking = Sequence | Mapping[Any, Sequence]
 
 
 def per_prompt(ranked: Ranking) -> Callable[[Hashable], list[Feature]]:
@@ -55,7 +56,7 @@ def combined_plan(stage2: Sequence, ranked: Sequence[Feature], k: int, positions
 
 
 def stage3_search(model: ChatModel, saes, prompts: Sequence[tuple[Hashable, str]],
-                  active_stage2: Mapping[Hashable, Sequence], ranked: Ranking,
+                  active_stage2: Mapping[Any, Sequence], ranked: Ranking,
                   ks: Sequence[int] = PAPER_KS, *, judge: Judge, max_new_tokens: int, batch_size: int,
                   rungs_per_round: int = 3, positions="all", quiet: bool = True,
                   on_done=None) -> list[LadderRecord]:
@@ -84,7 +85,7 @@ class SweepResult:
 
 
 def probe_sweep(model: ChatModel, saes, prompts: Sequence[tuple[Hashable, str]],
-                active_stage2: Mapping[Hashable, Sequence], probe_ranked: Ranking,
+                active_stage2: Mapping[Any, Sequence], probe_ranked: Ranking,
                 fm_ranked: Ranking | None = None, ks: Sequence[int] = PROBE_KS, *, judge: Judge,
                 max_new_tokens: int, batch_size: int, positions="all", rows_per_call: int = 256,
                 quiet: bool = True) -> SweepResult:

@@ -99,10 +99,11 @@ def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: 
     if nocat:
         raise UserError(f"{len(nocat)} prompt(s) have no category (first: {nocat[0]!r}): "
                         "pass prompts labelled with taxonomy categories")
-    seen = {p.category for p in prompts}
+    labels = [p.category for p in prompts if p.category]  # every prompt has one (checked above)
+    seen = set(labels)
     cats = [c for c in UNSAFE_CATEGORIES if c in seen] + sorted(seen - set(UNSAFE_CATEGORIES))
     onehot = torch.zeros(len(prompts), len(cats))
-    onehot[torch.arange(len(prompts)), torch.tensor([cats.index(p.category) for p in prompts])] = 1
+    onehot[torch.arange(len(prompts)), torch.tensor([cats.index(c) for c in labels])] = 1
     by_layer = FeatureSet(features).checked(saes).by_layer()
     fired = [{l: torch.zeros(len(prompts), len(ix), dtype=torch.bool) for l, ix in by_layer.items()}
              for _ in range(2)]

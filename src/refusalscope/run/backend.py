@@ -49,7 +49,9 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.ctx = Context(Config.model_validate(cfg_data), store=None, quiet=True, log=lambda *_: None)
+        # a worker holds no run store: only the driver writes it, and tasks never read it
+        self.ctx = Context(Config.model_validate(cfg_data), store=None,  # type: ignore[arg-type]
+                           quiet=True, log=lambda *_: None)
 
     def run(self, task: str, items: list, payload: dict) -> list[dict]:
         from .tasks import TASKS
@@ -93,7 +95,8 @@ class RayBackend:
         ray = self.ray
         parts = shards(items, self.ctx.cfg.execution.shard_size)
         ref = ray.put(payload)
-        queue, idle, pending = list(parts), list(self.actors), {}
+        queue, idle = list(parts), list(self.actors)
+        pending: dict = {}  # Ray object ref -> the actor computing it
         bar = tqdm(total=len(parts), desc=f"{desc} [ray]", unit="shard", disable=self.ctx.quiet)
         try:
             while queue or pending:

@@ -6,9 +6,10 @@ a preset under `preset:` and override any field.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -158,11 +159,12 @@ class Stage3Config(Section):
     rungs_per_round: int = Field(3, ge=1)
 
 
-ANALYSES = ("hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics")
+AnalysisName = Literal["hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics"]
+ANALYSES: tuple[AnalysisName, ...] = get_args(AnalysisName)
 
 
 class AnalysesConfig(Section):
-    run: list[Literal[ANALYSES]] = list(ANALYSES)
+    run: list[AnalysisName] = list(ANALYSES)
     wake_threshold: float = Field(0.1, ge=0, description="relative P(I) change that keeps a prompt (hydra step 2)")
     random_seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1)
     obrien_ks: list[Positive] = Field([1, 2, 3, 4, 5, 6, 8, 10], min_length=1)
@@ -207,14 +209,15 @@ class DashboardsConfig(Section):
     sink_ratio: float | None = Field(4.0, gt=1, description="residual norm / row median that marks an attention sink")
 
 
-EVAL_INTERVENTIONS = ("none", "direction", "actadd", "core", "core_category", "stage2_union",
-                      "critical_union", "random", "bos_clamp")
+EvalInterventionName = Literal["none", "direction", "actadd", "core", "core_category", "stage2_union",
+                               "critical_union", "random", "bos_clamp"]
+EVAL_INTERVENTIONS: tuple[EvalInterventionName, ...] = get_args(EvalInterventionName)
 
 
 class EvalConfig(Section):
     """`refusalscope eval`: interventions (rows) × datasets (columns); not part of `run`."""
 
-    interventions: list[Literal[EVAL_INTERVENTIONS]] = Field(list(EVAL_INTERVENTIONS), description=(
+    interventions: list[EvalInterventionName] = Field(list(EVAL_INTERVENTIONS), description=(
         "none; direction (ablated at every layer); actadd (r added at l*); core (the N latents most often "
         "in Stage 2 sets, N in core_sizes); core_category (the same per unsafe category); stage2_union; "
         "critical_union (Stage 2 + Stage 3 sets); random (active latents matched to each core set in count "
@@ -337,7 +340,7 @@ def config_from_dict(data: dict, origin: str = "config") -> Config:
         raise UserError(_describe(err, origin)) from None
 
 
-def load_config(path_or_preset: str | Path | None = None, overrides: dict | None = None) -> Config:
+def load_config(path_or_preset: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
     """A config from a YAML file, a preset name, or the demo preset when None."""
     if path_or_preset is None:
         path_or_preset = "demo"

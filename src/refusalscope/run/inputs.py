@@ -80,7 +80,7 @@ def prompt_digest(spec: str, text_field: str | None) -> str:
     from .resolve import load_prompt_set
 
     p = Path(spec)
-    stamp = ()
+    stamp: tuple[int, ...] = ()
     if not spec.startswith("bundled:"):
         try:
             st = os.stat(p)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..io.model import ChatModel
@@ -19,6 +20,9 @@ from .resolve import load_model, load_prompt_set, take
 from .results import RunResults
 from .store import RunStore
 
+if TYPE_CHECKING:
+    from .backend import LocalBackend, RayBackend
+
 
 @dataclass
 class Context:
@@ -31,7 +35,7 @@ class Context:
     _model: ChatModel | None = None
     _saes: object = None
     _judge: object = None
-    _backend: object = None
+    _backend: LocalBackend | RayBackend | None = None
     hashes: dict = field(default_factory=dict)
 
     @property
@@ -97,7 +101,7 @@ def run_filter(ctx: Context) -> dict:
     name = "filter"
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     cfg = ctx.cfg
     prompts = load_prompt_set(cfg.data.harmful_test, cfg.data.text_field, label="harmful")
     prompts = take(prompts, cfg.data.max_prompts, cfg.seed)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..io.model import ChatModel
@@ -34,15 +36,16 @@ class ModelInfo:
     n_layers: int
     d_model: int
     context: int | None
-    tokenizer: object
+    tokenizer: Any
 
 
 class _Formatter:
     """ChatModel's own chat formatting over a tokenizer alone (no weights loaded)."""
 
-    format_chat = ChatModel.format_chat
-    _apply_template = ChatModel._apply_template
-    _token_ids = ChatModel._token_ids
+    # borrowed methods: they read only the attributes set below (typed loosely: self is no ChatModel)
+    format_chat: Callable[..., str] = ChatModel.format_chat
+    _apply_template: Callable[..., Any] = ChatModel._apply_template
+    _token_ids: Callable[..., list[int]] = ChatModel._token_ids
 
     def __init__(self, info: ModelInfo, system_prompt: str | None):
         self.tokenizer, self.name, self.system_prompt = info.tokenizer, info.name, system_prompt
@@ -72,7 +75,8 @@ def model_info(cfg) -> ModelInfo | None:
 
         if not is_built():
             return None
-        where, kwargs, name = str(model_dir() / "model"), {}, MODEL_NAME
+        kwargs: dict = {}
+        where, name = str(model_dir() / "model"), MODEL_NAME
     else:
         where, kwargs = _model_source(m.source, m.gguf_file)
         name = m.source
@@ -159,6 +163,7 @@ def check_prompts(cfg, stages, info: ModelInfo | None, log) -> None:
             prompts = load_prompt_set(spec, cfg.data.text_field)
             _repeats(prompts, spec, error=key == "data.harmful_test", log=log)
             if budget is not None and key not in UNFORMATTED:
+                assert info is not None and fmt is not None  # a budget comes from the model's info
                 for p in prompts:
                     n = len(info.tokenizer(fmt.format_chat(p.text), add_special_tokens=False)["input_ids"])
                     if n > budget:
@@ -174,7 +179,9 @@ def _line(p) -> str:
 
 
 def _repeats(prompts, spec: str, error: bool, log) -> None:
-    first_text, first_id, repeats = {}, {}, []
+    first_text: dict[str, Any] = {}
+    first_id: dict[str, Any] = {}
+    repeats: list[tuple[Any, Any]] = []
     for p in prompts:
         if p.id in first_id:
             raise UserError(f"{p.source or spec} {_line(p)} has the id {p.id!r} of {_line(first_id[p.id])}: give "

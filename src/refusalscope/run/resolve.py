@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
@@ -69,7 +71,7 @@ def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
     if s.source == "demo":
         from ..demo.world import sae_dir
 
-        specs = {l: str(sae_dir(l)) for l in layers}
+        specs: Mapping[Any, str] | str = {l: str(sae_dir(l)) for l in layers}
     elif s.source == "release":
         if not s.release or not s.sae_id:
             raise UserError("saes.source is 'release' but saes.release or saes.sae_id is empty: set both")

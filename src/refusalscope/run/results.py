@@ -101,7 +101,7 @@ class RunResults:
     def direction(self) -> tuple[torch.Tensor, int]:
         """The unit refusal direction r̂(l*) and l*."""
         t = read_tensors(self.path("direction", "direction.safetensors"))
-        return t["direction"], int(self.store.status("direction")["summary"]["layer"])
+        return t["direction"], int(self.store.recorded("direction")["summary"]["layer"])
 
     def direction_vector(self) -> torch.Tensor:
         """The unnormalised difference in means r(l*) (what ActAdd adds)."""

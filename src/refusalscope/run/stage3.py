@@ -6,6 +6,7 @@ linear-probe comparison."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pandas as pd
 import torch
@@ -39,7 +40,7 @@ def run_stage3(ctx: Context) -> dict:
     name = "stage3"
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     sc, gen, model, saes = ctx.cfg.stage3, ctx.cfg.generation, ctx.model, ctx.saes
     tf = ctx.cfg.data.text_field
     harmful, harmless = (
@@ -62,7 +63,8 @@ def run_stage3(ctx: Context) -> dict:
         for label, a in zip(("harmful", "harmless"), acts):
             a.save(st.file(f"acts_{label}.safetensors"))
         data = fm_dataset(acts[0], acts[1], ctx.cfg.seed)
-        fit = dict(lr=sc.lr, epochs=sc.epochs, batch_size=sc.batch_size, seed=ctx.cfg.seed, scale=sc.scale)
+        fit: dict[str, Any] = dict(lr=sc.lr, epochs=sc.epochs, batch_size=sc.batch_size, seed=ctx.cfg.seed,
+                                   scale=sc.scale)
         res = train_fm(data.train, data.val, data.test, k=sc.embedding_size, quiet=ctx.quiet, **fit)
         collapse = {sc.embedding_size: embedding_collapse(res.model, seed=ctx.cfg.seed)}
         for k in sc.collapse_sizes:

@@ -21,7 +21,7 @@ def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
 def _stage(ctx: Context, name: str, compute) -> dict:
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     with ctx.store.stage(name, h) as st:
         st.summary = compute(st)
     ctx.log(f"{name}: done")

@@ -41,7 +41,7 @@ def run_direction(ctx: Context) -> dict:
     name = "direction"
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     cfg, dc = ctx.cfg, ctx.cfg.direction
     tf = cfg.data.text_field
     harm_tr = take([p.text for p in load_prompt_set(cfg.data.harmful_train, tf)], dc.n_train, cfg.seed)
@@ -100,7 +100,7 @@ def run_direction(ctx: Context) -> dict:
             j = generate_judged(model, None, texts, None, judge, gen.max_new_tokens, gen.batch_size,
                                 shared=[DirectionAblation(rnd)], quiet=ctx.quiet, desc="random direction")
             controls.append(sum(j.jailbroken) / max(1, len(j)))
-        filt = ctx.store.status("filter")["summary"]
+        filt = ctx.store.recorded("filter")["summary"]
         summary = {
             "layer": choice.layer, "position": choice.position,
             "asr_before_all_test": round(1 - filt["n_kept"] / max(1, filt["n_in"]), 4),

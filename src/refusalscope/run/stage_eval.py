@@ -118,7 +118,7 @@ def run_eval(ctx: Context) -> dict:
     base = {"stage": name, "cfg": ctx.cfg.section("model", "saes", "judge", "generation", "seed"), "eval": rest}
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     prompts, texts, dnotes = resolve_datasets(ctx)
     rows, notes = interventions(ctx)
     direction, layer = ctx.results.direction()

@@ -42,7 +42,7 @@ def run_stage1(ctx: Context) -> dict:
     name = "stage1"
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     s1 = ctx.cfg.stage1
     direction, _ = ctx.results.direction()
     layers = stage1_layers(ctx)
@@ -77,7 +77,7 @@ def run_stage2(ctx: Context) -> dict:
     name = "stage2"
     h = stage_hash(ctx, name)
     if ctx.store.is_done(name, h):
-        return ctx.store.status(name)["summary"]
+        return ctx.store.recorded(name)["summary"]
     s2 = ctx.cfg.stage2
     stage1 = ctx.results.stage1()
     k_of = {pid: r.k for pid, r in stage1.items() if r.k is not None}
@@ -118,9 +118,10 @@ def table_one(records: list[Stage2Record], n_refused: int, n_stage1: int | None 
     `stage1_jailbroken`: prompts Stage 1 jailbroke; `stage2_prompts`: prompts Algorithm 1 ran on
     (more than those with `stage2.unbroken: k_max`)."""
     sets = [r for r in records if r.set is not None]
-    sizes = [len(r.set) for r in sets]
+    found = [r.set for r in records if r.set is not None]
+    sizes = [len(s) for s in found]
     inactive = [r.inactive for r in sets if r.inactive is not None]
-    return {"unique_latents": len({f for r in sets for f in r.set}), "jailbroken": len(sets),
+    return {"unique_latents": len({f for s in found for f in s}), "jailbroken": len(sets),
             "refused": n_refused, "stage1_jailbroken": len(records) if n_stage1 is None else n_stage1,
             "stage2_prompts": len(records),
             "mean_set_size": round(sum(sizes) / max(1, len(sizes)), 2),

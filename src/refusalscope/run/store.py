@@ -137,6 +137,12 @@ class RunStore:
     def status(self, stage: str) -> dict | None:
         return self.manifest["stages"].get(stage)
 
+    def recorded(self, stage: str) -> dict:
+        """The manifest entry of a stage known to have run (checked by `is_done`, or read before)."""
+        s = self.status(stage)
+        assert s is not None, f"stage {stage!r} has no manifest entry"
+        return s
+
     def is_done(self, stage: str, chash: str) -> bool:
         s = self.status(stage)
         return bool(s and s.get("status") == "done" and s.get("config_hash") == chash
