@@ -306,6 +306,8 @@ def test_top_terms_and_concepts():
     own = {"5-1": 'fires on "garlic", "onion" in contexts like "…<|im_start|>Roast the beans with[[ garlic]]…"',
            "5-2": 'fires on "<|im_start|>" in contexts like "…<|im_start|>Roast the beans…"'}
     assert sem.top_terms(own) == [("garlic", 1), ("onion", 1)]
+    # a latent with no activating example has no explanation: its placeholder adds no terms
+    assert sem.top_terms({**own, "5-3": sem.activation_explanation([])}) == [("garlic", 1), ("onion", 1)]
     groups = sem.group_by_concepts(exps)
     assert groups["Programming/code"] == ["1-9", "3-1"]
     assert groups["Punctuation"] == ["1-9"]

@@ -180,10 +180,13 @@ def _example(tok, ids: list[int], text: int, pos: int, act: float, context: int)
     return {"text": text, "position": pos, "token": token, "activation": act, "context": snippet}
 
 
+NO_EXAMPLES = "no activating examples in the corpus"  # not an explanation: never counted as terms
+
+
 def activation_explanation(top: Sequence[Mapping], n_tokens: int = 3) -> str:
     """A one-line explanation from top-activating examples, for features Neuronpedia lacks."""
     if not top:
-        return "no activating examples in the corpus"
+        return NO_EXAMPLES
     tokens = list(dict.fromkeys(e["token"].strip() or repr(e["token"]) for e in top))[:n_tokens]
     ctx = " ".join(top[0]["context"].split())
     quoted = ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
@@ -220,7 +223,7 @@ def top_terms(explanations: Mapping[Feature, str], n: int = 30,
     """The `n` most frequent content words across explanations (Table 4), ties alphabetical.
     The default stopwords also drop explanation boilerplate ("references", "terms", "phrases")."""
     stop = {w.lower() for w in stopwords}
-    counts = Counter(w for text in explanations.values() for w in _words(text or "")
+    counts = Counter(w for text in explanations.values() if text != NO_EXAMPLES for w in _words(text or "")
                      if w not in stop and len(w) > 1)
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
