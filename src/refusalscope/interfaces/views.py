@@ -74,8 +74,9 @@ SECTIONS: list[tuple[str, str, tuple[str, ...], str]] = [
 
 def _missing(stage: str, results: RunResults) -> str:
     cmd = stage if stage in ("filter", "direction", "stage1", "stage2", "stage3", "eval") else f"analyze {stage}"
+    also = "; it is not part of `refusalscope run`" if stage == "eval" else " (or `refusalscope run`)"
     return (f"The `{stage}` stage did not run for this run directory: "
-            f"run `refusalscope {cmd} -r {results.root}` (or `refusalscope run`) to fill this section.")
+            f"run `refusalscope {cmd} -r {results.root}`{also} to fill this section.")
 
 
 def _summary(results: RunResults, stage: str) -> dict:
