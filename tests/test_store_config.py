@@ -76,3 +76,14 @@ def test_config_presets_and_unknown_keys(tmp_path):
     with pytest.raises(UserError, match="generation.max_new_tokens"):
         load_config(f)
     assert "source: demo" in dump_config(load_config(None))
+
+
+@pytest.mark.parametrize("preset", ["demo", "gemma-2-2b-it", "gemma-2-2b-it-16k", "llama-3.1-8b-it"])
+def test_a_saved_config_reads_back_with_the_same_stage_hashes(preset, tmp_path):
+    """`config.yaml` in a run directory is what `-r` alone reuses: reading it back must not
+    change a single stage hash (a default int in a float list once did, rerunning clamping)."""
+    from refusalscope.run.inputs import stage_hashes
+
+    cfg = load_config(preset)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert stage_hashes(load_config(str(tmp_path / "config.yaml"))) == stage_hashes(cfg)

@@ -23,7 +23,8 @@ app.add_typer(config_app, name="config")
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config file or preset name (default: demo).")
+CONFIG = typer.Option(None, "--config", "-c", help=(
+    "YAML config file or preset name (default: the run directory's own config.yaml, else demo)."))
 RUN = typer.Option(None, "--run", "-r", help="Run directory (default: runs/<config name>).")
 BACKEND = typer.Option(None, "--backend", help="local (default) or ray: fan per-prompt work out over Ray workers.")
 ADDRESS = typer.Option(

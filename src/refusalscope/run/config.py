@@ -18,7 +18,9 @@ from ..errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # defaults are validated too, so a default [2, 4] of list[float] is [2.0, 4.0], as the same
+    # values read back from a saved config.yaml are: the stage hashes of both agree
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 # Constrained items: the error names the key and the offending position (e.g. 'stage2.taus.1').

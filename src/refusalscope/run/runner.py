@@ -40,13 +40,18 @@ def printer(quiet: bool, stream=None) -> Callable[[str], None]:
 def open_context(config: str | os.PathLike | Config | None = None, run_dir: str | os.PathLike | None = None,
                  overrides: dict | None = None, quiet: bool = False, log: Callable[[str], None] | None = None,
                  accept_version: bool = False) -> Context:
-    """The Context of a run: its config (a preset name, YAML file or Config; default demo), its run
-    directory (default runs/<config name>) locked for this process and checked for its version
+    """The Context of a run: its config (a preset name, YAML file or Config; without one, the
+    config.yaml an earlier command saved in `run_dir`, else demo), its run directory (default
+    runs/<config name>) locked for this process and checked for its version
     (`RunStore.open_for_writing`), with the resolved config saved beside the manifest. Close it
     (`run_pipeline` does) to release the lock."""
+    log = log or printer(quiet)
+    saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    if config is None and saved is not None and saved.is_file():
+        config = str(saved)
+        log(f"config: {saved} (the run's own; pass -c to use another)")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     root = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    log = log or printer(quiet)
     ctx = Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log)
     try:
         atomic_write_text(root / "config.yaml", dump_config(cfg))
