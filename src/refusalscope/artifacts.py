@@ -171,7 +171,11 @@ class Checkpoint:
         return item in self.records
 
     def add(self, record: dict) -> None:
-        """Append one record; a torn line left by a kill or a full disk is dropped on reopening."""
+        """Append one record, unless its item is already done (work redone after a kill gives the
+        same values, and the file keeps one line per item); a torn line left by a kill or a full
+        disk is dropped on reopening."""
+        if record[self.key] in self.records:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:

@@ -190,13 +190,7 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
     active in the data has no trained embedding): aggregate "max" = the closest Stage 2 latent
     (a feature that interacts strongly with any one of them), "mean" = cosine to the average of
     the unit Stage 2 embeddings (their mean cosine). Descending; ties keep column order."""
-    if aggregate not in ("max", "mean"):
-        raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
-    columns = [Feature.of(c) for c in columns]
-    U = _unit(_embeddings(fm))
-    if U.shape[0] != len(columns):
-        raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
-                        "pass the columns of the dataset the FM was trained on")
+    columns, U = _unit_columns(fm, columns, aggregate)
     stage2 = set(map(Feature.of, stage2_features))
     exclude = stage2 if exclude is None else set(map(Feature.of, exclude))
     anchors = [j for j, c in enumerate(columns) if c in stage2]
@@ -205,6 +199,18 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
                         "Stage 3 data): set stage3.layers to include layers of the Stage 2 latents")
     keep = np.array([c not in exclude for c in columns], dtype=bool)
     return _ranked(columns, _scores(U, anchors, aggregate, chunk), keep)
+
+
+def _unit_columns(fm, columns: Sequence, aggregate: str) -> tuple[list[Feature], Tensor]:
+    """The columns as Features and the FM's unit embeddings, checked against each other."""
+    if aggregate not in ("max", "mean"):
+        raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
+    feats = [Feature.of(c) for c in columns]
+    U = _unit(_embeddings(fm))
+    if U.shape[0] != len(feats):
+        raise UserError(f"FM has {U.shape[0]} embeddings but {len(feats)} columns were given: "
+                        "pass the columns of the dataset the FM was trained on")
+    return feats, U
 
 
 def _scores(U: Tensor, anchors: Sequence[int], aggregate: str, chunk: int = 65536) -> np.ndarray:
@@ -228,13 +234,7 @@ def rank_per_prompt(fm, columns: Sequence[Feature], sets: Mapping[str, Iterable]
     """Per prompt, the `top` latents by FM-embedding similarity to THAT prompt's Stage 2 set
     (the prompt's own latents excluded). A prompt none of whose latents is an FM column gets an
     empty list (the caller decides what to fall back to)."""
-    if aggregate not in ("max", "mean"):
-        raise UserError(f"unknown similarity aggregate {aggregate!r}: use max or mean")
-    columns = [Feature.of(c) for c in columns]
-    U = _unit(_embeddings(fm))
-    if U.shape[0] != len(columns):
-        raise UserError(f"FM has {U.shape[0]} embeddings but {len(columns)} columns were given: "
-                        "pass the columns of the dataset the FM was trained on")
+    columns, U = _unit_columns(fm, columns, aggregate)
     col = {c: j for j, c in enumerate(columns)}
     out: dict[str, list[tuple[Feature, float]]] = {}
     for pid, feats in sets.items():

@@ -144,5 +144,4 @@ def fan_out(ctx, task: str, items: Sequence, payload: dict, ck, desc: str) -> No
                                    "items": len(todo), "shards": len(shards(todo, size))}
     for records in backend.map(task, todo, payload, desc):
         for r in records:
-            if r[ck.key] not in ck:  # a redone shard's finished items are already there (same values)
-                ck.add(r)
+            ck.add(r)  # a redone shard's finished items are already there: not added twice

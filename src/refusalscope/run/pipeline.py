@@ -119,8 +119,7 @@ def run_filter(ctx: Context) -> dict:
             texts = [p.text for p in chunk]
             j = generate_judged(model, None, texts, None, judge, cfg.generation.max_new_tokens, size)
             for p, rec in zip(chunk, j.records(texts)):
-                if p.id not in ck:
-                    ck.add({"id": p.id, "category": p.category, **rec})
+                ck.add({"id": p.id, "category": p.category, **rec})
         records = [ck.records[p.id] for p in prompts]
         refused, report = filter_refused(prompts, [r["refused"] for r in records])
         kept, heldout = heldout_split(refused, cfg.data.heldout_fraction, cfg.seed)

@@ -26,8 +26,7 @@ def refused_train_prompts(ctx: Context, st, prompts: list[str]) -> list[str]:
         j = generate_judged(ctx.model, None, [t for _, t in chunk], None, ctx.judge, gen.max_new_tokens,
                             gen.batch_size, quiet=ctx.quiet, desc="judge harmful train prompts")
         for (i, _), rec in zip(chunk, j.records([t for _, t in chunk])):
-            if f"{i}" not in ck:
-                ck.add({"key": f"{i}", **rec})
+            ck.add({"key": f"{i}", **rec})
     kept = [t for i, t in enumerate(prompts) if ck.records[f"{i}"]["refused"]]
     st.jsonl("train_refused.jsonl", [ck.records[f"{i}"] for i in range(len(prompts))])
     if len(kept) < 2:
