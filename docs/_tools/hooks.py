@@ -2,6 +2,8 @@
 
 - The configuration and CLI references are generated from the code at build time
   (`reference.py`), so they cannot drift from the schema or the typer app.
+- A marker in a hand-written page (`<!-- generated: stage inputs -->`) becomes the table of what
+  each stage reads, from `run/inputs.py`.
 - Any docs/*.md page that mkdocs.yml's nav does not list (a page another branch added, such as an
   exporter's or a new feature's) is appended under "More", so it shows in the nav without editing
   mkdocs.yml, and the strict build stays green.
@@ -16,6 +18,8 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 GENERATED = {"reference/config.md": "config_markdown", "reference/cli.md": "cli_markdown"}
+# a marker in a hand-written page, replaced by a generated table
+MARKERS = {"<!-- generated: stage inputs -->": "stage_inputs_markdown"}
 MORE = "More"
 
 
@@ -72,3 +76,10 @@ def on_files(files: Files, config: Any) -> Files:
             else:
                 nav.append({MORE: extra})
     return files
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    for marker, fn in MARKERS.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, getattr(_reference_module(), fn)())
+    return markdown

@@ -183,6 +183,20 @@ def cli_markdown() -> str:
     return "\n".join(lines)
 
 
+def stage_inputs_markdown() -> str:
+    """The table of `run/inputs.py`: what each stage reads, so what reruns it."""
+    from refusalscope.run.inputs import STAGES
+
+    lines = ["| stage | config fields it reads | prompt sets it reads (by content) | stages it reads | "
+             "read when the config runs them |", "|---|---|---|---|---|"]
+    for name, spec in STAGES.items():
+        def cells(xs):
+            return ", ".join(f"`{x}`" for x in xs) or "–"
+        lines.append(f"| `{name}` | {cells(spec.keys)} | {cells(spec.files)} | {cells(spec.deps)} | "
+                     f"{cells(spec.optional)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "config"
-    print(config_markdown() if which == "config" else cli_markdown())
+    print({"config": config_markdown, "cli": cli_markdown, "inputs": stage_inputs_markdown}[which]())
