@@ -67,6 +67,26 @@ def _flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# One line per section: what it configures and where the docs explain it (links relative to reference/).
+SECTION_NOTES = {
+    "model": "The chat model dissected, and how it is run ([Getting started](../getting-started.md#on-a-gpu)).",
+    "saes": "The SAEs, one per layer; layer L is the output of decoder layer L "
+            "([What an intervention does](../semantics.md)).",
+    "data": "The prompt sets: files, `bundled:NAME[:SPLIT]`, saved `datasets` folders or `hf:ID[:CONFIG][::SPLIT]`.",
+    "judge": "What decides refused / jailbroken / degenerate "
+             "([Beyond the paper](../paper-fidelity.md#judging-replies)).",
+    "generation": "Replies generated for every judged verdict.",
+    "direction": "The refusal direction and the choice of l* ([Beyond the paper](../paper-fidelity.md#choosing-l)).",
+    "stage1": "Stage 1: top-K latents aligned with r̂ per layer, and the K ladder ([The method](../method.md)).",
+    "stage2": "Stage 2: Algorithm 1 ([Beyond the paper](../paper-fidelity.md#stage-2-the-set-a-prompt-keeps)).",
+    "stage3": "Stage 3: the factorization machine, its ranking and the K sweep "
+              "([Beyond the paper](../paper-fidelity.md#stage-3-rows-scaling-ranking-and-table-2)).",
+    "analyses": "The paper's analyses after Stage 3 ([The method](../method.md#analyses)).",
+    "eval": "`refusalscope eval` ([Evaluating interventions](../evaluation.md)).",
+    "execution": "Where per-prompt work runs ([Scaling out and GPUs](../scaling.md)).",
+}
+
+
 def config_markdown() -> str:
     from refusalscope.run.config import Config, config_from_dict, preset_names
 
@@ -111,6 +131,8 @@ def config_markdown() -> str:
         lines += [f"## `{name}`", ""]
         if doc and not doc.startswith("Usage docs"):
             lines += [doc.splitlines()[0], ""]
+        elif name in SECTION_NOTES:
+            lines += [SECTION_NOTES[name], ""]
         lines += [*table(list(type(section).model_fields.items()), f"{name}."), ""]
     return "\n".join(lines)
 
