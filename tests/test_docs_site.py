@@ -40,7 +40,13 @@ def test_unlisted_entries_names_only_the_pages_the_nav_lacks():
     nav = [{"Home": "index.md"}, {"Ref": [{"Config": "reference/config.md"}, "errors.md"]}]
     pages = [("index.md", "# Home"), ("errors.md", "# Errors"), ("export.md", "# Exporting a run\n\ntext"),
              ("apply.md", "no heading here"), ("reference/config.md", "# Configuration")]
-    assert hooks.unlisted_entries(nav, pages) == [{"Apply": "apply.md"}, {"Exporting a run": "export.md"}]
+    entries = hooks.unlisted_entries(nav, pages)
+    assert entries == [{"Apply": "apply.md"}, {"Exporting a run": "export.md"}]
+    # a page placed in an existing section goes there; one placed in a missing section, or not
+    # placed, goes under "More"
+    hooks.place_entries(nav, entries + [{"Width": "width.md"}], {"export.md": "Ref", "width.md": "Nowhere"})
+    assert nav[1] == {"Ref": [{"Config": "reference/config.md"}, "errors.md", {"Exporting a run": "export.md"}]}
+    assert nav[2] == {"More": [{"Apply": "apply.md"}, {"Width": "width.md"}]} and len(nav) == 3
 
 
 @pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,

@@ -5,8 +5,9 @@
 - A marker in a hand-written page (`<!-- generated: stage inputs -->`) becomes the table of what
   each stage reads, from `run/inputs.py`.
 - Any docs/*.md page that mkdocs.yml's nav does not list (a page another branch added, such as an
-  exporter's or a new feature's) is appended under "More", so it shows in the nav without editing
-  mkdocs.yml, and the strict build stays green.
+  exporter's or a new feature's) is appended to the nav, so it shows without editing mkdocs.yml
+  and the strict build stays green: under the top-level section `extra.place` names for it
+  (pages expected from other branches; a missing one is simply skipped), else under "More".
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def unlisted_entries(nav: Any, pages: list[tuple[str, str]]) -> list[dict[str, s
     return [{_title(p, text): p} for p, text in sorted(pages) if p not in named]
 
 
+def place_entries(nav: list, entries: list[dict[str, str]], place: dict[str, str]) -> None:
+    """Append each entry to the top-level section `place` names for its page, else to "More"."""
+    sections = {k: v for item in nav if isinstance(item, dict) for k, v in item.items() if isinstance(v, list)}
+    for entry in entries:
+        path = next(iter(entry.values()))
+        title = place.get(path, MORE)
+        if title not in sections:
+            if title != MORE:
+                title = MORE
+            if MORE not in sections:
+                sections[MORE] = []
+                nav.append({MORE: sections[MORE]})
+        sections[title].append(entry)
+
+
 def on_files(files: Files, config: Any) -> Files:
     ref = _reference_module()
     for path, fn in GENERATED.items():
@@ -67,14 +83,8 @@ def on_files(files: Files, config: Any) -> Files:
     nav = config.get("nav")
     if nav:
         pages = [(f.src_uri, f.content_string) for f in files.documentation_pages()]
-        extra = unlisted_entries(nav, pages)
-        if extra:
-            for item in nav:
-                if isinstance(item, dict) and MORE in item:
-                    item[MORE].extend(extra)
-                    break
-            else:
-                nav.append({MORE: extra})
+        place = (config.get("extra") or {}).get("place") or {}
+        place_entries(nav, unlisted_entries(nav, pages), place)
     return files
 
 
