@@ -16,6 +16,7 @@ from ..methods.eval_matrix import evaluate_prompts
 from ..methods.records import Stage2Record, Stage3Record
 from ..methods.stage1 import search_k, top_k_set
 from ..methods.stage2 import minimal_set
+from ..methods.stage3 import probe_sweep as stage3_sweep
 from ..methods.stage3 import stage3_search
 
 
@@ -60,6 +61,16 @@ def stage3(ctx, items, p) -> list[dict]:
                         rungs_per_round=sc.rungs_per_round, quiet=True, **_gen(ctx))
     return [Stage3Record(r.id, r.k, r.tried, r.completions, r.verdicts,
                          FeatureSet(p["active2"].get(r.id, ()))).to_json() for r in res]
+
+
+def probe_sweep(ctx, items, p) -> list[dict]:
+    """FM vs probe: per prompt, jailbroken or not at every `stage3.probe_ks` K (sorted), for the
+    probe's shared ranking and the prompt's own FM ranking."""
+    sweep = stage3_sweep(ctx.model, ctx.saes, items, p["active2"], p["probe"],
+                         {pid: p["fm"].get(pid, []) for pid, _ in items}, ctx.cfg.stage3.probe_ks, judge=ctx.judge,
+                         **_gen(ctx))
+    return [{"id": pid, **{name: [bool(x) for x in v[i]] for name, v in sweep.jailbroken.items()}}
+            for i, (pid, _) in enumerate(items)]
 
 
 def inactive_critical(ctx, items, p) -> list[dict]:
@@ -123,6 +134,7 @@ def eval_ce(ctx, items, p) -> list[dict]:
     return out
 
 
-TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "inactive_critical": inactive_critical,
+TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "probe_sweep": probe_sweep,
+         "inactive_critical": inactive_critical,
          "random_control": random_control, "obrien": obrien, "stage3_only": stage3_only,
          "latent_effects": latent_effects, "eval_prompts": eval_prompts, "eval_ce": eval_ce}
