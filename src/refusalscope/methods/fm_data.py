@@ -269,11 +269,12 @@ def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: 
                     np.concatenate([p[2] for p in ps]).astype(np.int64).reshape(-1, 3)) for ps in parts]
     # a column only val/test rows touch would keep its random init embedding: it is no FM column
     support = splits[0].X.getnnz(axis=0)
+    seen = int((sum(split.X.getnnz(axis=0) for split in splits) > 0).sum())
     keep = np.flatnonzero(support)
     for split in splits:
         split.X = split.X[:, keep].tocsr()
     return FMDataset(splits[0], splits[1], splits[2], columns=[columns[j] for j in keep],
-                     support=support[keep].astype(np.int64), n_seen=len(columns))
+                     support=support[keep].astype(np.int64), n_seen=seen)
 
 
 def max_abs_scale(X: sp.spmatrix) -> np.ndarray:
