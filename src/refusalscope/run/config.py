@@ -178,7 +178,9 @@ class AnalysesConfig(Section):
     ce_instructions: str = Field("bundled:harmless:test", description="paper: Alpaca")
     ce_general: str = Field("bundled:general", description="paper: The Pile")
     ce_texts: int = Field(100, ge=1)
-    ce_sets: int | None = Field(None, ge=1, description="cap on per-prompt feature sets averaged (None: all)")
+    ce_sets: int | None = Field(100, ge=1, description=(
+        "per-prompt Stage 2 sets whose CE is averaged: a seeded sample of at most this many (default 100: "
+        "100 sets × ce_texts × 2 datasets forward rows; None: all). The result says how many of how many"))
     taxonomy_prompts: list[str] = Field(["bundled:harmful"], min_length=1, description="prompts with unsafe categories (paper: CoCoNot)")
     taxonomy_field: Literal["category", "subcategory"] = Field(
         "category", description="the prompt field holding the harm type (CoCoNot: subcategory)")
