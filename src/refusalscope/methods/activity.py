@@ -112,14 +112,17 @@ def region(position: int, prefix_len: int, n_tokens: int, n_post: int) -> str:
 
 
 # ----------------------------------------------------------------- on a corpus
-def subset_acts(fd, h: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+def subset_acts(fd, h: torch.Tensor, indices: Sequence[int], host: bool = True) -> torch.Tensor:
     """Activations [..., len(indices)] of only those latents: encoder columns alone for
-    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent."""
+    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent.
+    fp32, on the host, or (`host=False`) on the SAE's device for callers that reduce them there."""
     h = h.to(fd.device)
     if fd.architecture == "topk":
         idx = torch.as_tensor(list(indices), dtype=torch.long, device=fd.device)
-        return fd.encode(h)[..., idx].float().cpu()
-    return fd.encode_subset(h, list(indices)).float().cpu()
+        acts = fd.encode(h)[..., idx].float()
+    else:
+        acts = fd.encode_subset(h, list(indices)).float()
+    return acts.cpu() if host else acts
 
 
 def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
