@@ -66,22 +66,32 @@ def activity(model: ChatModel, saes, prompts: Prompts, sets: Mapping, batch_size
 
 
 def token_counts(model: ChatModel, saes, texts: Sequence[str], layers: Sequence[int] | None = None,
-                 batch_size: int = 16) -> list[dict[int, dict[int, int]]]:
+                 batch_size: int = 16, max_elements: int = 1 << 25) -> list[dict[int, dict[int, int]]]:
     """Per text and layer, {latent: number of prompt tokens where it is active} for every latent
-    of the SAE (full encode inside the hook, so only the sparse counts leave the device)."""
+    of the SAE. The full encode runs inside the layer's hook, on the SAE's device and in its
+    stored precision, at most `max_elements` of [rows x tokens x d_sae] at a time; only the
+    (row, latent, count) triples of active latents leave the device, so nothing dense in d_sae
+    is ever kept (at k = 1 a row holds tens of thousands of latents at 65k width)."""
     layers = sorted(saes.keys()) if layers is None else sorted(set(layers))
     out: list[dict[int, dict[int, int]]] = [{} for _ in texts]
     if not texts:
         return out
-    dicts = {l: saes[l].to(model.device, model.dtype) for l in layers}
 
     def grab(layer):
+        fd = saes[layer]
+
         def fn(h, step):
-            on = (dicts[layer].encode(h) > 0) & (~step.is_pad).unsqueeze(-1)
-            n = on.sum(1).cpu()
-            for b in range(n.shape[0]):
-                idx = n[b].nonzero().flatten()
-                out[step.row_offset + b][layer] = dict(zip(idx.tolist(), n[b, idx].tolist()))
+            keep = (~step.is_pad).to(fd.device)
+            b_all, T = keep.shape
+            rows = max(1, max_elements // max(1, T * fd.d_sae))
+            for r0 in range(0, b_all, rows):
+                n = ((fd.encode(h[r0:r0 + rows].to(fd.device)) > 0) & keep[r0:r0 + rows].unsqueeze(-1)).sum(1)
+                nz = n.nonzero()
+                counts = n[nz[:, 0], nz[:, 1]].tolist()
+                for b in range(r0, min(r0 + rows, b_all)):
+                    out[step.row_offset + b][layer] = {}
+                for (b, i), c in zip(nz.tolist(), counts):
+                    out[step.row_offset + r0 + b][layer][i] = c
         return fn
 
     with torch.inference_mode(), model.hooks({l: grab(l) for l in layers}):
