@@ -14,6 +14,7 @@ import urllib.request
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,15 +99,34 @@ class NeuronpediaClient:
         atomic_write(path, write)
         return data
 
-    def explain(self, features: Iterable[Feature], quiet: bool = True) -> tuple[dict[str, str], list[str]]:
-        """(feature -> explanation, features with none), cache first, then the API when online."""
+    def explain(self, features: Iterable[Feature], quiet: bool = True,
+                workers: int = 8) -> tuple[dict[str, str], list[str]]:
+        """(feature -> explanation, features with none): the cache first, then the API for the
+        rest when online, `workers` requests at a time (tens of thousands of latents at the
+        paper's width; one by one that is hours). The first request goes alone, so a machine
+        without a route learns it from one failure and answers the rest from the cache."""
         explanations: dict[str, str] = {}
-        missing: list[str] = []
         feats = FeatureSet(features).sorted().ids()
-        for f in tqdm(feats, desc="Neuronpedia", disable=quiet or len(feats) <= 1, leave=False):
+        todo = []
+        for f in feats:
             text = parse_explanation(self.cached(f))
             if text is None:
-                text = parse_explanation(self.fetch(f))
+                todo.append(f)
+            else:
+                explanations[f] = text
+        fetched: dict[str, str | None] = {}
+        if todo and not self.offline:
+            fetched[todo[0]] = parse_explanation(self.fetch(todo[0]))
+            rest = todo[1:]
+            if rest and not self.offline:
+                with ThreadPoolExecutor(max(1, min(workers, len(rest)))) as pool:
+                    answers = pool.map(self.fetch, rest)  # each skips once another found no route
+                    for f, data in tqdm(zip(rest, answers), total=len(rest), desc="Neuronpedia",
+                                        disable=quiet, leave=False):
+                        fetched[f] = parse_explanation(data)
+        missing = []
+        for f in todo:
+            text = fetched.get(f)
             if text is None:
                 missing.append(f)
             else:

@@ -5,6 +5,7 @@ load the model (the playground aside). Runs after the analyses; reads whichever 
 from __future__ import annotations
 
 import time
+import warnings
 
 from ..interventions.features import FeatureSet
 from ..methods import dashboards as dash
@@ -44,8 +45,13 @@ def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple
         from ..methods.semantics import NeuronpediaClient
 
         client = NeuronpediaClient(ctx.cfg.analyses.neuronpedia_cache or cache_root() / "neuronpedia",
-                                   ctx.cfg.saes.neuronpedia_id)
-        found, _ = client.explain(missing)
+                                   ctx.cfg.saes.neuronpedia_id, base_url=ctx.cfg.analyses.neuronpedia_url)
+        with warnings.catch_warnings():  # said once below, as one line of the run's log
+            warnings.simplefilter("ignore")
+            found, gone = client.explain(missing, quiet=ctx.quiet)
+        if client.offline_reason and gone:
+            ctx.log(f"dashboards: {client.offline_reason}: {len(gone)} of {len(missing)} latents have no cached "
+                    "Neuronpedia explanation; they are explained by their top contexts")
         out.update({f: (e, "neuronpedia") for f, e in found.items()})
     for f in feats:
         if f.id not in out:
