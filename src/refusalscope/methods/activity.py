@@ -138,7 +138,7 @@ def subset_acts(fd, h: torch.Tensor, indices: Sequence[int], host: bool = True) 
 def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
                       batch_size: int, desc: str = "features", quiet: bool = True,
                       sink_ratio: float | None = 4.0
-                      ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor]]]:
+                      ) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor]]]:
     """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
     With `sink_ratio`, attention-sink positions (residual norm > sink_ratio x the row's median;
     the first token of every text in Llama-family models) are zeroed too: latents fire there on
@@ -146,7 +146,7 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
     memory at once."""
     for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
                                                               desc, quiet, sink_ratio):
-        yield start, sub, {l: a * (~sink[l]).unsqueeze(-1) for l, a in acts.items()}
+        yield start, sub, LayerActs(acts, lambda l, a=acts, s=sink: a[l] * (~s[l]).unsqueeze(-1))
 
 
 def iter_feature_acts_and_sinks(
@@ -158,7 +158,7 @@ def iter_feature_acts_and_sinks(
     desc: str = "features",
     quiet: bool = True,
     sink_ratio: float | None = 4.0,
-) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor], dict[int, torch.Tensor]]]:
     """`iter_feature_acts` with sink positions left in, plus per layer the [b, T] mask of sink
     positions at that layer, so a caller can count activity both ways in one pass."""
     if batch_size < 1:
@@ -167,10 +167,30 @@ def iter_feature_acts_and_sinks(
     starts = range(0, len(batch), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, len(batch)))
-        res = model.residuals(sub, layers)
+        res = model.residuals(sub, layers, host=False)
         valid = sub.attention_mask.bool()
-        acts = {l: subset_acts(saes[l], res[l], idx) * valid.unsqueeze(-1) for l, idx in by_layer.items()}
-        yield start, sub, acts, {l: sinks(res[l], valid, sink_ratio) for l in by_layer}
+        sink = {l: sinks(res[l], valid.to(res[l].device), sink_ratio).cpu() for l in by_layer}
+        acts = LayerActs(by_layer, lambda l, r=res, v=valid: subset_acts(saes[l], r[l], by_layer[l]) * v.unsqueeze(-1))
+        yield start, sub, acts, sink
+
+
+class LayerActs(Mapping[int, torch.Tensor]):
+    """{layer: acts [b, T, n]} computed when read and never kept: a chunk's activations of every
+    layer at once would hold all asked latents (tens of thousands at the paper's width)."""
+
+    def __init__(self, layers: Iterable[int], fn):
+        self._layers, self._fn = list(layers), fn
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return self._fn(layer)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:

@@ -54,26 +54,26 @@ class NeuronpediaClient:
         self.offline = bool(offline)
         self.offline_reason = "offline mode" if self.offline else None
 
-    def feature_path(self, feature: Feature) -> str:
+    def feature_path(self, feature: Feature | str) -> str:
         """"gemma-2-2b/12-gemmascope-res-16k/1234" for feature 12-1234."""
         layer, index = Feature.of(feature)
         path = self.template.replace("{layer}", str(layer))
         return path.replace("{index}", str(index)) if "{index}" in path else f"{path}/{index}"
 
-    def url(self, feature: Feature) -> str:
+    def url(self, feature: Feature | str) -> str:
         return f"{self.base_url}/api/feature/{self.feature_path(feature)}"
 
-    def cache_file(self, feature: Feature) -> Path:
+    def cache_file(self, feature: Feature | str) -> Path:
         return self.cache_dir.joinpath(*self.feature_path(feature).split("/")).with_suffix(".json")
 
-    def cached(self, feature: Feature) -> dict | None:
+    def cached(self, feature: Feature | str) -> dict | None:
         """The stored API response, or None (also for an unreadable file, which is refetched)."""
         try:
             return json.loads(self.cache_file(feature).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
-    def fetch(self, feature: Feature) -> dict | None:
+    def fetch(self, feature: Feature | str) -> dict | None:
         """GET one feature and cache it; None when it is not there or the network is down."""
         if self.offline:
             return None
@@ -173,11 +173,13 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
                                               "top activations", quiet):
         T = sub.input_ids.shape[1]
         pad = (T - sub.lengths).unsqueeze(1)
+        skip = None
         if not include_bos and tok.bos_token_id is not None:
             first = sub.input_ids.gather(1, pad) == tok.bos_token_id
             skip = (torch.arange(T).unsqueeze(0) == pad) & first
-            acts = {l: a.masked_fill(skip.unsqueeze(-1), 0.0) for l, a in acts.items()}
-        for l, a in acts.items():
+        for l, a in acts.items():  # one layer's activations at a time
+            if skip is not None:
+                a = a.masked_fill(skip.unsqueeze(-1), 0.0)
             vals, cols = a.max(dim=1)
             best[l][start:start + len(sub)] = vals
             where[l][start:start + len(sub)] = cols - pad
