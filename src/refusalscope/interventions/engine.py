@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +23,16 @@ from ..errors import UserError
 from ..io.hooks import EMBED
 from ..io.model import ChatModel
 from ..io.saes import FeatureDictionary
-from .spec import ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Intervention, Positions, Recording
+from .spec import (
+    ActAdd,
+    DirectionAblation,
+    FeatureAblation,
+    FeatureClamp,
+    Intervention,
+    Positions,
+    Recording,
+    RowAblations,
+)
 
 
 def position_mask(step, positions: Positions) -> Tensor:
@@ -46,6 +56,7 @@ class _LayerFeatures:
         self.ids: list[int] = []
         self.ablate: list[tuple[int | None, int, Positions]] = []  # (row or None=all, col, positions)
         self.clamp: list[tuple[int | None, int, float, Positions]] = []
+        self.ablate_rows: list[tuple[Tensor, Tensor, Positions]] = []  # (rows, cols) arrays: RowAblations
         self.device, self.dtype = device, dtype
         self._index: dict[int, int] = {}
 
@@ -57,6 +68,12 @@ class _LayerFeatures:
             self._index[i] = len(self.ids)
             self.ids.append(i)
         return self._index[i]
+
+    def add_rows(self, rows: np.ndarray, ids: np.ndarray, positions: Positions) -> None:
+        """Row r ablates latent ids[j] where rows[j] = r (column lookups once per distinct latent)."""
+        uniq, inv = np.unique(ids, return_inverse=True)
+        cols = np.array([self.col(int(i)) for i in uniq], dtype=np.int64)[inv.ravel()]
+        self.ablate_rows.append((torch.from_numpy(rows), torch.from_numpy(cols), positions))
 
     def finalize(self):
         """Gather encoder columns and decoder rows of the union, and build per-row masks."""
@@ -71,14 +88,22 @@ class _LayerFeatures:
             by_pos[pos].append((row, col, None))
         for row, col, val, pos in self.clamp:
             by_pos[pos].append((row, col, val))
-        for pos, entries in by_pos.items():
-            self.groups[pos] = self._tables(entries)
+        arrays = defaultdict(list)
+        for rows, cols, pos in self.ablate_rows:
+            arrays[pos].append((rows, cols))
+        for pos in {**by_pos, **arrays}:
+            self.groups[pos] = self._tables(by_pos.get(pos, []), arrays.get(pos, []))
 
-    def _tables(self, entries) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _tables(self, entries, arrays=()) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-row mask / clamp target / clamp flag [rows, |U|], filled on the CPU with one index
         write per kind and moved once (element-wise writes on a GPU cost a launch each)."""
         shape = (self.n_rows, len(self.ids))
         mask, target, clamped = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        for rows, cols in arrays:
+            if len(rows) and int(rows.max()) >= self.n_rows:
+                raise UserError(f"an ablation names row {int(rows.max())} but the batch has {self.n_rows} rows: "
+                                "pass one (empty) intervention list per row")
+            mask[rows, cols] = 1.0
         shared = [(col, val) for row, col, val in entries if row is None]
         per = [(row, col, val) for row, col, val in entries if row is not None]
         if per:
@@ -179,6 +204,9 @@ class Intervener:
             for layer, ids in iv.features.items():
                 lf = self._layer(layer)
                 lf.ablate += [(row, lf.col(i), iv.positions) for i in ids]
+        elif isinstance(iv, RowAblations):
+            for layer, (row_of, latents) in iv.features.items():
+                self._layer(layer).add_rows(row_of, latents, iv.positions)
         elif isinstance(iv, FeatureClamp):
             for layer, vals in iv.values.items():
                 lf = self._layer(layer)
