@@ -136,7 +136,7 @@ def run_taxonomy(ctx: Context) -> dict:
         main = every if a.taxonomy_sinks == "keep" else no_sinks
         import random
 
-        pool = [f for f in taxonomy.layer_features(ctx.saes) if f not in set(feats)]
+        pool = taxonomy.LatentPool(ctx.saes, exclude=feats)  # lazy: every latent of every layer
         extra = random.Random(ctx.cfg.seed).sample(pool, min(len(pool), 400))
         cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, bs,
                                           sink_ratio=None if a.taxonomy_sinks == "keep" else 4.0)

@@ -5,12 +5,14 @@ load the model (the playground aside). Runs after the analyses; reads whichever 
 from __future__ import annotations
 
 import time
+import warnings
 
 from ..interventions.features import FeatureSet
 from ..methods import dashboards as dash
 from ..methods import latent_effects as le
 from ..methods.model_summary import model_summary
 from .backend import fan_out
+from .dashboard_store import index_json
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
 
@@ -44,8 +46,13 @@ def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple
         from ..methods.semantics import NeuronpediaClient
 
         client = NeuronpediaClient(ctx.cfg.analyses.neuronpedia_cache or cache_root() / "neuronpedia",
-                                   ctx.cfg.saes.neuronpedia_id)
-        found, _ = client.explain(missing)
+                                   ctx.cfg.saes.neuronpedia_id, base_url=ctx.cfg.analyses.neuronpedia_url)
+        with warnings.catch_warnings():  # said once below, as one line of the run's log
+            warnings.simplefilter("ignore")
+            found, gone = client.explain(missing, quiet=ctx.quiet)
+        if client.offline_reason and gone:
+            ctx.log(f"dashboards: {client.offline_reason}: {len(gone)} of {len(missing)} latents have no cached "
+                    "Neuronpedia explanation; they are explained by their top contexts")
         out.update({f: (e, "neuronpedia") for f, e in found.items()})
     for f in feats:
         if f.id not in out:
@@ -70,7 +77,8 @@ def run_dashboards(ctx: Context) -> dict:
         study = [it["feature"] for it in ctx.results.study_items()] if ctx.results.done("taxonomy") else []
         feats = FeatureSet([*(f for sets in (s2, s3, s1) for s in sets.values() for f in s), *study]).sorted()
         if not feats:
-            st.jsonl("dashboards.jsonl", [])
+            path = st.jsonl("dashboards.jsonl", [])
+            st.json("dashboards_index.json", index_json(path))
             st.summary = {"n_latents": 0, "note": "no prompt was jailbroken: no latent to show"}
             return st.summary
         ctx.log(f"dashboards: {len(feats)} latents ({len({f for s in s2.values() for f in s})} in Stage 2 sets)")
@@ -99,7 +107,8 @@ def run_dashboards(ctx: Context) -> dict:
                                        effects=by_latent.get(f.id, []), explanation=expl[f.id][0],
                                        explanation_source=expl[f.id][1])
                   for f in feats]
-        st.jsonl("dashboards.jsonl", [b.to_json() for b in boards])
+        path = st.jsonl("dashboards.jsonl", (b.to_json() for b in boards))
+        st.json("dashboards_index.json", index_json(path))  # readers look latents up by offset
         st.summary = {"n_latents": len(boards), "n_with_effects": sum(bool(b.effects) for b in boards),
                       "n_sink_flagged": sum(b.sink_flag for b in boards), "n_fm_columns": len(near),
                       "corpus_texts": boards[0].n_texts if boards else 0,
