@@ -195,12 +195,48 @@ def _annotate(res: dict, name: str, run: Path) -> None:
 
 
 def _save(res: dict, out: Path | None) -> None:
+    """Write this width's entry into `out` and the table of every width into README.md beside it."""
     if out is None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     table["runs"][str(res["d_sae"])] = res
     out.write_text(json.dumps(table, indent=1, default=str))
+    (out.parent / "README.md").write_text(readme(table))
+
+
+def readme(table: dict) -> str:
+    """The per-stage table: seconds and peak RSS at each width, and the ratio of the widest to
+    the narrowest (the SAE width grows 4x from 16k to 65k)."""
+    runs = sorted(table["runs"].values(), key=lambda r: r["d_sae"])
+    names = list(dict.fromkeys(n for r in runs for n in r["stages"]))
+    head = "| stage | " + " | ".join(f"{r['d_sae']:,}: s | RSS GB" for r in runs)
+    head += " | ratio |" if len(runs) > 1 else " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(runs) + (len(runs) > 1))]
+    for n in names:
+        cells, secs = [], []
+        for r in runs:
+            st = r["stages"].get(n, {})
+            ok = n in r["stages_finished"]
+            sec = st.get("seconds") if ok else None
+            secs.append(sec)
+            cells += [f"{sec:.0f}" if sec is not None else ("failed" if st else "not run"),
+                      f"{st['peak_rss_gb']:.2f}" if st.get("peak_rss_gb") is not None else "-"]
+        ratio = f"{secs[-1] / secs[0]:.2f}" if len(runs) > 1 and secs[0] and secs[-1] else "-"
+        lines.append(f"| {n} | " + " | ".join(cells) + (f" | {ratio} |" if len(runs) > 1 else " |"))
+    info = [f"- d_sae {r['d_sae']:,}: {r['n_layers']} layers, d_model {r.get('d_model')}, {r['n_prompts']} harmful "
+            f"prompts judged, {r['n_refused']} dissected; FM "
+            f"{r['stages'].get('stage3', {}).get('fm_rows')} rows x {r['stages'].get('stage3', {}).get('fm_columns')} "
+            f"columns, {r['stages'].get('stage3', {}).get('acts_nnz')} non-zeros; report "
+            f"{r['stages'].get('report', {}).get('report_mb')} MB; slowest page "
+            f"{r['stages'].get('serve', {}).get('slowest_page')} "
+            f"({r['stages'].get('serve', {}).get('slowest_page_s')} s);"
+            f" planted recovery {json.dumps(r.get('planted_recovery', {}))}" for r in runs]
+    return ("# B11: the wide planted world through the CLI, per stage (CPU)\n\n"
+            "Each stage is its own `refusalscope` process under `/usr/bin/time -v` (seconds: wall clock, "
+            "model and SAE loading included; RSS: the process's peak). Written by "
+            "`benchmarks/bench_wide_pipeline.py`; numbers in `pipeline.json`. "
+            f"{runs[0].get('note', '')}.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(info) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
