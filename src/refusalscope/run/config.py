@@ -258,6 +258,8 @@ class ExecutionConfig(Section):
     workers: int | None = Field(None, ge=1, description="model replicas (None: one per GPU, else one per cpus_per_worker CPUs)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per CPU worker")
     shard_size: int = Field(8, ge=1, description="prompts per work item: the unit of batching, fan-out and checkpoints")
+    memory_check: bool = Field(True, description="stop before the first stage when the estimated memory need "
+                                                  "(model, SAEs, judge, largest batch) exceeds the device's free memory")
     compile: bool = Field(False, description="torch.compile the decoder layers for forward passes (GPU: ~4x faster "
                                              "P('I') passes at batch 16, ~15 s to compile; same results)")
 
