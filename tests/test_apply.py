@@ -117,3 +117,28 @@ def test_bad_input_says_what_to_do(world, bad, saes_needed, message):
         pass
     with pytest.raises(rs.UserError, match="not a decoder-only"), rs.apply(torch.nn.Linear(2, 2), ["2-0"]):
         pass
+
+
+@pytest.mark.parametrize("action", ["ablate", "clamp=5"])
+def test_a_saelens_bundle_applies_like_its_set(world, tmp_path, action):
+    from refusalscope.export.bundle import Action, load_bundle
+    from refusalscope.export.saelens import bundle_files
+    from refusalscope.export.selection import NamedSet, SAESource
+
+    model, saes = world
+    found = rs.FeatureSet(["1-0", "2-1", "3-0", "3-7"])
+    other = rs.FeatureSet(["1-5"])
+    act = Action.parse(action)
+    bundle_files([NamedSet("found", found, "planted"), NamedSet("other", other, "random")],
+                 SAESource("local", "tiny", path=str(tmp_path / "layer_{layer}")), act, tmp_path, saes=saes)
+    batch = model.encode(PROMPTS)
+    real = batch.attention_mask.bool()
+    engine_plan = found.plan() if act.kind == "ablate" else [found.clamp(5.0)]
+    with intervene(model, saes, shared=engine_plan):
+        want = model.logits(batch, last=None)
+    for given, full in ((tmp_path, None), (load_bundle(tmp_path), None), (tmp_path, saes)):
+        with rs.apply(model.hf, given, full, name="found"):  # the bundle's own slices, or the full SAEs
+            got = _forward(model.hf, batch)
+        assert (got[real] - want[real]).abs().max() <= 1e-5
+    with pytest.raises(rs.UserError, match="holds 2 sets"), rs.apply(model.hf, tmp_path):
+        pass

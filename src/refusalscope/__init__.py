@@ -22,7 +22,7 @@ _API = {
     # loading and runs
     "load_model": "api", "load_saes": "api", "load_prompts": "api", "open_run": "api", "run": "api",
     # interventions
-    "plan": "api", "generate": "api", "refusal_probability": "api", "apply": "interventions.apply",
+    "plan": "api", "generate": "api", "refusal_probability": "api", "apply": "api",
     # the method
     "find_direction": "api", "stage1": "api", "stage2": "api", "stage3": "api", "Interactions": "api",
     # looking at a run: one HTML file, or the web app (an ASGI app; `refusalscope serve` runs it)

@@ -8,8 +8,10 @@ Everything here is a thin composition of the methods the pipeline runs, so a not
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,6 +131,53 @@ def refusal_probability(model: ChatModel, prompts: PromptsLike, saes: SAESet | N
     interventions: the quantity Algorithm 1 measures."""
     return refusal_probs(model, saes, [t for _, t in _pairs(prompts)], shared=plan(**intervention),
                          batch_size=batch_size)
+
+
+@contextmanager
+def apply(model: Any, intervention: Any, saes: Any = None, *, name: str | None = None,
+          mode: str = "sparse") -> Iterator[Any]:
+    """Run a plain transformers model (or a ChatModel) with an intervention inside the block, so
+    that its own `model(...)` / `model.generate(...)` give the engine's numbers: a FeatureSet or
+    latent ids (zero-ablated everywhere, needs `saes`), a direction tensor (projected out of every
+    layer), `Intervention`s, or a SAELens bundle (`refusalscope export --to saelens`: its folder,
+    or `load_bundle`'s result; `name` picks a set, and its own SAE slices serve unless `saes` is
+    given). `saes`: an SAESet or SAELens SAEs (a list, or {layer: SAE})."""
+    from .interventions.apply import apply as apply_plan
+
+    if isinstance(intervention, (str, os.PathLike)) and Path(intervention).exists():
+        from .export.bundle import load_bundle
+
+        intervention = load_bundle(intervention)
+    if _is_bundle(intervention):
+        intervention, saes = _bundle_plan(intervention, name, saes)
+    with apply_plan(model, intervention, saes, mode=mode) as out:
+        yield out
+
+
+def _is_bundle(obj: Any) -> bool:
+    from .export.bundle import Bundle
+
+    return isinstance(obj, Bundle)
+
+
+def _bundle_plan(bundle: Any, name: str | None, saes: Any) -> tuple[list[Intervention], Any]:
+    """The bundle's set as interventions, on the full SAEs when given, else on the bundle's own
+    slices (its latents renumbered to their columns there; TopK layers need the full SAE)."""
+    if saes is not None:
+        return bundle.interventions(name), saes
+    fs = bundle.set(name)
+    topk = [l for l in fs.layers() if bundle.saes[l]["architecture"] == "topk"]
+    if topk:
+        raise UserError(f"layer {topk[0]}'s SAE is TopK, which needs every latent: pass saes= (load it as "
+                        f"{bundle.sae_specs()[topk[0]]})")
+    local = FeatureSet((f.layer, bundle.indices[f.layer].index(f.index)) for f in fs)
+    slices = SAESet({l: bundle.slices[l] for l in fs.layers()})
+    act = bundle.action
+    if act.kind == "ablate":
+        return [local.ablation(act.positions)], slices
+    if act.kind == "clamp":
+        return [local.clamp(float(act.value or 0.0), act.positions)], slices
+    raise UserError("a scale bundle has no refusalscope engine form: apply it with Bundle.tl_hooks()")
 
 
 # ----------------------------------------------------------------- the method
