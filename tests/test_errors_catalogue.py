@@ -163,6 +163,11 @@ def neuronpedia(c: Case) -> None:
     c.cfg["analyses"].update(neuronpedia_cache=str(c.tmp / "np"), neuronpedia_url="http://127.0.0.1:9")
 
 
+def no_direction(c: Case) -> None:
+    shutil.copytree(c.extra["reference"], c.tmp / "run")
+    (c.tmp / "run" / "direction" / "direction.safetensors").unlink()
+
+
 LONG = " ".join(["Explain in detail how to open a lock"] * 40)
 RUN = "run -c {cfg} -r {run} -q"
 ROWS = [
@@ -328,6 +333,10 @@ ROWS = [
         "semantics: Neuronpedia unreachable ([Errno 111] Connection refused): 1 of {*} explanations from the cache "
         "{tmp}/np, none for {*}; those are explained by their top activations and the run continues",
         neuronpedia, code=0, fast=False, given='saes: {neuronpedia_id: tiny/{layer}-res}; Neuronpedia down; one explanation cached'),
+    Row("export-model-no-direction", "abliterated model export from a run without its refusal direction",
+        "export {run} --to model -o {tmp}/abl",
+        "{run}/direction/direction.safetensors is missing: run the `direction` stage first (refusalscope run -r {run})",
+        no_direction, given="a run whose direction stage has not run"),
 ]
 
 
