@@ -44,7 +44,7 @@ def _project_out_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _project_out_columns(linear: torch.nn.Module, r: torch.Tensor) -> None:
+def _project_out_columns(linear: Any, r: torch.Tensor) -> None:
     """An nn.Linear writing the stream (weight [d, in]): W ← W − r̂ (r̂ᵀ W), and its bias."""
     w = linear.weight.data.double()
     linear.weight.data.copy_((w - torch.outer(r, r @ w)).to(linear.weight.dtype))
