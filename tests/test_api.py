@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from planted import HARMFUL, HARMLESS, save_planted_world
 
+N_PLANTED = 3  # planted_world's n_planted: latents 0..2 of every layer carry the refusal component
+
 import refusalscope as rs
 from refusalscope.interventions.engine import intervene
 
@@ -54,16 +56,19 @@ def test_method_functions_find_the_planted_mechanism(world):
     choice = rs.find_direction(model, HARMFUL, HARMLESS, val_harmful=HARMFUL, val_harmless=HARMLESS,
                                judge=judge, max_kl=100.0, n_generate=2, max_new_tokens=2, batch_size=8)
     assert abs(choice.direction.norm().item() - 1) < 1e-5
-    records, cands = rs.stage1(model, saes, HARMFUL, choice.direction, judge, layers=[1, 2, 3], ks=[1, 2, 3],
+    records, cands = rs.stage1(model, saes, HARMFUL, choice, judge, layers=[1, 2, 3], ks=[1, 2, 3],
                                max_new_tokens=2)
     assert set(cands) == {r.id for r in records if r.k is not None} and len(cands) >= 3
     assert all(len(cands[r.id]) == 3 * r.k for r in records if r.k is not None)  # top-K of 3 layers
+    # the planted latents (indices < N_PLANTED at every layer, decoder along r̂_l) align best
+    assert all(f.index < N_PLANTED for s in cands.values() for f in s)
     sets = rs.stage2(model, saes, HARMFUL, cands, judge, block_size=1, taus=[0.05, 0.5], max_new_tokens=2)
     assert [r.id for r in sets] == sorted(cands, key=lambda pid: int(pid[1:]))
     for r in sets:
         if r.set is not None:
             assert set(r.set) <= set(cands[r.id]) and sorted(r.active | r.inactive) == sorted(r.set)
-    assert any(r.set is not None for r in sets)
+    found = [r.set for r in sets if r.set is not None]
+    assert found and all(f.index < N_PLANTED for s in found for f in s)  # Stage 2 keeps planted latents only
 
 
 def test_quickstart_runs_on_the_tiny_world(world):
