@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 from planted import HARMFUL, HARMLESS, save_planted_world
 
-N_PLANTED = 3  # planted_world's n_planted: latents 0..2 of every layer carry the refusal component
-
 import refusalscope as rs
 from refusalscope.interventions.engine import intervene
 
 ROOT = Path(__file__).resolve().parents[1]
+N_PLANTED = 3  # planted_world's n_planted: latents 0..2 of every layer carry the refusal component
 
 
 @pytest.fixture(scope="module")
