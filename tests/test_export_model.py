@@ -106,3 +106,18 @@ def test_export_needs_the_direction_stage(tiny_world, tmp_path):
     api.run(str(tiny_world / "cfg.yaml"), tmp_path / "run", upto="filter", quiet=True)
     with pytest.raises(rs.UserError, match="run the `direction` stage first"):
         export(tmp_path / "run", "model", tmp_path / "out")
+
+
+def test_measure_compares_the_folder_with_the_hook(direction_run, tmp_path):
+    from refusalscope.export.abliterate_eval import first_token_kl, measure
+
+    export(direction_run, "model", tmp_path / "abl")
+    m = measure(direction_run, tmp_path / "abl", n_harmless=8)
+    assert m["n_harmful"] == len(rs.open_run(direction_run).kept_prompts()) and m["n_harmless"] == 8
+    assert m["refusal_plain"] == 1.0  # kept prompts are the ones the model refuses
+    assert m["refusal_hook"] < 1.0 and m["refusal_abliterated"] < 1.0  # both remove the planted refusal
+    assert m["kl_hook"] > 0 and m["kl_abliterated"] > 0
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    assert first_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    p, q = torch.softmax(logits[:, :5].double(), -1), torch.softmax(logits[:, 5:10].double(), -1)  # by hand
+    assert first_token_kl(logits[:, :5], logits[:, 5:10]) == pytest.approx(float((p * (p / q).log()).sum(1).mean()))
