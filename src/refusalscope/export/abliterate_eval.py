@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -36,7 +37,8 @@ def measure(run_dir: str | os.PathLike, model_dir: str | os.PathLike, n_harmful:
     orig = load_model(cfg, quiet=True, log=lambda _: None)
     from transformers import AutoModelForCausalLM
 
-    ab_hf = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=orig.dtype).to(orig.device)
+    ab_hf = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=orig.dtype)
+    cast(torch.nn.Module, ab_hf).to(orig.device)  # transformers wraps `to`; its stub misses the bound self
     abl = ChatModel(ab_hf, orig.tokenizer, name="abliterated", system_prompt=orig.system_prompt,
                     refusal_tokens=cfg.model.refusal_tokens)
     direction, layer = res.direction()
