@@ -34,6 +34,13 @@ def test_surface_is_lazy_and_documented():
         rs.not_a_name  # noqa: B018
 
 
+def test_run_stays_callable_once_the_run_package_is_imported(tmp_path):
+    import refusalscope.run.config  # noqa: F401  binds refusalscope.run to the package
+
+    with pytest.raises(rs.UserError, match="unknown stage 'nope'"):
+        rs.run("demo", tmp_path / "r", upto="nope", quiet=True)
+
+
 def test_generate_and_probability_apply_the_engine(world):
     _, _, model, saes = world
     feats = rs.FeatureSet(["1-0", "2-0", "3-0"])

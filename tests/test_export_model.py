@@ -10,7 +10,6 @@ from planted import HARMFUL, HARMLESS
 from tiny import tiny_gemma2, tiny_llama
 
 import refusalscope as rs
-from refusalscope import api  # rs.run is shadowed by the refusalscope.run package once it is imported
 from refusalscope.export import export
 from refusalscope.export.abliterate import abliterate
 from refusalscope.io.model import ChatModel
@@ -64,7 +63,7 @@ def test_abliterated_weights_equal_the_ablation_hooks(make):
 @pytest.fixture(scope="module")
 def direction_run(tiny_world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("abl") / "run"
-    api.run(str(tiny_world / "cfg.yaml"), run_dir, upto="direction", quiet=True)
+    rs.run(str(tiny_world / "cfg.yaml"), run_dir, upto="direction", quiet=True)
     return run_dir
 
 
@@ -103,7 +102,7 @@ def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
 
 
 def test_export_needs_the_direction_stage(tiny_world, tmp_path):
-    api.run(str(tiny_world / "cfg.yaml"), tmp_path / "run", upto="filter", quiet=True)
+    rs.run(str(tiny_world / "cfg.yaml"), tmp_path / "run", upto="filter", quiet=True)
     with pytest.raises(rs.UserError, match="run the `direction` stage first"):
         export(tmp_path / "run", "model", tmp_path / "out")
 
