@@ -120,3 +120,14 @@ def test_measure_compares_the_folder_with_the_hook(direction_run, tmp_path):
     assert first_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
     p, q = torch.softmax(logits[:, :5].double(), -1), torch.softmax(logits[:, 5:10].double(), -1)  # by hand
     assert first_token_kl(logits[:, :5], logits[:, 5:10]) == pytest.approx(float((p * (p / q).log()).sum(1).mean()))
+
+
+def test_cli_says_what_the_model_is(direction_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from refusalscope.interfaces.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(direction_run), "--to", "model", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "note: this model is" in res.stdout and "removes a safety safeguard" in res.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()
