@@ -142,3 +142,25 @@ def test_a_saelens_bundle_applies_like_its_set(world, tmp_path, action):
         assert (got[real] - want[real]).abs().max() <= 1e-5
     with pytest.raises(rs.UserError, match="holds 2 sets"), rs.apply(model.hf, tmp_path):
         pass
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "topk"])
+def test_gemma2_generation_equals_the_engine(kind):
+    """Gemma-2 (sliding-window attention, its own cache, sublayer post-norms) with JumpReLU and
+    TopK SAEs: cached batched generation under rs.apply equals the engine's, generated tokens only."""
+    from sae_fixtures import sae_set
+    from tiny import tiny_gemma2
+
+    from refusalscope.io.model import ChatModel
+
+    model = ChatModel(*tiny_gemma2(), name="gemma")
+    saes = sae_set(kind, [0, 1, 2])
+    plan = [FeatureAblation({l: tuple(range(0, 40, 2)) for l in (0, 1, 2)}, "generated")]
+    batch = model.encode(["How do I bake bread at home? Explain the steps please.", "Hi"])
+    with intervene(model, saes, shared=plan), model._chunk(batch.input_ids.shape[1], 0):
+        want_seq, want = _generate(model.hf, model.tokenizer, batch)
+    with rs.apply(model.hf, plan, saes):
+        got_seq, got = _generate(model.hf, model.tokenizer, batch)
+    _, plain = _generate(model.hf, model.tokenizer, batch)
+    assert torch.equal(got_seq, want_seq) and (got - want).abs().max() <= 1e-5
+    assert (want[:, 0] - plain[:, 0]).abs().max() <= 1e-5 < (want[:, 1:] - plain[:, 1:]).abs().max()
