@@ -52,3 +52,21 @@ def test_unknown_sets_and_kinds_are_404(client):
     assert client.get("/export/neuronpedia.json/stage2/no-such-prompt").status_code == 404
     assert client.get("/export/excel.xlsx/core@1").status_code == 404
     assert client.get("/export/neuronpedia.json/core@x").status_code == 404
+
+
+def test_the_report_carries_each_stage2_sets_downloads_as_data_uris(tiny_run, tmp_path):
+    import base64
+    import re
+
+    from refusalscope.interfaces.report import build_report
+
+    html = build_report(tiny_run)
+    assert "<script" not in html.replace("&lt;script", "")
+    res = RunResults(tiny_run)
+    s2 = {pid: fs for pid, fs in res.stage2_sets().items() if len(fs)}
+    zips = re.findall(r'href="data:application/zip;base64,([^"]+)" download="refusalscope-stage2-([^"]+)\.zip"', html)
+    assert sorted(pid for _, pid in zips) == sorted(s2)
+    data, pid = zips[0]
+    zipfile.ZipFile(io.BytesIO(base64.b64decode(data))).extractall(tmp_path)
+    assert load_bundle(tmp_path / f"refusalscope-stage2-{pid}").set() == s2[pid]
+    assert len(re.findall(r'download="refusalscope-stage2-[^"]+-apply\.py"', html)) == len(s2)

@@ -22,6 +22,7 @@ from .saelens import bundle_files
 from .selection import NO_NEURONPEDIA, STAGES, NamedSet, sae_source, select_sets
 
 KINDS = {"neuronpedia.json": "application/json", "saelens.zip": "application/zip", "apply.py": "text/x-python"}
+SUFFIX = {"neuronpedia.json": "-neuronpedia.json", "saelens.zip": ".zip", "apply.py": "-apply.py"}
 
 
 def named_set(res: RunResults, name: str) -> NamedSet:
@@ -52,9 +53,10 @@ def neuronpedia_json(res: RunResults, ns: NamedSet) -> dict:
             "list_bodies": np.list_bodies(ns, src, np.descriptions(res, [ns]), np.test_text(res, ns))}
 
 
-def saelens_zip(res: RunResults, ns: NamedSet) -> bytes:
+def saelens_zip(res: RunResults, ns: NamedSet, saes=None) -> bytes:
+    """The bundle folder zipped; `saes` (the run's SAEs of the set's layers) saves loading them again."""
     with tempfile.TemporaryDirectory(prefix="rs-bundle-") as tmp:
-        names = bundle_files([ns], sae_source(res), Action(), Path(tmp))
+        names = bundle_files([ns], sae_source(res), Action(), Path(tmp), saes=saes)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for n in names:
@@ -96,5 +98,28 @@ def download(res: RunResults, kind: str, name: str) -> tuple[bytes, str, str]:
         body = saelens_zip(res, ns)
     else:
         body = snippet(res, ns).encode()
-    names = {"neuronpedia.json": "-neuronpedia.json", "saelens.zip": ".zip", "apply.py": "-apply.py"}
-    return body, KINDS[kind], file_stem(ns.name) + names[kind]
+    return body, KINDS[kind], file_stem(ns.name) + SUFFIX[kind]
+
+
+def data_uris(res: RunResults, names: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """Per set name, {kind: (data: URI, file name)}: the report's downloads (it has no server). The
+    SAEs of all the sets' layers are loaded once; when they cannot be (not in the hub cache), the
+    bundle is left out and `refusalscope export --to saelens` writes it."""
+    import base64
+
+    from .saelens import load_layers
+
+    sets = {n: named_set(res, n) for n in names}
+    try:
+        saes = load_layers(sae_source(res), FeatureSet(f for ns in sets.values() for f in ns.features).layers())
+    except (UserError, OSError):
+        saes = None
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for n, ns in sets.items():
+        bodies = {"neuronpedia.json": json.dumps(neuronpedia_json(res, ns), indent=1).encode(),
+                  "apply.py": snippet(res, ns).encode()}
+        if saes is not None:
+            bodies["saelens.zip"] = saelens_zip(res, ns, saes)
+        out[n] = {k: (f"data:{KINDS[k]};base64,{base64.b64encode(b).decode()}", file_stem(n) + SUFFIX[k])
+                  for k, b in bodies.items()}
+    return out
