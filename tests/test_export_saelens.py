@@ -125,3 +125,22 @@ def test_bundle_names_each_latents_sae_and_says_what_it_does(tiny_run, tmp_path)
     b = load_bundle(tmp_path / "b")
     (iv,) = b.interventions()
     assert {l: list(v) for l, v in iv.features.items()} == b.set().by_layer() and iv.positions == "all"
+
+
+@pytest.mark.parametrize("intervention,target", [("scale=0.25", lambda f: 0.25 * f), ("clamp=2", lambda f: 2.0 + 0 * f),
+                                                 ("ablate", lambda f: 0 * f)])
+def test_each_action_is_the_formula_on_the_full_sae(tiny_run, tmp_path, intervention, target):
+    """h' = h − Σ (f_i − t_i)·W_dec[i] with f from the full SAE, at every position (a clamp: BOS only)."""
+    export(tiny_run, "saelens", tmp_path / "b", sets=["core@3"], intervention=intervention)
+    b = load_bundle(tmp_path / "b")
+    (name,) = b.sets
+    h = torch.randn(2, 5, b.slices[next(iter(b.slices))].d_in, generator=torch.Generator().manual_seed(0)) * 3
+    for (hook_name, fn), (layer, ids) in zip(b.tl_hooks(name), b.set(name).by_layer().items()):
+        fd = load_sae_set(str(tiny_run.parent / "saes" / "layer_{layer}"), [layer], quiet=True)[layer]
+        f = fd.encode(h)[..., ids]
+        delta = (f - target(f)) @ fd.W_dec[ids]
+        if intervention.startswith("clamp"):
+            delta[:, 1:] = 0
+        assert hook_name == f"blocks.{layer}.hook_resid_post"
+        assert torch.allclose(fn(h.clone()), h - delta, atol=1e-5)
+        assert delta.abs().max() > 0  # the planted latents fire on this stream
