@@ -50,8 +50,8 @@ def check_out(out: Path) -> Path:
 def export(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, **opts) -> dict:
     """Write run `run_dir` as format `fmt` into folder `out` (default: RUN/exports/FMT)."""
     write = writer(fmt)
-    run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").exists():
-        raise UserError(f"{run_dir} is not a run directory (no manifest.json): pass one written by refusalscope run")
+    from ..run.results import RunResults
+
+    run_dir = RunResults(run_dir).root  # a one-line error when it holds no run
     target = check_out(Path(out) if out is not None else run_dir / "exports" / fmt)
     return {"format": fmt, "out": str(target), **write(run_dir, target, **opts)}

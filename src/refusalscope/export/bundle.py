@@ -142,7 +142,7 @@ def _positions_mask(shape: torch.Size, positions: Positions, device) -> torch.Te
     if positions == "prompt":
         raise UserError("positions 'prompt' need the prompt length: use rs.apply, or pass token indices")
     keep = torch.zeros(shape[-1], device=device)
-    idx = [p for p in positions if p < shape[-1]]
+    idx = [int(p) for p in positions if int(p) < shape[-1]]
     keep[idx] = 1.0
     return keep.expand(*shape).unsqueeze(-1)
 

@@ -75,7 +75,7 @@ def list_bodies(ns: NamedSet, src: SAESource, descriptions: dict[Feature, str], 
 
 def vector_body(res: RunResults, src: SAESource) -> dict:
     """Body for POST /api/vector/new: the unnormalised difference in means r(l*) (what ActAdd adds)."""
-    _, layer = res.direction()
+    layer = res.direction()[1]
     ids = src.neuronpedia(layer)
     assert ids is not None
     return {"modelId": ids[0], "layerNumber": layer, "hookType": "hook_resid_post",

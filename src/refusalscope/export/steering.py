@@ -51,7 +51,7 @@ def write(run_dir: Path, out: Path, sets: Sequence[str] | None = None, **_: obje
     tensors: dict[str, torch.Tensor] = {}
     about: dict[str, dict] = {}
     if res.done("direction"):
-        _, layer = res.direction()
+        layer = res.direction()[1]
         tensors[f"refusal_direction@{layer}"] = res.direction_vector().float()
         about["refusal_direction"] = {"layers": [layer], "what": "difference in means r(l*) (ActAdd: multiplier 1 "
                                       "induces refusal; refusalscope's ActAdd adds it at every position)"}

@@ -240,4 +240,8 @@ def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     check_prompts(ctx.cfg, stages, info, ctx.log)
     check_judge(ctx)
     check_backend(ctx)
+    if ctx.cfg.analyses.neuronpedia_bundle and {"semantics", "dashboards"} & set(stages):
+        from ..methods.np_bundle import bundle_files
+
+        bundle_files(ctx.cfg.analyses.neuronpedia_bundle)  # a one-line error when it is not there
     return info
