@@ -259,14 +259,17 @@ class ChatModel:
 
     @halve_on_oom
     def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
-                  batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
+                  batch_size: int | None = None, quiet: bool = True, host: bool = True) -> dict[HookPoint, Tensor]:
         """Residual stream at each layer: [B, positions, d] for the last `positions` tokens
-        (all, left-padded, if None). Runs the decoder only as deep as the deepest layer asked."""
+        (all, left-padded, if None). Runs the decoder only as deep as the deepest layer asked.
+        `host=False` leaves them on the model's device in its dtype, for callers that reduce them
+        there (a 65k-wide SAE's activations need not cross to the host)."""
         store: dict[HookPoint, list[Tensor]] = {p: [] for p in layers}
 
         def grab(point):
             def fn(h, step):
-                store[point].append((h if positions is None else h[:, -positions:]).float().cpu())
+                h = h if positions is None else h[:, -positions:]
+                store[point].append(h.float().cpu() if host else h.detach())
             return fn
 
         deepest = max((p for p in layers if p != EMBED), default=0)

@@ -196,6 +196,9 @@ class AnalysesConfig(Section):
     explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
     neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
+    neuronpedia_bundle: str | None = Field(None, description=(
+        "Neuronpedia explanations export read offline before the API: an explanations/*.jsonl.gz file or a folder "
+        "of them (rows of other models or SAEs are skipped when saes.neuronpedia_id is set)"))
 
 
 class DashboardsConfig(Section):
@@ -258,6 +261,8 @@ class ExecutionConfig(Section):
     workers: int | None = Field(None, ge=1, description="model replicas (None: one per GPU, else one per cpus_per_worker CPUs)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per CPU worker")
     shard_size: int = Field(8, ge=1, description="prompts per work item: the unit of batching, fan-out and checkpoints")
+    memory_check: bool = Field(True, description="stop before the first stage when the estimated memory need "
+                                                  "(model, SAEs, judge, largest batch) exceeds the device's free memory")
     compile: bool = Field(False, description="torch.compile the decoder layers for forward passes (GPU: ~4x faster "
                                              "P('I') passes at batch 16, ~15 s to compile; same results)")
 
