@@ -1,4 +1,4 @@
-"""B12: Stage 3's CPU/GPU-side cost at the paper's SAE widths, on synthetic sparse activations.
+"""B13: Stage 3's CPU/GPU-side cost at the paper's SAE widths, on synthetic sparse activations.
 
 Per width (default 16,384 and 65,536 latents per layer, 20 layers), rows are the last 4 tokens of
 harmful and harmless prompts with about `--l0` latents firing per token and layer, drawn from a
@@ -95,6 +95,7 @@ def one(a) -> dict:
     probe = train_probe(data.train, data.test, data.val, seed=a.seed)
     rank_by_weight(probe, data.columns)
     out["probe_s"] = round(time.perf_counter() - t, 2)
+    out["probe_test_acc"] = round(float(probe.test_acc or 0.0), 4)
     t = time.perf_counter()
     embedding_collapse(res.model, seed=a.seed)
     out["collapse_s"] = round(time.perf_counter() - t, 2)
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"width {w} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    res: dict = {"benchmark": "B12 stage3 width", "rows": rows}
+    res: dict = {"benchmark": "B13 stage3 width", "rows": rows}
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
         res["ratios"] = {"width": hi["d_sae"] / lo["d_sae"], **{

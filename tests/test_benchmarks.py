@@ -126,11 +126,11 @@ def test_planted_pipeline_small_measures_every_stage(small_world, tmp_path):
 
 
 def test_stage3_width_benchmark_small_runs_each_width_in_its_own_process(tmp_path):
-    spec = importlib.util.spec_from_file_location("b12", ROOT / "benchmarks" / "bench_stage3_width.py")
-    b12 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(b12)
-    out = tmp_path / "b12.json"
-    res = b12.main(["--small", "--out", str(out)])
+    spec = importlib.util.spec_from_file_location("b13", ROOT / "benchmarks" / "bench_stage3_width.py")
+    b13 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b13)
+    out = tmp_path / "b13.json"
+    res = b13.main(["--small", "--out", str(out)])
     assert json.loads(out.read_text()) == res
     lo, hi = res["rows"]
     assert (lo["d_sae"], hi["d_sae"]) == (256, 512) and lo["rows"] == hi["rows"] == 2 * 20 * 4

@@ -118,10 +118,10 @@ def stack(parts: Sequence[FeatureMatrix]) -> FeatureMatrix:
     if not parts:
         raise UserError("no activations to stack: collect at least one prompt")
     mode, n_tokens = parts[0].mode, parts[0].n_tokens
-    union, columns = _union(parts)
+    union, columns, own = _union(parts)
     blocks, rows, offset = [], [], 0
-    for p in parts:
-        blocks.append(_align(p, union))
+    for p, keys in zip(parts, own):
+        blocks.append(_align(p, union, keys))
         r = p.rows.copy()
         r[:, 0] += offset
         rows.append(r)
@@ -232,17 +232,20 @@ def _keys(columns: Sequence[Feature]) -> np.ndarray:
     return (a[:, 0] << 32) | a[:, 1]
 
 
-def _union(mats: Sequence[FeatureMatrix]) -> tuple[np.ndarray, list[Feature]]:
-    """The sorted union of the matrices' columns: keys and Features (the matrices' own objects)."""
+def _union(mats: Sequence[FeatureMatrix]) -> tuple[np.ndarray, list[Feature], list[np.ndarray]]:
+    """The sorted union of the matrices' columns: keys and Features (the matrices' own objects),
+    and each matrix's own column keys."""
+    own = [_keys(m.columns) for m in mats]
     every = [c for m in mats for c in m.columns]
-    keys, first = np.unique(_keys(every), return_index=True)
-    return keys, [every[j] for j in first.tolist()]
+    keys, first = np.unique(np.concatenate(own), return_index=True)
+    return keys, [every[j] for j in first.tolist()], own
 
 
-def _align(fm: FeatureMatrix, union: np.ndarray) -> sp.csr_matrix:
-    """The matrix re-indexed onto the union column space (`union`: its sorted keys)."""
+def _align(fm: FeatureMatrix, union: np.ndarray, own: np.ndarray) -> sp.csr_matrix:
+    """The matrix re-indexed onto the union column space (`union`: its sorted keys; `own`: the
+    matrix's column keys)."""
     d = len(union)
-    remap = np.searchsorted(union, _keys(fm.columns))
+    remap = np.searchsorted(union, own)
     v = fm.values.tocoo()
     return sp.csr_matrix((v.data, (v.row, remap[v.col] if len(remap) else v.col)),
                          shape=(v.shape[0], d), dtype=np.float32)
@@ -265,11 +268,11 @@ def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: 
     if (harmful_acts.mode, harmful_acts.n_tokens) != (harmless_acts.mode, harmless_acts.n_tokens):
         raise UserError("harmful and harmless activations were collected with different mode or "
                         "n_tokens: collect both the same way")
-    union, columns = _union([harmful_acts, harmless_acts])
+    union, columns, own = _union([harmful_acts, harmless_acts])
     rng = np.random.default_rng(seed)
     parts: list[list] = [[], [], []]
-    for label, fm in ((1, harmful_acts), (0, harmless_acts)):
-        X = _align(fm, union)
+    for label, fm, keys in ((1, harmful_acts, own[0]), (0, harmless_acts, own[1])):
+        X = _align(fm, union, keys)
         n = fm.n_prompts
         order = rng.permutation(n)
         n_tr, n_va, _ = split_sizes(n, fractions)
