@@ -44,6 +44,12 @@ def explanations(ctx: Context, feats: FeatureSet) -> dict[str, tuple[str, str]]:
         src = ctx.results.explanation_source()
         out = {f: (e, src) for f, e in ctx.results.explanations().items()}
     missing = [f for f in feats if f.id not in out]
+    if missing and ctx.cfg.analyses.neuronpedia_bundle:
+        from ..methods.np_bundle import read_explanations
+
+        found_in_bundle = read_explanations(ctx.cfg.analyses.neuronpedia_bundle, missing, ctx.cfg.saes.neuronpedia_id)
+        out.update({f: (e, "neuronpedia") for f, e in found_in_bundle.items()})
+        missing = [f for f in missing if f.id not in out]
     if missing and ctx.cfg.saes.neuronpedia_id:
         from ..demo.recipe import cache_root
         from ..methods.semantics import NeuronpediaClient
