@@ -110,7 +110,8 @@ def part_random(model, saes, d_sae: int) -> dict:
     rng = random.Random(0)
     feats = some_latents(d_sae, 10_000)
     sets = {f"p{j}": feats[j * 100:(j + 1) * 100] for j in range(100)}
-    active = {pid: {l: rng.sample(range(d_sae), min(2000, d_sae // 2)) for l in {l for l, _ in s}} for pid, s in sets.items()}
+    pool = min(2000, d_sae // 2)  # latents active on a prompt, per layer
+    active = {pid: {l: rng.sample(range(d_sae), pool) for l in {l for l, _ in s}} for pid, s in sets.items()}
     t0 = time.perf_counter()
     draws = [random_sets(sets, active, seed) for seed in range(4)]
     return {"draws": sum(len(d) for d in draws), "critical_latents": 10_000,
