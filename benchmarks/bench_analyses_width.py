@@ -7,8 +7,8 @@ in its own process (its peak RSS is its own), at both widths:
   and k = 3 sets ablated (tens of thousands of latents per row);
 - random: the random control's draws for 100 prompts x 100 critical latents, 4 seeds (400 draws);
 - dashboards: corpus statistics + windows, logit effects and decoder cosines for 2,000 latents,
-  and the model summary (full encode of every layer on 64 texts);
-- taxonomy: both category views of 2,000 latents on 64 prompts, and 400 random latents drawn
+  and the model summary (full encode of every layer on 32 texts);
+- taxonomy: both category views of 2,000 latents on 32 prompts, and 400 random latents drawn
   from every latent of every layer (the human-study pool) mapped too.
 
     python benchmarks/bench_analyses_width.py --out benchmarks/results/analyses-width.json
@@ -110,7 +110,8 @@ def part_random(model, saes, d_sae: int) -> dict:
     rng = random.Random(0)
     feats = some_latents(d_sae, 10_000)
     sets = {f"p{j}": feats[j * 100:(j + 1) * 100] for j in range(100)}
-    active = {pid: {l: rng.sample(range(d_sae), 2000) for l in {l for l, _ in s}} for pid, s in sets.items()}
+    pool = min(2000, d_sae // 2)  # latents active on a prompt, per layer
+    active = {pid: {l: rng.sample(range(d_sae), pool) for l in {l for l, _ in s}} for pid, s in sets.items()}
     t0 = time.perf_counter()
     draws = [random_sets(sets, active, seed) for seed in range(4)]
     return {"draws": sum(len(d) for d in draws), "critical_latents": 10_000,
@@ -122,7 +123,7 @@ def part_dashboards(model, saes, d_sae: int) -> dict:
     from refusalscope.methods.model_summary import model_summary
 
     feats = some_latents(d_sae, 2000)
-    texts = [model.format_chat(t) for t in prompts(64)]
+    texts = [model.format_chat(t) for t in prompts(32)]
     out = {}
     t0 = time.perf_counter()
     body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=16, max_length=64, top_k=5)
@@ -145,7 +146,7 @@ def part_taxonomy(model, saes, d_sae: int) -> dict:
     from refusalscope.methods import taxonomy as tx
 
     cats = tx.UNSAFE_CATEGORIES
-    ps = [Prompt(t, id=f"t{j}", category=cats[j % len(cats)]) for j, t in enumerate(prompts(64))]
+    ps = [Prompt(t, id=f"t{j}", category=cats[j % len(cats)]) for j, t in enumerate(prompts(32))]
     feats = [f"{l}-{i}" for l, i in some_latents(d_sae, 2000)]
     t0 = time.perf_counter()
     tx.category_views(model, saes, ps, feats, 16)

@@ -127,3 +127,12 @@ def test_corpus_dashboards_do_not_depend_on_the_column_chunk(w, monkeypatch):
         assert [(x.text, x.position, x.tokens) for x in a["top"]] == [(x.text, x.position, x.tokens) for x in b["top"]]
         assert [x.value for x in a["top"]] == pytest.approx([x.value for x in b["top"]], abs=1e-5)
         assert a["histogram"]["counts"] == b["histogram"]["counts"]
+
+
+def test_latent_pool_of_a_lazy_set_loads_no_layer(w):
+    from refusalscope.io.sae_lazy import LazySAESet
+
+    _, saes = w
+    lazy = LazySAESet({l: (lambda l=l: saes[l]) for l in saes.layers}, d_sae={l: saes[l].d_sae for l in saes.layers})
+    pool = LatentPool(lazy, ["1-5", "2-0"])
+    assert lazy.loaded == [] and list(pool) == list(LatentPool(saes, ["1-5", "2-0"]))

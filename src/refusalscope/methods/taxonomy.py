@@ -51,11 +51,13 @@ class LatentPool(Sequence[str]):
 
     def __init__(self, saes, exclude: Iterable = (), layers: Iterable[int] | None = None):
         self.layers = saes.layers if layers is None else sorted(set(int(l) for l in layers))
-        sizes = [saes[l].d_sae for l in self.layers]
+        # widths from the headers where the set is lazy (no layer is read to count its latents)
+        sizes = [saes.d_sae(l) if callable(getattr(saes, "d_sae", None)) else saes[l].d_sae for l in self.layers]
         self.starts = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
         at = {l: self.starts[j] for j, l in enumerate(self.layers)}
-        gone = sorted({at[f.layer] + f.index for f in FeatureSet(exclude) if f.layer in at
-                       and f.index < saes[f.layer].d_sae})
+        width = dict(zip(self.layers, sizes))
+        gone = sorted({at[f.layer] + f.index for f in FeatureSet(exclude)
+                       if f.layer in at and f.index < width[f.layer]})
         self.shift = [p - m for m, p in enumerate(gone)]  # free positions before each excluded one
         self.n = self.starts[-1] - len(gone)
 
