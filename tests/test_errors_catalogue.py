@@ -172,6 +172,11 @@ def neuronpedia(c: Case) -> None:
     c.cfg["analyses"].update(neuronpedia_cache=str(c.tmp / "np"), neuronpedia_url="http://127.0.0.1:9")
 
 
+def no_direction(c: Case) -> None:
+    shutil.copytree(c.extra["reference"], c.tmp / "run")
+    (c.tmp / "run" / "direction" / "direction.safetensors").unlink()
+
+
 LONG = " ".join(["Explain in detail how to open a lock"] * 40)
 RUN = "run -c {cfg} -r {run} -q"
 ROWS = [
@@ -334,6 +339,10 @@ ROWS = [
     Row("export-intervention", "export with an intervention it does not know", "export {tmp}/ref --to saelens "
         "--intervention clamp=big", "bad intervention 'clamp=big': use ablate, clamp=VALUE or scale=FACTOR", ref_link,
         given="--intervention clamp=big"),
+    Row("export-model-no-direction", "abliterated model export from a run without its refusal direction",
+        "export {run} --to model -o {tmp}/abl",
+        "{run}/direction/direction.safetensors is missing: run the `direction` stage first (refusalscope run -r {run})",
+        no_direction, given="a run whose direction stage has not run"),
     # ---- the pipeline
     Row("stage-no-deps", "a stage asked for before the stage it needs (--no-deps)", "stage2 -c {cfg} -r {run} -q --no-deps",
         "stage2 needs stage1, which has not finished in {run} with this config: run `refusalscope stage1` first, "

@@ -19,6 +19,8 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "lm-eval": ("lmeval", "write", "steering CSVs for lm-evaluation-harness's `steered` model"),
     "saelens": ("saelens", "write", "a JSON + safetensors bundle a SAELens / TransformerLens user applies"),
     "steering": ("steering", "write", "steering vectors (safetensors) for the steering-vectors package"),
+    "model": ("abliterate", "export_model", "the model with the refusal direction orthogonalised out of its "
+              "weights (abliteration), a plain HuggingFace folder"),
     "tables": ("tables", "write", "every paper table and the eval matrix as CSV, paper tables as LaTeX"),
 }
 
