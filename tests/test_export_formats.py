@@ -138,3 +138,20 @@ def test_sets_are_what_the_run_found(tiny_run):
         select_sets(res, ["nope"])
     with pytest.raises(UserError, match="core@K"):
         select_sets(res, ["core@0"])
+
+
+def test_written_safetensors_are_readable_like_every_other_file(tmp_path):
+    """safetensors replaces the temp file it is given, which used to leave exports (and run artifacts)
+    at mode 0600 while JSON beside them got the umask's mode."""
+    import os
+
+    import torch
+
+    from refusalscope.artifacts import atomic_write_json, atomic_write_tensors
+
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)})
+    atomic_write_json(tmp_path / "t.json", {})
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -77,6 +77,9 @@ def test_bundle_through_transformer_lens_equals_the_engine(world, tiny_run, tmp_
         tl_plain = _probs(tl(batch.input_ids))
     assert _close(tl_plain, plain) < 1e-4  # the converted model is the model
     assert _close(via_tl, engine) <= 1e-5
+    with intervene(model, *b.engine_parts(name)):  # the bundle alone, no full SAE
+        from_bundle = model.next_token_probs(batch)
+    assert _close(from_bundle, engine) <= 1e-5
     assert _close(engine, plain) > 1e-3  # the intervention changes the model
 
 

@@ -70,3 +70,22 @@ def test_the_report_carries_each_stage2_sets_downloads_as_data_uris(tiny_run, tm
     zipfile.ZipFile(io.BytesIO(base64.b64decode(data))).extractall(tmp_path)
     assert load_bundle(tmp_path / f"refusalscope-stage2-{pid}").set() == s2[pid]
     assert len(re.findall(r'download="refusalscope-stage2-[^"]+-apply\.py"', html)) == len(s2)
+
+
+def test_a_report_over_release_saes_shows_the_command_instead_of_loading_them(tiny_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from refusalscope.interfaces.report import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["saes"].update(source="release", release="no-such/repo", sae_id="layer_{layer}", path=None)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    html = build_report(run)  # offline: loading these would fail
+    pid = next(p for p, fs in RunResults(run).stage2_sets().items() if len(fs))
+    assert "data:application/zip" not in html
+    assert f"refusalscope export {run} --to saelens --sets stage2/{pid}</code>" in html
+    assert 'download="refusalscope-stage2-' in html  # the Neuronpedia list and snippet are still there

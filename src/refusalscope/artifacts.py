@@ -54,8 +54,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after writing: a writer that replaces the file (safetensors) resets it
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):

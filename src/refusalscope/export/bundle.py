@@ -21,8 +21,8 @@ import torch
 
 from ..errors import UserError
 from ..interventions.features import FeatureSet
-from ..interventions.spec import FeatureAblation, Intervention, Positions
-from ..io.saes import FeatureDictionary
+from ..interventions.spec import Intervention, Positions
+from ..io.saes import FeatureDictionary, SAESet
 
 FORMAT = "refusalscope.saelens-bundle"
 VERSION = 1
@@ -98,14 +98,28 @@ class Bundle:
         return {l: {k: v for k, v in s.items() if k in ("release", "sae_id", "path")} for l, s in self.saes.items()}
 
     def interventions(self, name: str | None = None) -> list[Intervention]:
-        """The set's intervention as refusalscope data (what `rs.apply` and the engine take).
-        Scale has no engine form: a one-line error says so."""
-        fs = self.set(name)
+        """The set's intervention as refusalscope data (what `rs.apply` and the engine take, with the
+        full SAEs of `sae_specs()`)."""
+        return self._plan(self.set(name))
+
+    def _plan(self, fs: FeatureSet) -> list[Intervention]:
         if self.action.kind == "ablate":
-            return [FeatureAblation({l: tuple(v) for l, v in fs.by_layer().items()}, self.action.positions)]
+            return [fs.ablation(self.action.positions)]
         if self.action.kind == "clamp":
             return [fs.clamp(float(self.action.value or 0.0), self.action.positions)]
         raise UserError("a scale bundle has no refusalscope engine form: apply it with Bundle.tl_hooks()")
+
+    def engine_parts(self, name: str | None = None) -> tuple[SAESet, list[Intervention]]:
+        """(SAEs, interventions) for refusalscope's engine (`intervene`, `rs.apply`) built from the
+        bundle alone: the per-layer slices as SAEs whose column j is latent indices[layer][j], and the
+        set's intervention renumbered to those columns. JumpReLU / ReLU layers only."""
+        fs = self.set(name)
+        topk = [l for l in fs.layers() if self.saes[l]["architecture"] == "topk"]
+        if topk:
+            raise UserError(f"layer {topk[0]}'s SAE is TopK: load the full SAEs ({self.sae_specs()[topk[0]]}) and "
+                            "apply bundle.interventions() with them")
+        local = FeatureSet((f.layer, self.indices[f.layer].index(f.index)) for f in fs)
+        return SAESet({l: self.slices[l] for l in fs.layers()}), self._plan(local)
 
     def tl_hooks(self, name: str | None = None, saes: Mapping[int, Any] | None = None
                  ) -> list[tuple[str, Callable]]:

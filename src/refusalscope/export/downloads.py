@@ -103,17 +103,21 @@ def download(res: RunResults, kind: str, name: str) -> tuple[bytes, str, str]:
 
 def data_uris(res: RunResults, names: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
     """Per set name, {kind: (data: URI, file name)}: the report's downloads (it has no server). The
-    SAEs of all the sets' layers are loaded once; when they cannot be (not in the hub cache), the
-    bundle is left out and `refusalscope export --to saelens` writes it."""
+    bundles need the SAE rows of the sets' latents: for local and demo SAEs they are read once for
+    all sets; release SAEs (GBs per layer) are not loaded to write a report, so their bundle is left
+    out and `refusalscope export --to saelens` writes it."""
     import base64
 
     from .saelens import load_layers
 
     sets = {n: named_set(res, n) for n in names}
-    try:
-        saes = load_layers(sae_source(res), FeatureSet(f for ns in sets.values() for f in ns.features).layers())
-    except (UserError, OSError):
-        saes = None
+    src = sae_source(res)
+    saes = None
+    if src.kind != "release":
+        try:
+            saes = load_layers(src, FeatureSet(f for ns in sets.values() for f in ns.features).layers())
+        except (UserError, OSError):
+            saes = None
     out: dict[str, dict[str, tuple[str, str]]] = {}
     for n, ns in sets.items():
         bodies = {"neuronpedia.json": json.dumps(neuronpedia_json(res, ns), indent=1).encode(),
