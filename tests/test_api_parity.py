@@ -29,7 +29,13 @@ def test_api_stages_equal_the_pipeline(api_world):
 
     sets = rs.stage2(model, saes, kept, cands, config=cfg)
     run2 = res.stage2()
-    assert [r.to_json() for r in sets] == [r.to_json() for r in run2.values()]
+    # forward-pass counts depend on how many prompts share a batch (a pipeline shard batches several)
+    # and the padding width of that batch moves ΔP's last float bits: deltas to 1e-5 relative
+    same = lambda r: {k: v for k, v in r.to_json().items() if k not in ("passes", "deltas")}  # noqa: E731
+    for a, b in zip(sets, run2.values()):
+        flat = lambda r: [x for _, v in sorted(r.to_json()["deltas"].items()) for x in v]  # noqa: E731
+        assert flat(a) == pytest.approx(flat(b), rel=1e-5)
+    assert [same(r) for r in sets] == [same(r) for r in run2.values()]
     assert {r.id: r.set for r in sets if r.set is not None} == res.stage2_sets() != {}
 
     inter = rs.stage3(model, saes, kept, sets, harmful=cfg.stage3.harmful[0], harmless=cfg.stage3.harmless[0],
