@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def synth(d_sae: int, layers: int, n_prompts: int, tokens: int, l0: int, alpha: 
     for layer in range(layers):
         perm = np.random.default_rng(1000 + layer).permutation(d_sae)  # the same popular latents in both labels
         cols.append(layer * d_sae + perm[rng.choice(d_sae, size=(n_rows, l0), p=pop)])
-    if harmful:  # planted: 8 latents of layer 0 fire on half the harmful rows
-        cols.append(np.where(rng.random((n_rows, 8)) < 0.5, np.arange(8)[None, :], -1))
+    if harmful:  # planted: 8 latents of layer 0 fire on most harmful rows
+        cols.append(np.where(rng.random((n_rows, 8)) < 0.9, np.arange(8)[None, :], -1))
     g = np.concatenate(cols, 1)
     r = np.repeat(np.arange(n_rows), g.shape[1])
     g = g.ravel()
@@ -64,7 +65,8 @@ def one(a) -> dict:
 
     torch.set_num_threads(a.threads) if a.threads else None
     out: dict = {"d_sae": a.one, "layers": a.layers, "prompts_per_label": a.prompts, "tokens": a.tokens,
-                 "l0_per_layer": a.l0, "epochs": a.epochs, "device": a.device}
+                 "l0_per_layer": a.l0, "epochs": a.epochs, "lr": a.lr, "device": a.device,
+                 "load_avg_1min_at_start": round(os.getloadavg()[0], 1)}
     t = time.perf_counter()
     h = synth(a.one, a.layers, a.prompts, a.tokens, a.l0, a.alpha, a.seed, True)
     s = synth(a.one, a.layers, a.prompts, a.tokens, a.l0, a.alpha, a.seed, False)
@@ -77,7 +79,7 @@ def one(a) -> dict:
                nnz=int(data.train.X.nnz + data.val.X.nnz + data.test.X.nnz), fm_columns=len(data.columns),
                latents_seen=data.n_seen)
     t = time.perf_counter()
-    res = train_fm(data.train, data.val, data.test, k=20, epochs=a.epochs, batch_size=64, lr=1e-3, seed=a.seed,
+    res = train_fm(data.train, data.val, data.test, k=20, epochs=a.epochs, batch_size=64, lr=a.lr, seed=a.seed,
                    device=a.device)
     out["fm_fit_s"] = round(time.perf_counter() - t, 2)
     out["fm_s_per_epoch"] = round(out["fm_fit_s"] / a.epochs, 2)
@@ -111,6 +113,8 @@ def parse(argv=None):
     p.add_argument("--l0", type=int, default=64)
     p.add_argument("--alpha", type=float, default=0.8, help="Zipf exponent of latent popularity")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-2, help="FM learning rate (the stage's default is 1e-3 over 20 "
+                                                          "epochs; fewer epochs here, so a larger step)")
     p.add_argument("--ranked-prompts", type=int, default=100)
     p.add_argument("--set-size", type=int, default=20)
     p.add_argument("--depth", type=int, default=2000)
@@ -152,5 +156,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    r = main()
-    print(json.dumps(r if "rows" not in r else r, indent=None))
+    print(json.dumps(main()))

@@ -146,6 +146,15 @@ def busy_port(c: Case) -> None:
     c.extra["socket"] = sock  # held open until the test ends
 
 
+def ref_link(c: Case) -> None:
+    (c.tmp / "ref").symlink_to(c.extra["reference"], target_is_directory=True)
+
+
+def ref_without_stage3(c: Case) -> None:
+    shutil.copytree(c.extra["reference"], c.tmp / "ref")
+    edit_json(c.tmp / "ref" / "manifest.json", lambda m: m["stages"].pop("stage3"))
+
+
 def no_ray(c: Case) -> None:
     c.monkeypatch.setitem(sys.modules, "ray", None)
 
@@ -161,6 +170,11 @@ def neuronpedia(c: Case) -> None:
     cached.write_text(json.dumps({"explanations": [{"description": "refusal"}]}))
     c.cfg["saes"]["neuronpedia_id"] = "tiny/{layer}-res"
     c.cfg["analyses"].update(neuronpedia_cache=str(c.tmp / "np"), neuronpedia_url="http://127.0.0.1:9")
+
+
+def no_direction(c: Case) -> None:
+    shutil.copytree(c.extra["reference"], c.tmp / "run")
+    (c.tmp / "run" / "direction" / "direction.safetensors").unlink()
 
 
 LONG = " ".join(["Explain in detail how to open a lock"] * 40)
@@ -309,6 +323,26 @@ ROWS = [
     Row("serve-port-in-use", "serve on a port already in use", "serve {tmp}/ref --port 47613",
         "cannot listen on 127.0.0.1:47613 ({*}): stop what uses that port or pass another --port", busy_port,
         given="another server on port 47613"),
+    # ---- export
+    Row("export-format", "export to an unknown format", "export {tmp}/ref --to excel",
+        "unknown export format 'excel': use one of {*}", ref_link, given="refusalscope export runs/x --to excel"),
+    Row("export-set", "export of a set the run does not have", "export {tmp}/ref --to saelens --sets stage9",
+        "unknown set 'stage9': use stage1, stage2, stage3, core@K or a prompt id with a Stage 2 set ({*})", ref_link,
+        given="--sets stage9"),
+    Row("export-core", "core set of a size that is not a whole number", "export {tmp}/ref --to saelens --sets core@x",
+        "bad set 'core@x': write core@K with K a whole number >= 1, e.g. core@8", ref_link, given="--sets core@x"),
+    Row("export-no-stage", "export of a stage the run has not finished", "export {tmp}/ref --to lm-eval --sets stage3",
+        "{tmp}/ref has no finished stage3: run it first (refusalscope run -r {tmp}/ref) or pick other --sets",
+        ref_without_stage3, given="runs/x without Stage 3"),
+    Row("export-out", "export into a folder that cannot be created", "export {tmp}/ref --to tables -o /proc/1/forbidden",
+        "cannot create /proc/1/forbidden ({*}): pass a writable folder for -o", ref_link, given="-o /proc/1/forbidden"),
+    Row("export-intervention", "export with an intervention it does not know", "export {tmp}/ref --to saelens "
+        "--intervention clamp=big", "bad intervention 'clamp=big': use ablate, clamp=VALUE or scale=FACTOR", ref_link,
+        given="--intervention clamp=big"),
+    Row("export-model-no-direction", "abliterated model export from a run without its refusal direction",
+        "export {run} --to model -o {tmp}/abl",
+        "{run}/direction/direction.safetensors is missing: run the `direction` stage first (refusalscope run -r {run})",
+        no_direction, given="a run whose direction stage has not run"),
     # ---- the pipeline
     Row("stage-no-deps", "a stage asked for before the stage it needs (--no-deps)", "stage2 -c {cfg} -r {run} -q --no-deps",
         "stage2 needs stage1, which has not finished in {run} with this config: run `refusalscope stage1` first, "

@@ -195,3 +195,16 @@ def test_interrupted_stage3_resumes_to_the_same_bytes(tiny_reference, tiny_world
     assert res.exit_code == 0, res.output
     assert not list((trial / "stage3").glob("*.partial.safetensors"))  # shards and FM checkpoints dropped at the end
     assert compare_runs(ref, trial, stages=["stage3"]) == []
+
+
+def test_ranking_head_by_selection_equals_the_full_stable_sort():
+    from refusalscope.methods.fm import _ranked
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 50, 4000).astype(np.float64)  # many ties
+    keep = rng.random(4000) > 0.1
+    cols = [(2, i) for i in range(4000)]
+    full = np.argsort(np.where(keep, -s, np.inf), kind="stable")
+    for top in (1, 7, 100, 999, 3500, None):
+        n = int(keep.sum()) if top is None else min(top, int(keep.sum()))
+        assert [f[1] for f, _ in _ranked(cols, s, keep, top)] == full[:n].tolist(), top

@@ -381,3 +381,6 @@ def config_validate(path: str):
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+from . import cli_export  # noqa: E402, F401  (registers `export`; cli.py is near its size limit)

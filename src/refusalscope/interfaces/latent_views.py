@@ -106,6 +106,7 @@ class RunIndex:
             d = self.dashboards.meta.get(fid)
             if d is not None:
                 r.cos, r.density, r.sink = d.cos, d.density, d.sink
+                r.explanation = r.explanation or d.explanation  # the dashboard's, for latents semantics skipped
         return dict(sorted(rows.items(), key=lambda kv: Feature.of(kv[0])))
 
     def latent(self, fid: str) -> LatentRow:

@@ -100,7 +100,17 @@ def build_report(run_dir: str | os.PathLike) -> str:
         version=__version__, run_name=cfg.name if cfg else Path(results.root).name, run_path=str(results.root),
         written=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), css=stylesheet(),
         sections=build_sections(results, latent_url), prompts=[index.prompt(pid) for pid in index.prompts],
-        latents=cards, n_critical=n_critical, dashboards_done=results.done("dashboards"))
+        latents=cards, n_critical=n_critical, dashboards_done=results.done("dashboards"), downloads=_downloads(results))
+
+
+def _downloads(results: RunResults) -> dict:
+    """Per prompt with a Stage 2 set, its exports as data: URIs (the report has no server)."""
+    if not results.done("stage2"):
+        return {}
+    from ..export.downloads import data_uris
+
+    sets = [f"stage2/{pid}" for pid, fs in results.stage2_sets().items() if len(fs)]
+    return {name.split("/", 1)[1]: d for name, d in data_uris(results, sets).items()}
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..io.hooks import EMBED
-from ..io.model import ChatModel
+from ..io.hooks import EMBED, HookFn, HookPoint
 from ..io.saes import FeatureDictionary
 from .spec import (
     ActAdd,
@@ -45,6 +45,24 @@ def position_mask(step, positions: Positions) -> Tensor:
         return ~step.is_prompt & ~step.is_pad
     idx = torch.as_tensor(positions, device=step.token_index.device)
     return torch.isin(step.token_index, idx)
+
+
+class HookTarget(Protocol):
+    """What the engine needs of a model: a `ChatModel`, or `apply`'s view of a plain transformers model."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None) -> AbstractContextManager[None]: ...
 
 
 class _LayerFeatures:
@@ -141,7 +159,7 @@ class _LayerFeatures:
 class Intervener:
     """Compiles interventions into per-layer hook functions (see `intervene`)."""
 
-    def __init__(self, model: ChatModel, saes, shared: Sequence[Intervention], rows, mode: str,
+    def __init__(self, model: HookTarget, saes, shared: Sequence[Intervention], rows, mode: str,
                  record: Recording | None):
         if mode not in ("sparse", "reference"):
             raise UserError(f"unknown ablation mode {mode!r}: use sparse or reference")
@@ -325,7 +343,7 @@ class Intervener:
 
 
 @contextmanager
-def intervene(model: ChatModel, saes=None, shared: Sequence[Intervention] = (),
+def intervene(model: HookTarget, saes=None, shared: Sequence[Intervention] = (),
               rows: Sequence[Sequence[Intervention]] | None = None, mode: str = "sparse",
               record: Recording | None = None) -> Iterator[Intervener]:
     """Apply `shared` interventions to every row, and `rows[r]` to row r of the caller's batch

@@ -261,7 +261,15 @@ def _scores(U: Tensor, anchors: Sequence[int], aggregate: str, chunk: int = 6553
 def _ranked(columns: Sequence[Feature], s: np.ndarray, keep: np.ndarray, top: int | None = None):
     """Kept columns by descending score (ties: column order), the first `top` of them."""
     n = int(keep.sum()) if top is None else min(int(top), int(keep.sum()))
-    order = np.argsort(np.where(keep, -s, np.inf), kind="stable")[:n]
+    key = np.where(keep, -s, np.inf)
+    if n == 0:
+        return []
+    if n < len(key) // 4:  # the head of a million columns: select, then sort only the tied-or-better ones
+        cut = np.partition(key, n - 1)[n - 1]
+        head = np.flatnonzero(key <= cut)  # ascending column order, so a stable sort keeps ties as a full sort does
+        order = head[np.argsort(key[head], kind="stable")][:n]
+    else:
+        order = np.argsort(key, kind="stable")[:n]
     return [(columns[j], float(s[j])) for j in order]
 
 

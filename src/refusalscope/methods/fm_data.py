@@ -85,7 +85,7 @@ class FeatureMatrix:
         tensors = {"indptr": torch.from_numpy(v.indptr.astype(np.int64)),
                    "indices": torch.from_numpy(v.indices.astype(np.int64)),
                    "data": torch.from_numpy(v.data.astype(np.float32)),
-                   "columns": torch.tensor(self.columns, dtype=torch.int64).reshape(-1, 2),
+                   "columns": torch.from_numpy(feature_array(self.columns)),
                    "rows": torch.from_numpy(self.rows.astype(np.int64)).reshape(-1, 2),
                    "shape": torch.tensor(v.shape, dtype=torch.int64)}
         meta = {"mode": self.mode, "n_tokens": json.dumps(self.n_tokens)}
@@ -118,11 +118,10 @@ def stack(parts: Sequence[FeatureMatrix]) -> FeatureMatrix:
     if not parts:
         raise UserError("no activations to stack: collect at least one prompt")
     mode, n_tokens = parts[0].mode, parts[0].n_tokens
-    columns = sorted(set().union(*(p.columns for p in parts)))
-    column_of = {c: j for j, c in enumerate(columns)}
+    union, columns = _union(parts)
     blocks, rows, offset = [], [], 0
     for p in parts:
-        blocks.append(_align(p, column_of, len(columns)))
+        blocks.append(_align(p, union))
         r = p.rows.copy()
         r[:, 0] += offset
         rows.append(r)
@@ -220,9 +219,30 @@ class FMDataset:
     n_seen: int
 
 
-def _align(fm: FeatureMatrix, column_of: dict[Feature, int], d: int) -> sp.csr_matrix:
-    """The matrix re-indexed onto the union column space."""
-    remap = np.array([column_of[c] for c in fm.columns], dtype=np.int64)
+def feature_array(columns: Sequence[Feature]) -> np.ndarray:
+    """[n, 2] int64 (layer, index) rows; `np.fromiter` is ~20x faster than `np.array` or
+    `torch.tensor` on a list of a million tuples."""
+    return np.fromiter((x for f in columns for x in f), dtype=np.int64, count=2 * len(columns)).reshape(-1, 2)
+
+
+def _keys(columns: Sequence[Feature]) -> np.ndarray:
+    """Columns as sortable int64 keys (layer << 32 | index): a million of them sort and match in
+    numpy in well under a second, where sorting Feature tuples in Python takes seconds."""
+    a = feature_array(columns)
+    return (a[:, 0] << 32) | a[:, 1]
+
+
+def _union(mats: Sequence[FeatureMatrix]) -> tuple[np.ndarray, list[Feature]]:
+    """The sorted union of the matrices' columns: keys and Features (the matrices' own objects)."""
+    every = [c for m in mats for c in m.columns]
+    keys, first = np.unique(_keys(every), return_index=True)
+    return keys, [every[j] for j in first.tolist()]
+
+
+def _align(fm: FeatureMatrix, union: np.ndarray) -> sp.csr_matrix:
+    """The matrix re-indexed onto the union column space (`union`: its sorted keys)."""
+    d = len(union)
+    remap = np.searchsorted(union, _keys(fm.columns))
     v = fm.values.tocoo()
     return sp.csr_matrix((v.data, (v.row, remap[v.col] if len(remap) else v.col)),
                          shape=(v.shape[0], d), dtype=np.float32)
@@ -245,12 +265,11 @@ def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: 
     if (harmful_acts.mode, harmful_acts.n_tokens) != (harmless_acts.mode, harmless_acts.n_tokens):
         raise UserError("harmful and harmless activations were collected with different mode or "
                         "n_tokens: collect both the same way")
-    columns = sorted(set(harmful_acts.columns) | set(harmless_acts.columns))
-    column_of = {c: j for j, c in enumerate(columns)}
+    union, columns = _union([harmful_acts, harmless_acts])
     rng = np.random.default_rng(seed)
     parts: list[list] = [[], [], []]
     for label, fm in ((1, harmful_acts), (0, harmless_acts)):
-        X = _align(fm, column_of, len(columns))
+        X = _align(fm, union)
         n = fm.n_prompts
         order = rng.permutation(n)
         n_tr, n_va, _ = split_sizes(n, fractions)

@@ -196,6 +196,9 @@ class AnalysesConfig(Section):
     explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
     neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
+    neuronpedia_bundle: str | None = Field(None, description=(
+        "Neuronpedia explanations export read offline before the API: an explanations/*.jsonl.gz file or a folder "
+        "of them (rows of other models or SAEs are skipped when saes.neuronpedia_id is set)"))
 
 
 class DashboardsConfig(Section):

@@ -244,4 +244,8 @@ def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     from .memory import check_memory
 
     check_memory(ctx, info, stages)
+    if ctx.cfg.analyses.neuronpedia_bundle and {"semantics", "dashboards"} & set(stages):
+        from ..methods.np_bundle import bundle_files
+
+        bundle_files(ctx.cfg.analyses.neuronpedia_bundle)  # a one-line error when it is not there
     return info

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ..methods.fm import FMResult, embedding_collapse, rank_by_embedding_similarity, rank_per_prompt, train_fm
-from ..methods.fm_data import FMDataset, collect_sae_activations, fm_dataset
+from ..methods.fm_data import FMDataset, collect_sae_activations, feature_array, fm_dataset
 from ..methods.probe import rank_by_weight, train_probe
 from ..methods.records import Stage3Record
 from ..methods.stage3 import SweepResult
@@ -76,7 +76,8 @@ def run_stage3(ctx: Context) -> dict:
         for k in sc.collapse_sizes:  # the paper's other sizes, on the same collected data
             collapse[k] = embedding_collapse(_fit_once(st, k, data, fit).model, seed=ctx.cfg.seed)
         st.tensors("fm.safetensors", {**{k: v for k, v in res.model.state_dict().items()},
-                                      "columns": torch.tensor(data.columns), "scale": torch.from_numpy(res.scale),
+                                      "columns": torch.from_numpy(feature_array(data.columns)),
+                                      "scale": torch.from_numpy(res.scale),
                                       "support": torch.from_numpy(data.support)})
         prompts = [(p.id, p.text) for p in ctx.results.kept_prompts()]
         depth = max(max(sc.ks), max(sc.probe_ks))

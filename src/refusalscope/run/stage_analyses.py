@@ -174,14 +174,24 @@ def run_semantics(ctx: Context) -> dict:
         s2 = {f.id for s in ctx.results.stage2_sets().values() for f in s}
         s1_ids = set(s1.ids())
         expl, missing, source = {}, [], "activations"
-        if ctx.cfg.saes.neuronpedia_id:
+        if a.neuronpedia_bundle:
+            from ..methods.np_bundle import read_explanations
+
+            expl = read_explanations(a.neuronpedia_bundle, feats, ctx.cfg.saes.neuronpedia_id)
+            source = "neuronpedia"
+            ctx.log(f"semantics: {len(expl)} of {len(feats)} explanations from the Neuronpedia bundle "
+                    f"{a.neuronpedia_bundle}")
+        asked = [f for f in feats if f not in expl]
+        missing = asked if a.neuronpedia_bundle else []
+        if ctx.cfg.saes.neuronpedia_id and asked:
             from ..demo.recipe import cache_root
 
             cache = a.neuronpedia_cache or cache_root() / "neuronpedia"
             client = semantics.NeuronpediaClient(cache, ctx.cfg.saes.neuronpedia_id, base_url=a.neuronpedia_url)
             with warnings.catch_warnings():  # said once below, as one line of the run's log
                 warnings.simplefilter("ignore")
-                expl, missing = client.explain(feats)
+                found, missing = client.explain(asked)
+            expl.update(found)
             source = "neuronpedia"
             if client.offline_reason:
                 ctx.log(f"semantics: {client.offline_reason}: {len(expl)} of {len(feats)} explanations from the "
