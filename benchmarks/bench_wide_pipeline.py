@@ -131,22 +131,44 @@ def serve_pages(run: Path, log: Path, exe: str) -> dict:
             "exit": 0 if ok and len(ok) == len(pages) else 1}
 
 
-def prepare(world: Path, run: Path, prompts: int | None, cpu_sized: bool) -> tuple[Path, dict]:
+def prepare(world: Path, run: Path, prompts: int | None, cpu_sized: bool,
+            same_as: Path | None = None) -> tuple[Path, dict]:
+    """The world's config with the benchmark's overrides, written beside the run. `same_as`: another
+    width's world (same model bytes): its model folder and judge threshold, so that filter and
+    direction, which read no SAE, hash the same at both widths and are reused."""
     from refusalscope.run.config import _merge
 
     cfg = yaml.safe_load((world / "config.yaml").read_text())
     cfg = _merge(cfg, {**({"data": {"max_prompts": prompts}} if prompts else {}), **(CPU_SIZED if cpu_sized else {})})
+    if same_as is not None:
+        other = yaml.safe_load((same_as / "config.yaml").read_text())
+        cfg = _merge(cfg, {"model": {"source": other["model"]["source"]}, "judge": other["judge"]})
     run.parent.mkdir(parents=True, exist_ok=True)
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, cfg
 
 
-def bench(world: Path, run: Path, out: Path | None, prompts: int | None, cpu_sized: bool, fresh: bool) -> dict:
+def reuse_stages(src: Path, run: Path, names=("filter", "direction")) -> list[str]:
+    """Copy finished stages that read no SAE from another width's run (same model and prompts)."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    mine = {**manifest, "stages": {}}
+    done = [n for n in names if manifest["stages"].get(n, {}).get("status") == "done"]
+    for n in done:
+        shutil.copytree(src / n, run / n, dirs_exist_ok=True)
+        mine["stages"][n] = manifest["stages"][n]
+    (run / "manifest.json").write_text(json.dumps(mine, indent=1))
+    return done
+
+
+def bench(world: Path, run: Path, out: Path | None, prompts: int | None, cpu_sized: bool, fresh: bool,
+          same_as: Path | None = None, reuse: Path | None = None) -> dict:
     exe = str(Path(sys.executable).with_name("refusalscope"))
     if fresh:
         shutil.rmtree(run, ignore_errors=True)
-    config, cfg = prepare(world, run, prompts, cpu_sized)
+    config, cfg = prepare(world, run, prompts, cpu_sized, same_as)
+    reused = reuse_stages(reuse, run) if reuse is not None else []
     info = json.loads((world / "world.json").read_text())
     log = run.parent / f"{run.name}.log"
     from refusalscope.run.config import load_config
@@ -155,9 +177,14 @@ def bench(world: Path, run: Path, out: Path | None, prompts: int | None, cpu_siz
     analyses = [*c.analyses.run, *(["dashboards"] if c.dashboards.run else [])]
     res = {"d_sae": info["d_sae"], "n_layers": info["layers"], "d_model": info.get("d_model"),
            "world": str(world), "n_prompts": None, "n_refused": None, "stages": {}, "stages_finished": [],
-           "note": "shared 2-core CPU (other jobs running): wall times include CPU contention"}
+           "note": "shared 2-core CPU (other jobs running): wall times include CPU contention",
+           "reused": {n: f"from {reuse} (reads no SAE; same model and prompts)" for n in reused}}
     steps = [(s, [s]) for s in CORE] + [(a, ["analyze", a]) for a in analyses] + [("eval", ["eval"])]
     for name, args in steps:
+        if name in reused:
+            res["stages"][name] = {"exit": 0, "reused": True, "seconds": None, "peak_rss_gb": None}
+            _annotate(res, name, run)
+            continue
         r = timed([exe, *args, "-c", str(config), "-r", str(run), "-q"], log)
         res["stages"][name] = r
         _annotate(res, name, run)
@@ -220,7 +247,8 @@ def readme(table: dict) -> str:
             ok = n in r["stages_finished"]
             sec = st.get("seconds") if ok else None
             secs.append(sec)
-            cells += [f"{sec:.0f}" if sec is not None else ("failed" if st else "not run"),
+            gone = "reused" if st.get("reused") else "failed" if st else "not run"
+            cells += [f"{sec:.0f}" if sec is not None else gone,
                       f"{st['peak_rss_gb']:.2f}" if st.get("peak_rss_gb") is not None else "-"]
         ratio = f"{secs[-1] / secs[0]:.2f}" if len(runs) > 1 and secs[0] and secs[-1] else "-"
         lines.append(f"| {n} | " + " | ".join(cells) + (f" | {ratio} |" if len(runs) > 1 else " |"))
@@ -247,8 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=None, help="data.max_prompts (default: all harmful test prompts)")
     ap.add_argument("--cpu-sized", action="store_true", help="smaller prompt/text sets (see CPU_SIZED)")
     ap.add_argument("--resume", action="store_true", help="keep the run directory (finished stages skip)")
+    ap.add_argument("--same-as", type=Path, default=None, help="the other width's world: its model and judge")
+    ap.add_argument("--reuse", type=Path, default=None, help="the other width's run: copy filter and direction")
     a = ap.parse_args(argv)
-    res = bench(a.world, a.run, a.out, a.prompts, a.cpu_sized, fresh=not a.resume)
+    res = bench(a.world, a.run, a.out, a.prompts, a.cpu_sized, not a.resume, a.same_as, a.reuse)
     print(json.dumps({k: v for k, v in res.items() if k != "stages"}, indent=1, default=str))
     for name, r in res["stages"].items():
         print(f"{name:<12}{r.get('seconds') or '-':>9}{r.get('peak_rss_gb') or '-':>7}  exit {r.get('exit')}")
