@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_web import start_server  # noqa: E402
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--screens", default="runs/screens/demo")
     ap.add_argument("--warm-runs", type=int, default=3)
-    ap.add_argument("--out", default="bench_web_pages.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_web_pages.json")
     args = ap.parse_args(argv)
     run, screens = Path(args.run), Path(args.screens)
     screens.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,35 @@ def disk_full_error(path: Path, err: BaseException) -> UserError:
                      f"({type(err).__name__}): free space and run the same command again (finished work is kept)")
 
 
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """Fail now, in one line, if `path` cannot be written (its folder is created when missing): every
+    output path of every command is checked before the work that fills it starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass a file path with {option}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=TMP_MARK, dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(path, err) from None
+        raise UserError(f"cannot write {path} ({err.strerror or type(err).__name__}): pass a path you can "
+                        f"write with {option}") from None
+    return path
+
+
+def writable_arg(value: str) -> Path:
+    """argparse `type=` of the benchmarks' --out: an unwritable path stops the script before it works."""
+    import argparse
+
+    try:
+        return check_writable(value, "--out")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
     path = Path(path)

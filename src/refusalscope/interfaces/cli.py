@@ -76,10 +76,11 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
-             execution: dict | None = None, accept_version: bool = False):
+             execution: dict | None = None, accept_version: bool = False, unrecorded: dict | None = None):
     from ..run.runner import open_context
 
-    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version)
+    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version,
+                        unrecorded=unrecorded)
 
 
 def _print_examples(info: dict) -> None:
@@ -119,13 +120,15 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 
 
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
-                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False) -> dict:
+                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False,
+                unrecorded: dict | None = None) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`. Every input is checked first."""
     from ..run.runner import check_analyses, run_pipeline
 
     check_analyses(only)
-    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version), upto, only, no_deps)
+    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version, unrecorded), upto, only,
+                        no_deps)
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -227,8 +230,8 @@ def eval_cmd(config: str | None = CONFIG, run: Path | None = RUN,
 
     ev = {k: [x.strip() for v in vals for x in v.split(",") if x.strip()]
           for k, vals in (("datasets", datasets), ("interventions", interventions)) if vals}
-    overrides = {**_execution(backend, address, workers), **({"eval": ev} if ev else {})}
-    result = _run_stages(config, run, quiet, as_json, "eval", execution=overrides)
+    result = _run_stages(config, run, quiet, as_json, "eval", execution=_execution(backend, address, workers),
+                         unrecorded={"eval": ev} if ev else None)  # the choice is recorded in eval/, not config.yaml
     if as_json:
         print(json.dumps({"eval": result["eval"], "run": result["run"]}, indent=2, default=str))
         return
@@ -286,11 +289,13 @@ def report_cmd(
 @friendly
 def serve_cmd(run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
               host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-              port: int = typer.Option(8000, help="TCP port (0: any free one).")):
+              port: int = typer.Option(8000, help="TCP port (0: any free one)."),
+              annotations: Path | None = typer.Option(
+                  None, "--annotations", help="SQLite file of the study (default: RUN_DIR/annotations.sqlite).")):
     """The local web app: overview, latent browser and pages, prompt pages, playground, annotation study."""
     from .web import serve
 
-    serve(run_dir, host=host, port=port)
+    serve(run_dir, host=host, port=port, annotations=annotations)
 
 
 @world_app.command("build")

@@ -90,6 +90,7 @@ class RunStore:
                                 "command again (finished work is kept)") from None
             raise UserError(f"run directory {self.root} is not writable ({err.strerror or err}): "
                             "pass a folder you can write with -r") from None
+        self._check_is_run()
         self.lock = RunLock(self.root)
         self.lock.acquire(log)
         try:
@@ -100,6 +101,17 @@ class RunStore:
             self.close()
             raise
         return self
+
+    def _check_is_run(self) -> None:
+        """A folder that holds files but no manifest is someone's own folder, not a run: writing a
+        run into it would mix the two (a run killed before its first manifest leaves only these)."""
+        if self.manifest_path.exists():
+            return
+        own = {"run.lock", "config.yaml"}
+        other = sorted(p.name for p in self.root.iterdir() if p.name not in own and TMP_MARK not in p.name)
+        if other:
+            raise UserError(f"{self.root} holds files that are not a run ({', '.join(other[:3])}"
+                            f"{', …' if len(other) > 3 else ''}): pass a new or empty folder with -r")
 
     def close(self) -> None:
         if self.lock is not None:
