@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+from typer import rich_utils
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from .tables import print_examples, print_quality, print_sae_quality, print_table
 
 app = typer.Typer(help="Find the SAE latents that make a chat model refuse, and how they interact.",
@@ -20,6 +23,20 @@ world_app = typer.Typer(help="The embedded demo world (safety-tuned SmolLM2-135M
 config_app = typer.Typer(help="Configs and presets.", no_args_is_help=True)
 app.add_typer(world_app, name="demo-world")
 app.add_typer(config_app, name="config")
+
+def _usage_error(err: click.ClickException, file=None) -> None:
+    """A wrong command line (unknown option, missing argument, bad value) is one line too, like every
+    other mistake, rather than click's usage block and framed panel; asking for help still shows it."""
+    if type(err).__name__ == "NoArgsIsHelpError":
+        return _show(err, file)
+    ctx = getattr(err, "ctx", None)
+    see = f": see `{ctx.command_path} --help`" if ctx is not None else ": see `refusalscope --help`"
+    click.echo(f"error: {' '.join(err.format_message().split()).rstrip('.')}{see}", err=True)
+
+
+_show = click.ClickException.show
+click.ClickException.show = _usage_error  # type: ignore[method-assign]
+rich_utils.rich_format_error = _usage_error  # typer calls this one when rich is installed
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
@@ -40,12 +57,28 @@ NO_DEPS = typer.Option(False, "--no-deps",
                        help="Run only this stage: the stages it needs must have finished already (with this config).")
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def friendly(fn):
-    """Print UserError as one line and exit 2 instead of a traceback."""
+    """Print UserError as one line and exit 2 instead of a traceback; Ctrl-C (SIGINT) and SIGTERM
+    end in one line saying how to resume, exit 130 / 143 (128 + the signal), after the cleanup
+    that every interrupted write and stage does (temp files removed, stage marked failed, lock
+    released)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding app): leave its handlers alone
+            previous = None
+        try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+            typer.echo(f"error: interrupted ({name}): run the same command again to resume (finished work "
+                       "is kept)", err=True)
+            raise typer.Exit(code) from None
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
@@ -57,6 +90,9 @@ def friendly(fn):
             typer.echo(f"error: no space left on the disk ({err.filename or err}): free space and run the same "
                        "command again (finished work is kept)", err=True)
             raise typer.Exit(2) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -261,7 +297,7 @@ def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
     from ..run.store import RunStore
 
     for root in (a, b):
-        RunStore(root, create=False)
+        RunStore(root, create=False).verify_all()
     diffs = compare_runs(a, b)
     for d in diffs:
         print(d)

@@ -97,6 +97,6 @@ def build_report(run_dir: str | os.PathLike) -> str:
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the report (default: RUN_DIR/report.html) atomically; returns its path."""
-    RunResults(run_dir)  # a folder without a run is named before the output path
+    RunResults(run_dir).store.verify_all()  # no run, or a damaged artifact: one line before the output path
     path = check_writable(Path(out) if out is not None else Path(run_dir) / "report.html", "-o")
     return atomic_write_text(path, build_report(run_dir))

@@ -92,6 +92,11 @@ def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
     names = needed(asked)
     hashes = stage_hashes(ctx.cfg)
     done = [n for n in names if ctx.store.is_done(n, hashes[n])]
+    for n in names:
+        entry = ctx.store.status(n) or {}
+        if n not in done and entry.get("status") == "done" and entry.get("config_hash") == hashes[n]:
+            for path, why in ctx.store.damaged(n)[:1]:
+                ctx.log(f"{path} is not the file {n} wrote ({why}): {n} runs again")
     if no_deps:
         missing = [n for n in names if n not in asked and n not in done]
         if missing:

@@ -51,8 +51,10 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     default RUN_DIR/annotations.sqlite)."""
     import uvicorn
 
+    from ...run.store import RunStore
     from .app import create_app
 
+    RunStore(run_dir, create=False).verify_all()  # a damaged artifact is named now, not page by page
     allowed = None if not is_loopback(host) else sorted(set(LOOPBACK_NAMES + [host]))
     app = create_app(run_dir, allowed_hosts=allowed, annotations=annotations)
     sock = bind(host, port)
