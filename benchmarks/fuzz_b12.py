@@ -47,6 +47,8 @@ def fuzz(target: str, sandbox, examples: int, seed: int) -> dict:
     def one(data):
         out, shown = TARGETS[target](sandbox, data)
         codes["traceback" if out.traceback else out.code] += 1
+        if sum(codes.values()) % 250 == 0:
+            print(f"  {target}: {sum(codes.values())} examples, {codes.get('traceback', 0)} tracebacks", flush=True)
         if out.traceback and len(failures) < 50:
             failures.append({"input": shown[:2000], "traceback": out.traceback[-3000:]})
 
@@ -77,6 +79,10 @@ def main() -> None:
             print(f"{target:8s} {r['examples']:6d} examples  {r['tracebacks']:4d} tracebacks  "
                   f"exit codes {r['exit_codes']}  {r['seconds']} s", flush=True)
             results.append(r)
+            write(args, results)  # after each target: a long run interrupted keeps what it found
+
+
+def write(args, results: list[dict]) -> None:
     out = {"benchmark": "B12 property-based fuzzing (long profile)", "examples_per_target": args.examples,
            "seed": args.seed, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "property": "exit 0 or 2; a failure is one line 'error: ...: <fix>'; no traceback; nothing written "
@@ -84,7 +90,7 @@ def main() -> None:
            "total_examples": sum(r["examples"] for r in results),
            "total_tracebacks": sum(r["tracebacks"] for r in results)}
     atomic_write_json(args.out, out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def apply(cfg: dict, mut: tuple) -> dict:
     elif kind == "section":
         cfg[key] = value
     elif kind == "drop":
-        (cfg.get(sec, {}) if name else cfg).pop(name or sec, None)
+        target = cfg.get(sec) if name else cfg
+        if isinstance(target, dict):
+            target.pop(name or sec, None)
     else:
         cfg["preset"] = value
     return cfg
@@ -243,9 +245,9 @@ def place_file(base: dict, ex: Path, case) -> list[str]:
     path.write_bytes(content)
     cfg = json.loads(json.dumps(base))
     sec, name = where.split(".")
-    cfg[sec][name] = [str(path)] if name in ("harmful", "taxonomy_prompts", "datasets") else str(path)
+    cfg.setdefault(sec, {})[name] = [str(path)] if name in ("harmful", "taxonomy_prompts", "datasets") else str(path)
     if text_field:
-        cfg["data"]["text_field"] = text_field
+        cfg.setdefault("data", {})["text_field"] = text_field
     (ex / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     command = "eval" if where == "eval.datasets" else "run"
     return [command, "-c", str(ex / "cfg.yaml"), "-r", str(ex / "run"), "-q"]
