@@ -31,11 +31,12 @@ SHAPES = {  # from the models' config.json (hidden, mlp, layers, heads, kv heads
 SMALL = dict(hidden=64, mlp=128, layers=4, heads=4, kv=2, head_dim=16, vocab=512)
 
 
-def random_hf_model(arch: str, small: bool, tok, dtype: torch.dtype, device: str, seed: int = 0):
-    """A random-weight HF model of `arch` at its real shape (or SMALL), sized for `tok`."""
+def random_hf_model(arch: str, small: bool, tok, dtype: torch.dtype, device: str, seed: int = 0,
+                    shape: dict | None = None):
+    """A random-weight HF model of `arch` at its real shape (or SMALL, or `shape`), sized for `tok`."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    s = SMALL if small else SHAPES[arch]
+    s = shape or (SMALL if small else SHAPES[arch])
     gemma = arch.startswith("gemma")
     common = dict(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                   num_hidden_layers=s["layers"], num_attention_heads=s["heads"],

@@ -18,7 +18,12 @@ preset pointed at all of it. It is tests/planted.py at real size:
    (Llama Scope stores one scalar threshold).
 `world.json` records P(I) with and without the planted latents ablated: the flip is measured.
 
-    python benchmarks/planted_world.py OUT [--arch gemma-2-2b] [--small] [--device cuda]
+`--wide`: the paper's SAE width on a model this CPU runs (issue 19): a random-weight
+Gemma2ForCausalLM at hidden size 256 with 20 layers and 65,536-wide SAEs on every layer (`--d-sae
+16384` for the same world at 16k: same model, prompts and planted latents, same seed);
+`--wide --small` keeps the same path CI-sized (hidden 64, 20 layers, 2,048 latents).
+
+    python benchmarks/planted_world.py OUT [--arch gemma-2-2b] [--small] [--wide] [--device cuda]
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from refusalscope.methods.evaluate import refusal_probs  # noqa: E402
 
 SCOPE = {"gemma-2-2b": ("gemma_scope", 16384, "gemma-2-2b-it"),
          "llama-3.1-8b": ("llama_scope", 32768, "llama-3.1-8b-it")}
+WIDE = {False: dict(hidden=256, mlp=1024, layers=20, heads=4, kv=2, head_dim=64, vocab=8192, d_sae=65536),
+        True: dict(hidden=64, mlp=128, layers=20, heads=4, kv=2, head_dim=16, vocab=2048, d_sae=2048)}
 L0 = 64  # active random latents per token (Gemma Scope's canonical SAEs: ~70)
 SPLITS = ("train", "val", "test")
 
@@ -66,12 +73,12 @@ def write_prompts(root: Path) -> dict[str, str]:
     return out
 
 
-def make_tokenizer(arch: str, small: bool):
+def make_tokenizer(arch: str, small: bool, vocab: int | None = None):
     from tiny import tiny_tokenizer
 
     texts = [p.text for n in ("harmful", "harmless", "refusals", "general") for p in load_bundled(n)]
     return tiny_tokenizer("gemma" if arch.startswith("gemma") else "chatml", corpus=texts,
-                          vocab_size=2048 if small else 8192)
+                          vocab_size=vocab or (2048 if small else 8192))
 
 
 def token_scores(tok, harmful: list[str], harmless: list[str]) -> torch.Tensor:
@@ -164,8 +171,9 @@ def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> 
     theta = float(pre.flatten().kthvalue(int(pre.numel() * (1 - target / d_sae))).values)
     ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed * 1000 + layer))[:n_planted]
     s = 4 * theta * 2 * n_planted / dn  # a mean harmful last token pre-activates at 4θ
+    gp = torch.Generator(device=dev).manual_seed(seed * 1000 + layer + 500)  # same noise at every width
     for j, i in enumerate(ids.tolist()):
-        v = r_hat + 0.4 * (j + 1) / n_planted * torch.randn(d, generator=g, device=dev) / d ** 0.5
+        v = r_hat + 0.4 * (j + 1) / n_planted * torch.randn(d, generator=gp, device=dev) / d ** 0.5
         v /= v.norm()
         W_enc[:, i] = s * r_hat / (n_planted * float(r_hat @ v))
         W_dec[i] = v / s
@@ -178,7 +186,7 @@ def make_sae(stats: dict, layer: int, d_sae: int, n_planted: int, seed: int) -> 
 
 def save_sae(t: dict, layer: int, root: Path, fmt: str) -> None:
     """Write one SAE where the real layouts put it (see `sae_path`)."""
-    folder = Path(sae_path(root, fmt).format(layer=layer))
+    folder = Path(sae_path(root, fmt, t["W_enc"].shape[1]).format(layer=layer))
     folder.mkdir(parents=True, exist_ok=True)
     arr = {k: t[k].float().cpu().numpy() for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
     if fmt == "gemma_scope":
@@ -197,9 +205,10 @@ def save_sae(t: dict, layer: int, root: Path, fmt: str) -> None:
         "dataset_average_activation_norm": {"in": d ** 0.5, "out": d ** 0.5}}))  # norm factor 1
 
 
-def sae_path(root: Path, fmt: str) -> str:
+def sae_path(root: Path, fmt: str, d_sae: int = 16384) -> str:
     if fmt == "gemma_scope":
-        return str(root / "saes" / "gemma-scope-2b-pt-res" / "layer_{layer}" / "width_16k" / f"average_l0_{L0}")
+        width = f"width_{d_sae // 1024}k" if d_sae >= 1024 else f"width_{d_sae}"
+        return str(root / "saes" / "gemma-scope-2b-pt-res" / "layer_{layer}" / width / f"average_l0_{L0}")
     return str(root / "saes" / "llama_scope_lxr_8x" / "l{layer}r_8x")
 
 
@@ -236,11 +245,12 @@ def flip_check(model: ChatModel, planted: SAESet, prompts: dict[str, list[str]],
             "flipped_of_refused": float((refused & (p_a < thr)).sum() / refused.sum().clamp_min(1))}
 
 
-def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, threshold: float) -> dict:
+def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, threshold: float,
+                 d_sae: int = 16384) -> dict:
     fmt, _, preset = SCOPE[arch]
     return {"preset": preset, "name": f"planted-{arch}",
             "model": {"source": str(root / "model"), "dtype": dtype, "device": device},
-            "saes": {"source": "local", "path": sae_path(root, fmt), "layers": "all", "neuronpedia_id": None},
+            "saes": {"source": "local", "path": sae_path(root, fmt, d_sae), "layers": "all", "neuronpedia_id": None},
             "data": {k: v for k, v in files.items() if not k.endswith("_all")},
             "judge": {"name": "first-token", "options": {"threshold": threshold},
                       "degenerate_is_jailbreak": True},  # a random model's replies are word salad
@@ -255,14 +265,17 @@ def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, th
 def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False, d_sae: int | None = None,
                 n_planted: int = 16, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                 batch_size: int = 32, n_stats: int | None = None, n_check: int | None = None,
-                alpha: float = 12.0, log=print) -> dict:
+                alpha: float = 12.0, wide: bool = False, log=print) -> dict:
     root, t0 = Path(root), time.perf_counter()
     fmt, full_d_sae, _ = SCOPE[arch]
-    d_sae = d_sae or (256 if small else full_d_sae)
+    shape = WIDE[small] if wide else None
+    if wide and not arch.startswith("gemma"):
+        raise SystemExit("--wide builds a Gemma-2 world: drop --arch or pass --arch gemma-2-2b")
+    d_sae = d_sae or (shape["d_sae"] if shape else 256 if small else full_d_sae)
     files = write_prompts(root)
     prompts = {k: [json.loads(l)["instruction"] for l in Path(v).read_text().splitlines()] for k, v in files.items()}
-    tok = make_tokenizer(arch, small)
-    model = ChatModel(random_hf_model(arch, small, tok, torch.float32, device, seed), tok, name=arch)
+    tok = make_tokenizer(arch, small, shape["vocab"] if shape else None)
+    model = ChatModel(random_hf_model(arch, small, tok, torch.float32, device, seed, shape), tok, name=arch)
     hf = model.hf
     with torch.no_grad():  # 1: tokens get an embedding direction in proportion to their harm score
         score = token_scores(tok, prompts["harmful_train"], prompts["harmless_train"]).to(device)
@@ -276,13 +289,14 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     readout = plant_readout(model, stats, prompts["harmful_train"], batch_size)  # 3
     log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) "
         f"in {time.perf_counter() - t0:.0f} s")
-    saes, l0 = {}, {"all": [], "last": []}
+    saes, l0, planted_ids = {}, {"all": [], "last": []}, {}
     for layer in range(model.n_layers):  # 4, 5
         t = make_sae(stats, layer, d_sae, n_planted, seed)
         save_sae(t, layer, root, fmt)
         for k in l0:
             l0[k].append(t["l0"][k])
         saes[layer] = planted_only(t, getattr(torch, dtype))
+        planted_ids[layer] = t["planted"]
         del t
     log(f"planted world: {model.n_layers} SAEs x {d_sae} latents saved in {time.perf_counter() - t0:.0f} s")
     hf.to(getattr(torch, dtype))
@@ -290,11 +304,12 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
     check = flip_check(model, planted_dictionaries(saes), test, batch_size)
     hf.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    cfg = world_config(root, arch, files, device, dtype, check["threshold"])
+    cfg = world_config(root, arch, files, device, dtype, check["threshold"], d_sae)
     (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    info = {"arch": arch, "small": small, "d_sae": d_sae, "layers": model.n_layers, "n_planted": n_planted,
+    info = {"arch": arch, "small": small, "wide": wide, "d_sae": d_sae, "d_model": model.d_model,
+            "layers": model.n_layers, "n_planted": n_planted,
             "format": fmt, "dtype": dtype, "device": device, "harm_marked_tokens": int((score > 0.5).sum()),
-            "readout": readout, "check": check,
+            "readout": readout, "check": check, "planted": {str(l): v for l, v in planted_ids.items()},
             "l0_mean": {k: round(sum(v) / len(v), 1) for k, v in l0.items()},  # per token, at the last token
             "config": str(root / "config.yaml"),
             "build_seconds": round(time.perf_counter() - t0, 1)}
@@ -308,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("out")
     ap.add_argument("--arch", choices=sorted(SCOPE), default="gemma-2-2b")
     ap.add_argument("--small", action="store_true", help="tiny dimensions (CPU)")
+    ap.add_argument("--wide", action="store_true", help="hidden 256, 20 layers, 65k SAEs (with --small: CI size)")
     ap.add_argument("--d-sae", type=int, default=None, help="latents per SAE (default: 16k / 32k, 256 small)")
     ap.add_argument("--n-planted", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -318,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     return build_world(a.out, a.arch, a.small, a.d_sae, a.n_planted, a.device, dtype, a.seed,
-                       n_stats=a.n_stats, n_check=a.n_check)
+                       n_stats=a.n_stats, n_check=a.n_check, wide=a.wide)
 
 
 if __name__ == "__main__":

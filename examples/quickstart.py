@@ -26,7 +26,7 @@ choice = rs.find_direction(model, harmful[::2], harmless[::2], val_harmful=harmf
                            val_harmless=harmless[1::2][:8], judge=judge, n_generate=2)
 print(f"refusal direction: layer {choice.layer}")
 prompts = harmful[1::2][: args.n]
-stage1, candidates = rs.stage1(model, saes, prompts, choice.direction, judge, ks=args.ks)
+stage1, candidates = rs.stage1(model, saes, prompts, choice, judge, ks=args.ks)
 print("Stage 1 K per prompt:", {r.id: r.k for r in stage1})
 for r in rs.stage2(model, saes, prompts, candidates, judge):
     print(f"{r.id}: minimal set {r.set.ids() if r.set else None} (inactive: {r.inactive.ids() if r.inactive else []})")

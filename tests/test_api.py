@@ -13,6 +13,7 @@ import refusalscope as rs
 from refusalscope.interventions.engine import intervene
 
 ROOT = Path(__file__).resolve().parents[1]
+N_PLANTED = 3  # planted_world's n_planted: latents 0..2 of every layer carry the refusal component
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,13 @@ def test_surface_is_lazy_and_documented():
         assert getattr(rs, name).__doc__, name  # every public name says what it is for
     with pytest.raises(AttributeError):
         rs.not_a_name  # noqa: B018
+
+
+def test_run_stays_callable_once_the_run_package_is_imported(tmp_path):
+    import refusalscope.run.config  # noqa: F401  binds refusalscope.run to the package
+
+    with pytest.raises(rs.UserError, match="unknown stage 'nope'"):
+        rs.run("demo", tmp_path / "r", upto="nope", quiet=True)
 
 
 def test_generate_and_probability_apply_the_engine(world):
@@ -54,16 +62,19 @@ def test_method_functions_find_the_planted_mechanism(world):
     choice = rs.find_direction(model, HARMFUL, HARMLESS, val_harmful=HARMFUL, val_harmless=HARMLESS,
                                judge=judge, max_kl=100.0, n_generate=2, max_new_tokens=2, batch_size=8)
     assert abs(choice.direction.norm().item() - 1) < 1e-5
-    records, cands = rs.stage1(model, saes, HARMFUL, choice.direction, judge, layers=[1, 2, 3], ks=[1, 2, 3],
+    records, cands = rs.stage1(model, saes, HARMFUL, choice, judge, layers=[1, 2, 3], ks=[1, 2, 3],
                                max_new_tokens=2)
     assert set(cands) == {r.id for r in records if r.k is not None} and len(cands) >= 3
     assert all(len(cands[r.id]) == 3 * r.k for r in records if r.k is not None)  # top-K of 3 layers
+    # the planted latents (indices < N_PLANTED at every layer, decoder along r̂_l) align best
+    assert all(f.index < N_PLANTED for s in cands.values() for f in s)
     sets = rs.stage2(model, saes, HARMFUL, cands, judge, block_size=1, taus=[0.05, 0.5], max_new_tokens=2)
     assert [r.id for r in sets] == sorted(cands, key=lambda pid: int(pid[1:]))
     for r in sets:
         if r.set is not None:
             assert set(r.set) <= set(cands[r.id]) and sorted(r.active | r.inactive) == sorted(r.set)
-    assert any(r.set is not None for r in sets)
+    found = [r.set for r in sets if r.set is not None]
+    assert found and all(f.index < N_PLANTED for s in found for f in s)  # Stage 2 keeps planted latents only
 
 
 def test_quickstart_runs_on_the_tiny_world(world):

@@ -123,3 +123,18 @@ def test_planted_pipeline_small_measures_every_stage(small_world, tmp_path):
     n = res["prompts_refused"]
     assert by["stage2"]["scaled_521_s"] == pytest.approx(by["stage2"]["seconds"] / n * 521, rel=0.02, abs=0.2)
     assert by["direction"]["scaled_521_s"] == pytest.approx(by["direction"]["seconds"], abs=0.06)  # fixed: not scaled
+
+
+def test_stage3_width_benchmark_small_runs_each_width_in_its_own_process(tmp_path):
+    spec = importlib.util.spec_from_file_location("b12", ROOT / "benchmarks" / "bench_stage3_width.py")
+    b12 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b12)
+    out = tmp_path / "b12.json"
+    res = b12.main(["--small", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    lo, hi = res["rows"]
+    assert (lo["d_sae"], hi["d_sae"]) == (256, 512) and lo["rows"] == hi["rows"] == 2 * 20 * 4
+    for r in res["rows"]:  # 8 latents per token and layer (fewer where a draw repeats) + the planted ones
+        assert r["nnz"] <= r["rows"] * 3 * 8 + 8 * r["rows"] // 2 and r["nnz"] > r["rows"] * 3 * 6
+        assert r["fm_columns"] <= r["latents_seen"] <= r["d_sae"] * 3 and r["peak_rss_gb"] > 0
+    assert res["ratios"]["width"] == 2.0 and res["ratios"]["nnz"] == round(hi["nnz"] / lo["nnz"], 2)

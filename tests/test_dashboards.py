@@ -4,7 +4,7 @@ gets a dashboard, and its numbers agree with direct computations on the same mod
 import torch
 
 from refusalscope.interventions.features import Feature, FeatureSet
-from refusalscope.methods.dashboards import _keep, _Stats, corpus_dashboards, fm_neighbours
+from refusalscope.methods.dashboards import ValueSample, corpus_dashboards, fm_neighbours
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.methods.latent_effects import effect_pairs
 from refusalscope.run.pipeline import Context
@@ -93,12 +93,16 @@ def test_effect_pairs_cap_prompts_per_latent_with_a_seed():
     assert sum("1-1" in v for v in effect_pairs(critical, None, seed=0).values()) == 10
 
 
-def test_value_sample_is_uniform_and_capped():
-    s = _Stats(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+def test_value_sample_is_uniform_and_capped_per_latent():
     g = torch.Generator().manual_seed(0)
-    for start in range(0, 20000, 1000):  # values 0..19999 arrive in order, 1000 at a time
-        _keep(s, torch.arange(start, start + 1000, dtype=torch.float32), 2000, g)
-    kept = torch.cat(s.values)
-    assert len(kept) == 2000 and len(set(kept.tolist())) == 2000
+    sample = ValueSample(3, 2000, g)
+    for start in range(0, 20000, 1000):  # latent 0 sees 0..19999 in order, latent 2 only 5 values
+        vals = torch.arange(start, start + 1000, dtype=torch.float32)
+        sample.add(torch.zeros(1000, dtype=torch.long), vals)
+        if start < 5:
+            sample.add(torch.tensor([2]), torch.tensor([float(start)]))
+    kept = sample.per_latent()
+    assert [len(k) for k in kept] == [2000, 0, 1]
+    assert len(set(kept[0].tolist())) == 2000
     # a uniform sample of 0..19999 has mean near 10000; keep-the-first or keep-the-last would not
-    assert abs(float(kept.mean()) - 10000) < 600
+    assert abs(float(kept[0].mean()) - 10000) < 600

@@ -155,3 +155,28 @@ def test_bad_feature_and_layer_are_clear_errors(llama):
     with pytest.raises(UserError, match="does not exist"):
         with intervene(llama, saes, [FeatureAblation({0: [999]})]):
             pass
+
+
+def test_row_ablation_arrays_equal_per_row_plans(llama):
+    """RowAblations (Stage 2's states as arrays) gives the logits of the same sets as per-row
+    FeatureAblation plans, in sparse and reference mode, across batch chunks."""
+    import numpy as np
+
+    from refusalscope.interventions.spec import RowAblations
+
+    saes = sae_set("jumprelu", LAYERS)
+    batch = llama.encode(PROMPTS * 2)
+    sets = [{0: [1, 4], 2: [3]}, {}, {1: [0, 2, 5]}, {0: [4], 1: [2], 2: [3, 7]}, {2: [9]}, {0: [1]}]
+    plans = [[FeatureAblation(s)] if s else [] for s in sets]
+    table = {l: (np.array([r for r, s in enumerate(sets) for _ in s.get(l, [])]),
+                 np.array([i for s in sets for i in s.get(l, [])])) for l in LAYERS}
+    for mode in ("sparse", "reference"):
+        with intervene(llama, saes, rows=plans, mode=mode):
+            want = llama.logits(batch, batch_size=4)
+        with intervene(llama, saes, [RowAblations(table)], rows=[[]] * len(sets), mode=mode):
+            got = llama.logits(batch, batch_size=4)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - llama.logits(batch)).abs().amax() > 1e-3  # the sets change the logits
+    with pytest.raises(UserError):  # a row number past the batch
+        with intervene(llama, saes, [RowAblations({0: (np.array([9]), np.array([1]))})], rows=[[]] * 2):
+            pass

@@ -332,3 +332,26 @@ def test_sink_positions_are_masked_by_norm_not_by_padding():
     mask = _sinks(h, valid, 4.0)
     assert mask.tolist() == [[False, True, False, False, False], [False] * 5]
     assert not _sinks(h, valid, None).any()
+
+
+def test_neuronpedia_fetches_concurrently_after_one_probe(tmp_path, monkeypatch):
+    """The first request goes alone; the rest go `workers` at a time: a barrier of 4 parties only
+    opens when four requests are in flight together (one by one it breaks and the test fails)."""
+    import threading
+
+    barrier, calls, lock = threading.Barrier(4, timeout=20), [], threading.Lock()
+
+    def fake(req, timeout):
+        with lock:
+            calls.append(req.full_url)
+            first = len(calls) == 1
+        if not first:
+            barrier.wait()
+        return io.BytesIO(json.dumps({"explanations": [{"description": req.full_url[-4:]}]}).encode())
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    client = sem.NeuronpediaClient(tmp_path, TEMPLATE, offline=False)
+    feats = [f"3-{1000 + i}" for i in range(9)]
+    exps, missing = client.explain(feats, workers=4)
+    assert missing == [] and exps == {f: f[-4:] for f in feats}
+    assert calls[0].endswith("/3-gemmascope-res-16k/1000") and len(calls) == 9
+    assert all(client.cached(f) for f in feats)  # every answer written to the cache

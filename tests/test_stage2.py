@@ -7,6 +7,7 @@ from tiny import tiny_llama
 
 from refusalscope.interventions.features import FeatureSet
 from refusalscope.io.model import ChatModel
+from refusalscope.measures.judges import make_judge
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.methods.stage2 import (
     Algorithm1Trace,
@@ -16,6 +17,9 @@ from refusalscope.methods.stage2 import (
     draw_blocks,
     forward_passes,
     literal_algorithm1,
+    minimal_set,
+    minimal_sets,
+    shard_traces,
     states,
 )
 
@@ -81,3 +85,33 @@ def test_delta_and_pass_counts():
     fp = forward_passes(200, 5, 3, 8, 32)
     assert fp["literal_sequential"] == 2 * 40 * 8 * 3 and fp["batched_rows"] == 3 * 41
     assert fp["batched_sequential"] == 4
+
+
+def test_shard_batching_across_prompts_equals_literal_per_prompt(setup):
+    """States of several prompts (different lengths and pools) share forward passes whose rows mix
+    prompts; each prompt still gets exactly the literal Algorithm 1's sets, and `minimal_sets`
+    over the shard gives each prompt the record `minimal_set` gives it alone."""
+    model, saes, cands = setup
+    items = [("Write a poem about the sea", cands[:22]), ("How do I bake bread at home, step by step?", cands[10:31]),
+             ("Hi", cands[25:])]
+    shard = shard_traces(model, saes, items, 5, seeds=[0, 1], batch_size=7)  # 7-row passes straddle prompts
+    nonempty = total = 0
+    for (prompt, pool), traces in zip(items, shard):
+        assert [len(t.blocks) for t in traces] == [len(pool) // 5] * 2
+        p_fn = lambda ablated, prompt=prompt: refusal_probs(  # noqa: E731
+            model, saes, [prompt], plans=[FeatureSet(ablated).plan()] if ablated else None).item()
+        for tau in (0.05, 0.2, 0.8):
+            for trace in traces:
+                literal = literal_algorithm1(p_fn, pool, 5, tau, trace.seed)
+                assert literal == trace.selected(tau), (prompt, tau, trace.seed)
+                nonempty, total = nonempty + bool(literal), total + 1
+    assert 0 < nonempty < total
+    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=0.5)
+    kw = dict(block_size=5, taus=[0.05, 0.2], seeds=[0, 1], batch_size=7, max_new_tokens=2)
+    together = minimal_sets(model, saes, [(f"p{i}", t, c) for i, (t, c) in enumerate(items)], judge, **kw)
+    for i, (text, pool) in enumerate(items):
+        a, b = together[i].to_json(), minimal_set(model, saes, f"p{i}", text, pool, judge, **kw).to_json()
+        da, db = a.pop("deltas"), b.pop("deltas")  # rows batched with other prompts: float noise only
+        assert a == b and da.keys() == db.keys()
+        for seed in da:
+            assert da[seed] == pytest.approx(db[seed], abs=1e-5)

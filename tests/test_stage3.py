@@ -81,7 +81,10 @@ def test_feature_matrix_equals_dense(world, acts, tmp_path):
 def test_split_is_by_prompt_and_seeded(acts):
     h, s = acts["harmful", "tokens"], acts["harmless", "tokens"]
     ds = fm_dataset(h, s, seed=0)
-    assert ds.columns == sorted(set(h.columns) | set(s.columns))
+    union = sorted(set(h.columns) | set(s.columns))
+    in_train = {ds.columns[j] for j in np.unique(ds.train.X.indices)}
+    assert ds.columns == sorted(in_train) and ds.n_seen == len(union)  # columns: latents some train row has
+    np.testing.assert_array_equal(ds.support, (ds.train.X != 0).sum(0).A1)
     seen = {}
     for name in ("train", "val", "test"):
         split = getattr(ds, name)
@@ -94,8 +97,8 @@ def test_split_is_by_prompt_and_seeded(acts):
         label, p, pos = ds.train.rows[r]
         orig = src[label]
         j = int(np.flatnonzero((orig.rows[:, 0] == p) & (orig.rows[:, 1] == pos))[0])
-        want = np.zeros(len(ds.columns), np.float32)
-        want[[ds.columns.index(c) for c in orig.columns]] = orig.values[j].toarray().ravel()
+        full = dict(zip(orig.columns, orig.values[j].toarray().ravel()))
+        want = np.array([full.get(c, 0.0) for c in ds.columns], np.float32)
         np.testing.assert_array_equal(ds.train.X[r].toarray().ravel(), want)
     again, other = fm_dataset(h, s, seed=0), fm_dataset(h, s, seed=1)
     assert (again.test.rows == ds.test.rows).all() and (again.train.X != ds.train.X).nnz == 0

@@ -135,6 +135,12 @@ def test_annotations_are_appended_to_sqlite_and_read_back(site):
     assert "dangerous_topics;offensive_language" in "\n".join(csv)
     results = client.get("/study/results").text
     assert "ann" in results and "bea" in results and "answers stored" in results
+    # revisiting an item shows the annotator's own latest answer, ticked (not another's, not their name)
+    page = client.get("/study/a/bea/1").text
+    assert "you answered dangerous_topics, offensive_language before" in page
+    assert 'value="dangerous_topics" checked' in page and 'value="offensive_language" checked' in page
+    assert 'value="false_information" checked' not in page and 'id="label-none" checked' not in page
+    assert "you answered None before" in client.get("/study/a/ann/1").text
 
 
 def test_each_annotator_gets_a_seeded_order_without_the_source(site):

@@ -123,7 +123,8 @@ def test_the_app_in_a_real_browser(server, browser, tmp_path):
     shot(browser, tmp_path, "prompt")
 
     browser.get(f"{url}/playground?prompt={pid}")
-    assert browser.find_element(By.ID, "play-latents").get_attribute("value")  # its Stage 2 set, filled in
+    # its Stage 2 set, fetched from /api/playground/preset/{pid} and filled in
+    wait.until(lambda d: d.find_element(By.ID, "play-latents").get_attribute("value"))
     browser.find_element(By.ID, "play-run").click()
     wait.until(EC.visibility_of_element_located((By.ID, "play-result")))
     assert browser.find_element(By.ID, "play-run").is_enabled()

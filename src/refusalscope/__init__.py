@@ -22,9 +22,10 @@ _API = {
     # loading and runs
     "load_model": "api", "load_saes": "api", "load_prompts": "api", "open_run": "api", "run": "api",
     # interventions
-    "plan": "api", "generate": "api", "refusal_probability": "api",
+    "plan": "api", "generate": "api", "refusal_probability": "api", "apply": "api",
     # the method
-    "find_direction": "api", "stage1": "api", "stage2": "api", "stage3": "api", "Interactions": "api",
+    "find_direction": "api", "stage1": "api_stages", "stage2": "api_stages", "stage3": "api_stages",
+    "Interactions": "api_stages",
     # looking at a run: one HTML file, or the web app (an ASGI app; `refusalscope serve` runs it)
     "build_report": "interfaces.report", "write_report": "interfaces.report", "create_app": "interfaces.web",
     # types

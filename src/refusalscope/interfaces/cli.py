@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 import typer
+import typer.core as typer_core
 from typer import rich_utils
 
 from ..errors import Terminated, UserError
@@ -24,19 +25,22 @@ config_app = typer.Typer(help="Configs and presets.", no_args_is_help=True)
 app.add_typer(world_app, name="demo-world")
 app.add_typer(config_app, name="config")
 
-def _usage_error(err: click.ClickException, file=None) -> None:
+def _usage_error(err, file=None) -> None:
     """A wrong command line (unknown option, missing argument, bad value) is one line too, like every
     other mistake, rather than click's usage block and framed panel; asking for help still shows it."""
     if type(err).__name__ == "NoArgsIsHelpError":
-        return _show(err, file)
+        return next(show for cls, show in _SHOW.items() if isinstance(err, cls))(err, file)
     ctx = getattr(err, "ctx", None)
     see = f": see `{ctx.command_path} --help`" if ctx is not None else ": see `refusalscope --help`"
     click.echo(f"error: {' '.join(err.format_message().split()).rstrip('.')}{see}", err=True)
 
 
-_show = click.ClickException.show
-click.ClickException.show = _usage_error  # type: ignore[method-assign]
-rich_utils.rich_format_error = _usage_error  # typer calls this one when rich is installed
+# typer vendors its own click: patch the exception class of both, and typer's rich printer
+_CLICK_EXCEPTIONS: set[Any] = {click.ClickException, typer_core._click.exceptions.ClickException}
+_SHOW = {cls: cls.show for cls in _CLICK_EXCEPTIONS}
+for _cls in _CLICK_EXCEPTIONS:
+    _cls.show = _usage_error
+rich_utils.rich_format_error = _usage_error  # type: ignore[assignment]  # typer's printer when rich is installed
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
@@ -422,3 +426,6 @@ def config_validate(path: str):
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+from . import cli_export  # noqa: E402, F401  (registers `export`; cli.py is near its size limit)

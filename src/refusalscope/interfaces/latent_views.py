@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..interventions.features import Feature
+from ..run.dashboard_store import NoDashboards
 from ..run.results import RunResults
 
 
@@ -66,9 +67,17 @@ class RunIndex:
                                            if r.done("hydra") else [])}
         self.explanations = _try(r.explanations, {}) if r.done("semantics") else {}
         self.categories = _try(r.category_activity, {}) if r.done("taxonomy") else {}
-        self.dashboards = _try(r.dashboards, {}) if r.done("dashboards") else {}
+        # read lazily by offset: a wide run has 10^4-10^5 dashboards (hundreds of MB)
+        self.dashboards = _try(r.dashboard_store, NoDashboards()) if r.done("dashboards") else NoDashboards()
         self.tokens = _try(r.prompt_tokens, {}) if r.done("dashboards") else {}
         self.latents = self._rows()
+        # per prompt, what its pages need, built once (a page never scans every latent)
+        self.woken_on: dict[str, list[str]] = {}
+        for fid, row in self.latents.items():
+            for pid in row.woken:
+                self.woken_on.setdefault(pid, []).append(fid)
+        self.wake_of = {rec["id"]: rec for rec in self.wake["records"]}
+        self._facets: dict | None = None
 
     # ----------------------------------------------------------------- latents
     def _rows(self) -> dict[str, LatentRow]:
@@ -94,9 +103,10 @@ class RunIndex:
             r.stages.sort()
             r.categories = [c for c, n in self.categories.get(fid, {}).items() if n > 0]
             r.explanation = self.explanations.get(fid)
-            d = self.dashboards.get(fid)
+            d = self.dashboards.meta.get(fid)
             if d is not None:
-                r.cos, r.density, r.sink = d.cos_direction, d.density, d.sink_flag
+                r.cos, r.density, r.sink = d.cos, d.density, d.sink
+                r.explanation = r.explanation or d.explanation  # the dashboard's, for latents semantics skipped
         return dict(sorted(rows.items(), key=lambda kv: Feature.of(kv[0])))
 
     def latent(self, fid: str) -> LatentRow:
@@ -104,13 +114,13 @@ class RunIndex:
         key = Feature.of(fid).id
         if key in self.latents:
             return self.latents[key]
-        d = self.dashboards.get(key)
+        d = self.dashboards.meta.get(key)
         if d is None:
             raise UserError(f"latent {key} is not in any Stage 1-3 set of this run: pick one from the latent browser")
         f = Feature.of(key)  # a latent with a dashboard but no set: one of the human study's random latents
         cats = [c for c, n in self.categories.get(key, {}).items() if n > 0]
         return LatentRow(key, f.layer, f.index, categories=cats,
-                         explanation=d.explanation, cos=d.cos_direction, density=d.density, sink=d.sink_flag)
+                         explanation=d.explanation, cos=d.cos, density=d.density, sink=d.sink)
 
     def filter(self, stage: str | None = None, layer: int | None = None, category: str | None = None,
                prompt: str | None = None, activity: str | None = None, q: str | None = None,
@@ -142,11 +152,18 @@ class RunIndex:
         return sorted(rows, key=keys.get(sort, keys["prompts"]))
 
     def facets(self) -> dict:
-        """The values each browser filter can take."""
-        cats = sorted({c for r in self.latents.values() for c in r.categories})
-        return {"stages": [s for s in ("1", "2", "3") if self.sets[s]],
-                "layers": sorted({r.layer for r in self.latents.values()}), "categories": cats,
-                "prompts": list(self.prompts)}
+        """The values each browser filter can take (computed once)."""
+        if self._facets is None:
+            cats = sorted({c for r in self.latents.values() for c in r.categories})
+            self._facets = {"stages": [s for s in ("1", "2", "3") if self.sets[s]],
+                            "layers": sorted({r.layer for r in self.latents.values()}), "categories": cats,
+                            "prompts": list(self.prompts)}
+        return self._facets
+
+    def known(self, fid) -> bool:
+        """Whether latent `fid` has a page (a set latent, or one with a dashboard)."""
+        key = str(fid)
+        return key in self.latents or key in self.dashboards
 
     # ----------------------------------------------------------------- prompts
     def prompt(self, pid: str) -> dict:
@@ -155,7 +172,7 @@ class RunIndex:
             raise UserError(f"prompt {pid!r} is not among this run's refused prompts: pick one from the prompt list")
         p = self.prompts[pid]
         s1, s2, s3 = self.stage1.get(pid), self.stage2.get(pid), self.stage3.get(pid)
-        woken = next((r for r in self.wake["records"] if r["id"] == pid), None)
+        woken = self.wake_of.get(pid)
         tokens = self.tokens.get(pid)
         marks: dict[int, list[str]] = {}
         for w in (woken or {}).get("woken", []):
@@ -188,5 +205,5 @@ class RunIndex:
             out.append({"id": pid, "text": p.text, "category": p.category,
                         "k1": s1.k if s1 else None, "n2": len(s2.set) if s2 and s2.set is not None else None,
                         "inactive": len(s2.inactive or ()) if s2 else None, "k3": s3.k if s3 else None,
-                        "woken": sum(1 for r in self.latents.values() if pid in r.woken)})
+                        "woken": len(self.woken_on.get(pid, ()))})
         return out

@@ -52,12 +52,20 @@ def stylesheet() -> str:
     return (resources.files("refusalscope.interfaces") / "static" / "app.css").read_text(encoding="utf-8")
 
 
-def latent_cards(index: RunIndex) -> list[dict]:
-    """The report's card per Stage 2 / Stage 3 latent (Stage 1 candidates are listed, not carded)."""
+MAX_CARDS = 300  # latent cards in the report: ~10 kB each, so a wide run's report stays a few MB
+
+
+def latent_cards(index: RunIndex, limit: int | None = MAX_CARDS) -> tuple[list[dict], int]:
+    """The report's card per Stage 2 / Stage 3 latent (Stage 1 candidates are listed, not carded),
+    at most `limit` of them: those critical for the most prompts (a wide run's Stage 3 sets
+    reach 10^4-10^5 latents; the web app shows them all). Returns (cards, latents carded or not)."""
+    rows = [r for r in index.latents.values() if {"2", "3"} & set(r.stages)]
+    total = len(rows)
+    if limit is not None and total > limit:
+        rows = sorted(rows, key=lambda r: (-r.n_prompts, "2" not in r.stages, r.layer, r.index))[:limit]
+        rows.sort(key=lambda r: (r.layer, r.index))
     out = []
-    for row in index.latents.values():
-        if not ({"2", "3"} & set(row.stages)):
-            continue
+    for row in rows:
         board = index.dashboards.get(row.id)
         deltas = [e["delta_alone"] for e in (board.effects if board else []) if e.get("delta_alone") is not None]
         out.append(
@@ -69,7 +77,7 @@ def latent_cards(index: RunIndex) -> list[dict]:
                 "n_effects": len(deltas),
             }
         )
-    return out
+    return out, total
 
 
 def build_report(run_dir: str | os.PathLike) -> str:
@@ -78,7 +86,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
 
     results = RunResults(run_dir)
     index = RunIndex(results)
-    cards = latent_cards(index)
+    cards, n_critical = latent_cards(index)
     carded = {c["row"].id for c in cards}
 
     def latent_url(fid) -> str:
@@ -92,7 +100,17 @@ def build_report(run_dir: str | os.PathLike) -> str:
         version=__version__, run_name=cfg.name if cfg else Path(results.root).name, run_path=str(results.root),
         written=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), css=stylesheet(),
         sections=build_sections(results, latent_url), prompts=[index.prompt(pid) for pid in index.prompts],
-        latents=cards, dashboards_done=results.done("dashboards"))
+        latents=cards, n_critical=n_critical, dashboards_done=results.done("dashboards"), downloads=_downloads(results))
+
+
+def _downloads(results: RunResults) -> dict:
+    """Per prompt with a Stage 2 set, its exports as data: URIs (the report has no server)."""
+    if not results.done("stage2"):
+        return {}
+    from ..export.downloads import data_uris
+
+    sets = [f"stage2/{pid}" for pid, fs in results.stage2_sets().items() if len(fs)]
+    return {name.split("/", 1)[1]: d for name, d in data_uris(results, sets).items()}
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -13,16 +13,26 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..io.hooks import EMBED
-from ..io.model import ChatModel
+from ..io.hooks import EMBED, HookFn, HookPoint
 from ..io.saes import FeatureDictionary
-from .spec import ActAdd, DirectionAblation, FeatureAblation, FeatureClamp, Intervention, Positions, Recording
+from .spec import (
+    ActAdd,
+    DirectionAblation,
+    FeatureAblation,
+    FeatureClamp,
+    Intervention,
+    Positions,
+    Recording,
+    RowAblations,
+)
 
 
 def position_mask(step, positions: Positions) -> Tensor:
@@ -37,6 +47,24 @@ def position_mask(step, positions: Positions) -> Tensor:
     return torch.isin(step.token_index, idx)
 
 
+class HookTarget(Protocol):
+    """What the engine needs of a model: a `ChatModel`, or `apply`'s view of a plain transformers model."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    def hooks(self, fns: dict[HookPoint, HookFn | list[HookFn]] | None = None) -> AbstractContextManager[None]: ...
+
+
 class _LayerFeatures:
     """Per layer: the union of latents any row ablates or clamps, gathered once, and per-row masks."""
 
@@ -46,6 +74,7 @@ class _LayerFeatures:
         self.ids: list[int] = []
         self.ablate: list[tuple[int | None, int, Positions]] = []  # (row or None=all, col, positions)
         self.clamp: list[tuple[int | None, int, float, Positions]] = []
+        self.ablate_rows: list[tuple[Tensor, Tensor, Positions]] = []  # (rows, cols) arrays: RowAblations
         self.device, self.dtype = device, dtype
         self._index: dict[int, int] = {}
 
@@ -57,6 +86,12 @@ class _LayerFeatures:
             self._index[i] = len(self.ids)
             self.ids.append(i)
         return self._index[i]
+
+    def add_rows(self, rows: np.ndarray, ids: np.ndarray, positions: Positions) -> None:
+        """Row r ablates latent ids[j] where rows[j] = r (column lookups once per distinct latent)."""
+        uniq, inv = np.unique(ids, return_inverse=True)
+        cols = np.array([self.col(int(i)) for i in uniq], dtype=np.int64)[inv.ravel()]
+        self.ablate_rows.append((torch.from_numpy(rows), torch.from_numpy(cols), positions))
 
     def finalize(self):
         """Gather encoder columns and decoder rows of the union, and build per-row masks."""
@@ -71,14 +106,22 @@ class _LayerFeatures:
             by_pos[pos].append((row, col, None))
         for row, col, val, pos in self.clamp:
             by_pos[pos].append((row, col, val))
-        for pos, entries in by_pos.items():
-            self.groups[pos] = self._tables(entries)
+        arrays = defaultdict(list)
+        for rows, cols, pos in self.ablate_rows:
+            arrays[pos].append((rows, cols))
+        for pos in {**by_pos, **arrays}:
+            self.groups[pos] = self._tables(by_pos.get(pos, []), arrays.get(pos, []))
 
-    def _tables(self, entries) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _tables(self, entries, arrays=()) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-row mask / clamp target / clamp flag [rows, |U|], filled on the CPU with one index
         write per kind and moved once (element-wise writes on a GPU cost a launch each)."""
         shape = (self.n_rows, len(self.ids))
         mask, target, clamped = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        for rows, cols in arrays:
+            if len(rows) and int(rows.max()) >= self.n_rows:
+                raise UserError(f"an ablation names row {int(rows.max())} but the batch has {self.n_rows} rows: "
+                                "pass one (empty) intervention list per row")
+            mask[rows, cols] = 1.0
         shared = [(col, val) for row, col, val in entries if row is None]
         per = [(row, col, val) for row, col, val in entries if row is not None]
         if per:
@@ -116,7 +159,7 @@ class _LayerFeatures:
 class Intervener:
     """Compiles interventions into per-layer hook functions (see `intervene`)."""
 
-    def __init__(self, model: ChatModel, saes, shared: Sequence[Intervention], rows, mode: str,
+    def __init__(self, model: HookTarget, saes, shared: Sequence[Intervention], rows, mode: str,
                  record: Recording | None):
         if mode not in ("sparse", "reference"):
             raise UserError(f"unknown ablation mode {mode!r}: use sparse or reference")
@@ -179,6 +222,9 @@ class Intervener:
             for layer, ids in iv.features.items():
                 lf = self._layer(layer)
                 lf.ablate += [(row, lf.col(i), iv.positions) for i in ids]
+        elif isinstance(iv, RowAblations):
+            for layer, (row_of, latents) in iv.features.items():
+                self._layer(layer).add_rows(row_of, latents, iv.positions)
         elif isinstance(iv, FeatureClamp):
             for layer, vals in iv.values.items():
                 lf = self._layer(layer)
@@ -297,7 +343,7 @@ class Intervener:
 
 
 @contextmanager
-def intervene(model: ChatModel, saes=None, shared: Sequence[Intervention] = (),
+def intervene(model: HookTarget, saes=None, shared: Sequence[Intervention] = (),
               rows: Sequence[Sequence[Intervention]] | None = None, mode: str = "sparse",
               record: Recording | None = None) -> Iterator[Intervener]:
     """Apply `shared` interventions to every row, and `rows[r]` to row r of the caller's batch

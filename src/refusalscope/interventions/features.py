@@ -56,10 +56,11 @@ class FeatureSet(Sequence[Feature]):
     engine's interventions take; `plan()` the row plan that ablates the set.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_set")
 
     def __init__(self, items: Iterable[Any] = ()):
         self._items: tuple[Feature, ...] = tuple(dict.fromkeys(Feature.of(x) for x in items))
+        self._set: frozenset[Feature] | None = None  # built on the first `in` (then O(1) per test)
 
     @classmethod
     def from_layers(cls, table: Mapping[int, Iterable[int]]) -> FeatureSet:
@@ -84,7 +85,9 @@ class FeatureSet(Sequence[Feature]):
 
     def __contains__(self, item: object) -> bool:
         try:
-            return Feature.of(item) in set(self._items)
+            if self._set is None:
+                self._set = frozenset(self._items)
+            return Feature.of(item) in self._set
         except UserError:
             return False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,7 +75,26 @@ class FeatureClamp:
         object.__setattr__(self, "positions", _positions(self.positions))
 
 
-Intervention = DirectionAblation | ActAdd | FeatureAblation | FeatureClamp
+@dataclass(frozen=True, eq=False)
+class RowAblations:
+    """Many rows' feature ablations as arrays, for a batch whose rows each ablate their own
+    large set (Stage 2's states): per layer, row r ablates latent i for every j with
+    rows[j] = r, ids[j] = i (rows counted across batch chunks, as `intervene(rows=...)` counts
+    them). Pass it as a shared intervention; it costs array writes, not one tuple per latent."""
+
+    features: Mapping[int, tuple[np.ndarray, np.ndarray]]  # layer -> (rows, ids), int64
+    positions: Positions = "all"
+
+    def __post_init__(self):
+        feats = {int(l): (np.asarray(r, dtype=np.int64), np.asarray(i, dtype=np.int64))
+                 for l, (r, i) in self.features.items()}
+        if any(len(r) != len(i) for r, i in feats.values()):
+            raise ValueError("RowAblations needs one row number per latent id")
+        object.__setattr__(self, "features", {l: v for l, v in sorted(feats.items()) if len(v[0])})
+        object.__setattr__(self, "positions", _positions(self.positions))
+
+
+Intervention = DirectionAblation | ActAdd | FeatureAblation | FeatureClamp | RowAblations
 
 
 @dataclass

@@ -71,12 +71,20 @@ def _replace_hidden(output, new: Tensor):
 class StreamHooks:
     """Owns the hook handles on one model: a step tracker plus user hooks installed for a block."""
 
-    def __init__(self, decoder: nn.Module, layers: nn.ModuleList):
+    def __init__(self, decoder: nn.Module, layers: nn.ModuleList, auto_prompt: bool = False):
+        """`auto_prompt`: take the prompt width from each pass without a KV cache, so that a caller
+        who does not say where the prompt ends (a plain `model.generate`) still gets prompt vs
+        generated positions right for cached generation."""
         self.layers = layers
         self.step: StepInfo | None = None
         self.prompt_len: int | None = None
         self.row_offset: int = 0
-        decoder.register_forward_pre_hook(self._track, with_kwargs=True)
+        self.auto_prompt = auto_prompt
+        self._tracker = decoder.register_forward_pre_hook(self._track, with_kwargs=True)
+
+    def close(self) -> None:
+        """Remove the step tracker (for hooks installed on a model the caller keeps using)."""
+        self._tracker.remove()
 
     def _track(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -84,8 +92,12 @@ class StreamHooks:
         ref = ids if ids is not None else embeds
         n_new = ref.shape[1]
         mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mask = torch.ones(ref.shape[0], n_new, dtype=torch.long, device=ref.device)
+        if mask is None or mask.dim() != 2:  # no padding: every past and new token is real
+            past = kwargs.get("past_key_values")
+            n_past = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+            mask = torch.ones(ref.shape[0], n_past + n_new, dtype=torch.long, device=ref.device)
+        if self.auto_prompt and mask.shape[1] == n_new:  # no past tokens: this pass is a prompt
+            self.prompt_len = n_new
         self.step = StepInfo(mask, n_new, self.prompt_len, self.row_offset)
         return None
 

@@ -238,6 +238,28 @@ class ChatModel:
         return _cat_left_padded(out)
 
     @halve_on_oom
+    def next_token_losses(self, batch: PromptBatch, batch_size: int | None = None, quiet: bool = True,
+                          positions: int = 128) -> tuple[Tensor, Tensor]:
+        """Per row, the summed next-token cross-entropy over real token pairs and their count (fp64
+        and int64 on CPU). log_softmax + gather run where the logits are, `positions` at a time in
+        fp32: the host gets 2 numbers per row, never [B, T, V] logits (16.8 GB in fp32 per 64 × 256
+        chunk at Gemma's 256k vocabulary)."""
+        sums, counts = [], []
+        for start, sub in self._chunks(batch, batch_size, "forward", quiet):
+            with self._chunk(None, start):
+                logits = self._forward(sub, None).logits
+            ids, mask = sub.input_ids.to(logits.device), sub.attention_mask.to(logits.device).bool()
+            valid = mask[:, :-1] & mask[:, 1:]
+            total = torch.zeros(len(sub), dtype=torch.float64, device=logits.device)
+            for a in range(0, logits.shape[1] - 1, positions):
+                b = min(a + positions, logits.shape[1] - 1)
+                nll = -torch.log_softmax(logits[:, a:b].float(), -1).gather(-1, ids[:, a + 1:b + 1, None])[..., 0]
+                total += (nll * valid[:, a:b]).sum(1).double()
+            sums.append(total.cpu())
+            counts.append(valid.sum(1).cpu())
+        return torch.cat(sums), torch.cat(counts)
+
+    @halve_on_oom
     def next_token_probs(self, batch: PromptBatch, batch_size: int | None = None, quiet: bool = True,
                          columns: Sequence[int] | None = None) -> Tensor:
         """P(next token) at the last prompt position, fp32 on CPU: [B, V], or [B, len(columns)] for
@@ -253,14 +275,17 @@ class ChatModel:
 
     @halve_on_oom
     def residuals(self, batch: PromptBatch, layers: Sequence[HookPoint], positions: int | None = None,
-                  batch_size: int | None = None, quiet: bool = True) -> dict[HookPoint, Tensor]:
+                  batch_size: int | None = None, quiet: bool = True, host: bool = True) -> dict[HookPoint, Tensor]:
         """Residual stream at each layer: [B, positions, d] for the last `positions` tokens
-        (all, left-padded, if None). Runs the decoder only as deep as the deepest layer asked."""
+        (all, left-padded, if None). Runs the decoder only as deep as the deepest layer asked.
+        `host=False` leaves them on the model's device in its dtype, for callers that reduce them
+        there (a 65k-wide SAE's activations need not cross to the host)."""
         store: dict[HookPoint, list[Tensor]] = {p: [] for p in layers}
 
         def grab(point):
             def fn(h, step):
-                store[point].append((h if positions is None else h[:, -positions:]).float().cpu())
+                h = h if positions is None else h[:, -positions:]
+                store[point].append(h.float().cpu() if host else h.detach())
             return fn
 
         deepest = max((p for p in layers if p != EMBED), default=0)

@@ -95,6 +95,22 @@ def _gemma_layer(folder: Path, layer: int | None) -> int:
     return int(match.group(1))
 
 
+def gemma_scope_hook(folder: Path, layer: int | None, hook_name: str | None) -> tuple[int, str | None, str]:
+    """(layer, model name, hook name) of a Gemma Scope folder: model and hook from a
+    `gemma-scope-<size>-<pt|it>-<res|mlp|att>` part of the path when there is one, else the
+    residual stream after `layer`."""
+    layer = _gemma_layer(folder, layer)
+    repo = _GEMMA_REPO.search(folder.as_posix())
+    model_name, kind = None, "res"
+    if repo is not None:
+        size, variant, kind = repo.groups()
+        model_name = f"gemma-2-{size}" + ("-it" if variant == "it" else "")
+    if hook_name is None:
+        hook_name = {"res": f"blocks.{layer}.hook_resid_post", "mlp": f"blocks.{layer}.hook_mlp_out",
+                     "att": f"blocks.{layer}.attn.hook_z"}[kind]
+    return layer, model_name, hook_name
+
+
 def gemma_scope_disk_loader(
     path: str | Path,
     device: str = "cpu",
@@ -122,19 +138,7 @@ def gemma_scope_disk_loader(
             "params.npz with W_enc, W_dec, b_enc, b_dec and threshold"
         )
     d_in, d_sae = state_dict["W_enc"].shape
-    layer = _gemma_layer(folder, layer)
-    repo = _GEMMA_REPO.search(folder.as_posix())
-    model_name = None
-    kind = "res"
-    if repo is not None:
-        size, variant, kind = repo.groups()
-        model_name = f"gemma-2-{size}" + ("-it" if variant == "it" else "")
-    if hook_name is None:
-        hook_name = {
-            "res": f"blocks.{layer}.hook_resid_post",
-            "mlp": f"blocks.{layer}.hook_mlp_out",
-            "att": f"blocks.{layer}.attn.hook_z",
-        }[kind]
+    layer, model_name, hook_name = gemma_scope_hook(folder, layer, hook_name)
     cfg: dict[str, Any] = {
         "architecture": "jumprelu",
         "d_in": int(d_in),

@@ -69,11 +69,11 @@ def _is_offline_error(exc: BaseException) -> bool:
     return False
 
 
-def _from_pretrained(release: str, sae_id: str, device: str, dtype: str) -> SAE:
+def _from_pretrained(release: str, sae_id: str, device: str, dtype: str | None) -> SAE:
     from sae_lens import SAE
 
     try:
-        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
     except Exception as exc:
         if _is_offline_error(exc):
             raise UserError(
@@ -92,7 +92,7 @@ def _from_pretrained(release: str, sae_id: str, device: str, dtype: str) -> SAE:
 
 
 def _from_folder(
-    path: Any, layer: int | None, hook_name: str | None, device: str, dtype: str
+    path: Any, layer: int | None, hook_name: str | None, device: str, dtype: str | None
 ) -> SAE:
     from sae_lens import SAE
 
@@ -112,7 +112,7 @@ def load_sae(
     spec: Any,
     layer: int | None = None,
     device: str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     *,
     hook_name: str | None = None,
 ) -> LoadedSAE:
@@ -120,13 +120,14 @@ def load_sae(
 
     `spec` is {release, sae_id} (dict or object, SAELens registry; needs network), a local
     folder (SAELens, Gemma Scope or Llama Scope layout, detected from its files), {path: ...},
-    or an SAELens SAE object. `hook_name` overrides the hook the SAE is said to read.
+    or an SAELens SAE object. `hook_name` overrides the hook the SAE is said to read. dtype
+    None: as stored (registry SAEs: float32).
     """
     from sae_lens import SAE
 
-    dtype_s = sae_dtype_name(dtype)
+    dtype_s = sae_dtype_name(dtype) if dtype is not None else None
     if isinstance(spec, SAE):
-        sae = spec.to(device=device, dtype=getattr(torch, dtype_s))
+        sae = spec.to(device=device, dtype=getattr(torch, dtype_s)) if dtype_s else spec.to(device=device)
     elif isinstance(spec, (str, os.PathLike)):
         sae = _from_folder(spec, layer, hook_name, device, dtype_s)
     else:
@@ -156,7 +157,7 @@ def _fill(template: Any, layer: int) -> Any:
     return {k: str(v).replace("{layer}", str(layer)) for k, v in fields.items()}
 
 
-def _expand(specs: Any, layers: Any) -> dict[int, Any]:
+def expand_specs(specs: Any, layers: Any) -> dict[int, Any]:
     is_table = isinstance(specs, Mapping) and _spec_fields(specs) is None and all(
         isinstance(k, int) or str(k).isdigit() for k in specs
     )
@@ -193,7 +194,7 @@ def load_sae_set(
 ) -> SAESet:
     """Load SAEs for many layers: `specs` is {layer: spec}, a folder template with "{layer}", or
     {release, sae_id} with "{layer}" in sae_id (e.g. "layer_{layer}/width_16k/canonical")."""
-    per_layer = _expand(specs, layers)
+    per_layer = expand_specs(specs, layers)
     dicts: dict[int, FeatureDictionary] = {}
     saes: dict[int, SAE] = {}
     for layer, spec in tqdm(per_layer.items(), desc="Loading SAEs", unit="layer", disable=quiet):

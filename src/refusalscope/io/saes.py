@@ -131,9 +131,11 @@ class FeatureDictionary:
         return f.to(self.dtype) @ self.W_dec + self.b_dec
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> FeatureDictionary:
-        """A copy on `device` / in `dtype` (self when nothing changes)."""
+        """A copy on `device` / in `dtype` (self when nothing changes). The threshold keeps its
+        own dtype: JumpReLU compares pre-activations with it in the SAE's stored precision, so a
+        latent is active or not alike in fp32 and bf16 (a threshold rounded to bf16 moves)."""
         names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-        moved = {n: getattr(self, n).to(device=device, dtype=dtype) for n in names}
+        moved = {n: getattr(self, n).to(device=device, dtype=dtype if n != "threshold" else None) for n in names}
         if all(moved[n] is getattr(self, n) for n in names):
             return self
         return dataclasses.replace(self, **moved)

@@ -100,8 +100,12 @@ class ClassifierJudge:
                          f"{DEFAULT_CLASSIFIER} and pass its folder, or use --judge substring")
 
     def load(self):
-        """Load tokenizer and model once; later calls reuse them."""
+        """Load tokenizer and model once; later calls reuse them (a parked model goes back to its
+        device)."""
         if self._hf is not None:
+            dev = resolve_device(self.device)
+            if self._hf.device != dev:
+                self._hf.to(dev)
             return self._hf, self._tok
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +161,16 @@ class ClassifierJudge:
             logp = torch.log_softmax(logits, dim=-1).cpu()
             yes.append(torch.logsumexp(logp[:, self._yes], dim=-1))
             no.append(torch.logsumexp(logp[:, self._no], dim=-1))
+        self.park()
         return torch.cat(yes), torch.cat(no)
+
+    def park(self) -> None:
+        """Move the classifier off the GPU between judging calls: the run's model, SAEs and
+        batches have the GPU to themselves while it is not judging (a 13B classifier would
+        otherwise hold 26 GB). Moving back costs about a second per call at PCIe speeds."""
+        if self._hf is not None and self._hf.device.type == "cuda":
+            self._hf.to("cpu")
+            torch.cuda.empty_cache()
 
     def judge(self, prompts, completions=None, model=None, batch_size=None) -> Verdicts:
         check_inputs(self, prompts, completions, model)

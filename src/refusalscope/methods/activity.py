@@ -66,22 +66,32 @@ def activity(model: ChatModel, saes, prompts: Prompts, sets: Mapping, batch_size
 
 
 def token_counts(model: ChatModel, saes, texts: Sequence[str], layers: Sequence[int] | None = None,
-                 batch_size: int = 16) -> list[dict[int, dict[int, int]]]:
+                 batch_size: int = 16, max_elements: int = 1 << 25) -> list[dict[int, dict[int, int]]]:
     """Per text and layer, {latent: number of prompt tokens where it is active} for every latent
-    of the SAE (full encode inside the hook, so only the sparse counts leave the device)."""
+    of the SAE. The full encode runs inside the layer's hook, on the SAE's device and in its
+    stored precision, at most `max_elements` of [rows x tokens x d_sae] at a time; only the
+    (row, latent, count) triples of active latents leave the device, so nothing dense in d_sae
+    is ever kept (at k = 1 a row holds tens of thousands of latents at 65k width)."""
     layers = sorted(saes.keys()) if layers is None else sorted(set(layers))
     out: list[dict[int, dict[int, int]]] = [{} for _ in texts]
     if not texts:
         return out
-    dicts = {l: saes[l].to(model.device, model.dtype) for l in layers}
 
     def grab(layer):
+        fd = saes[layer]
+
         def fn(h, step):
-            on = (dicts[layer].encode(h) > 0) & (~step.is_pad).unsqueeze(-1)
-            n = on.sum(1).cpu()
-            for b in range(n.shape[0]):
-                idx = n[b].nonzero().flatten()
-                out[step.row_offset + b][layer] = dict(zip(idx.tolist(), n[b, idx].tolist()))
+            keep = (~step.is_pad).to(fd.device)
+            b_all, T = keep.shape
+            rows = max(1, max_elements // max(1, T * fd.d_sae))
+            for r0 in range(0, b_all, rows):
+                n = ((fd.encode(h[r0:r0 + rows].to(fd.device)) > 0) & keep[r0:r0 + rows].unsqueeze(-1)).sum(1)
+                nz = n.nonzero()
+                counts = n[nz[:, 0], nz[:, 1]].tolist()
+                for b in range(r0, min(r0 + rows, b_all)):
+                    out[step.row_offset + b][layer] = {}
+                for (b, i), c in zip(nz.tolist(), counts):
+                    out[step.row_offset + r0 + b][layer][i] = c
         return fn
 
     with torch.inference_mode(), model.hooks({l: grab(l) for l in layers}):
@@ -112,20 +122,23 @@ def region(position: int, prefix_len: int, n_tokens: int, n_post: int) -> str:
 
 
 # ----------------------------------------------------------------- on a corpus
-def subset_acts(fd, h: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+def subset_acts(fd, h: torch.Tensor, indices: Sequence[int], host: bool = True) -> torch.Tensor:
     """Activations [..., len(indices)] of only those latents: encoder columns alone for
-    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent."""
+    JumpReLU/ReLU; TopK needs the full encode because membership depends on every latent.
+    fp32, on the host, or (`host=False`) on the SAE's device for callers that reduce them there."""
     h = h.to(fd.device)
     if fd.architecture == "topk":
         idx = torch.as_tensor(list(indices), dtype=torch.long, device=fd.device)
-        return fd.encode(h)[..., idx].float().cpu()
-    return fd.encode_subset(h, list(indices)).float().cpu()
+        acts = fd.encode(h)[..., idx].float()
+    else:
+        acts = fd.encode_subset(h, list(indices)).float()
+    return acts.cpu() if host else acts
 
 
 def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
                       batch_size: int, desc: str = "features", quiet: bool = True,
                       sink_ratio: float | None = 4.0
-                      ) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor]]]:
+                      ) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor]]]:
     """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
     With `sink_ratio`, attention-sink positions (residual norm > sink_ratio x the row's median;
     the first token of every text in Llama-family models) are zeroed too: latents fire there on
@@ -133,7 +146,7 @@ def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict
     memory at once."""
     for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
                                                               desc, quiet, sink_ratio):
-        yield start, sub, {l: a * (~sink[l]).unsqueeze(-1) for l, a in acts.items()}
+        yield start, sub, LayerActs(acts, lambda l, a=acts, s=sink: a[l] * (~s[l]).unsqueeze(-1))
 
 
 def iter_feature_acts_and_sinks(
@@ -145,7 +158,7 @@ def iter_feature_acts_and_sinks(
     desc: str = "features",
     quiet: bool = True,
     sink_ratio: float | None = 4.0,
-) -> Iterator[tuple[int, PromptBatch, dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor], dict[int, torch.Tensor]]]:
     """`iter_feature_acts` with sink positions left in, plus per layer the [b, T] mask of sink
     positions at that layer, so a caller can count activity both ways in one pass."""
     if batch_size < 1:
@@ -154,10 +167,30 @@ def iter_feature_acts_and_sinks(
     starts = range(0, len(batch), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, len(batch)))
-        res = model.residuals(sub, layers)
+        res = model.residuals(sub, layers, host=False)
         valid = sub.attention_mask.bool()
-        acts = {l: subset_acts(saes[l], res[l], idx) * valid.unsqueeze(-1) for l, idx in by_layer.items()}
-        yield start, sub, acts, {l: sinks(res[l], valid, sink_ratio) for l in by_layer}
+        sink = {l: sinks(res[l], valid.to(res[l].device), sink_ratio).cpu() for l in by_layer}
+        acts = LayerActs(by_layer, lambda l, r=res, v=valid: subset_acts(saes[l], r[l], by_layer[l]) * v.unsqueeze(-1))
+        yield start, sub, acts, sink
+
+
+class LayerActs(Mapping[int, torch.Tensor]):
+    """{layer: acts [b, T, n]} computed when read and never kept: a chunk's activations of every
+    layer at once would hold all asked latents (tens of thousands at the paper's width)."""
+
+    def __init__(self, layers: Iterable[int], fn):
+        self._layers, self._fn = list(layers), fn
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return self._fn(layer)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def sinks(h: torch.Tensor, valid: torch.Tensor, ratio: float | None) -> torch.Tensor:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from statistics import mean, stdev
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -52,26 +51,18 @@ def encode_texts(model: ChatModel, ds: TextSet, max_length: int | None = None) -
     return model.encode_texts(texts, add_special_tokens=False, max_length=max_length)
 
 
-def token_loss_sums(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row: summed next-token CE over real positions (pairs of real tokens) and their count."""
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    valid = mask[:, :-1].bool() & mask[:, 1:].bool()
-    return (ce * valid).sum(1), valid.sum(1)
-
-
 def _run(model: ChatModel, saes, batch: PromptBatch, index: Sequence[int], plans, shared,
          batch_size: int, quiet: bool, desc: str) -> tuple[Tensor, Tensor]:
-    """Loss sums and counts for rows `index` of `batch` (plans[i] for row i), chunk by chunk so
-    full-vocabulary logits never exist for more than one chunk."""
+    """Loss sums and counts for rows `index` of `batch` (plans[i] for row i), chunk by chunk; the
+    loss is computed on the model's device (`ChatModel.next_token_losses`), so full-vocabulary
+    logits never leave it."""
     sums, counts = [], []
     starts = range(0, len(index), batch_size)
     for s in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
-        idx = list(index[s:s + batch_size])
-        sub = batch.select(idx)
+        sub = batch.select(list(index[s:s + batch_size]))
         rows = None if plans is None else plans[s:s + batch_size]
         with intervene(model, saes, shared=shared, rows=rows):
-            logits = model.logits(sub, last=None)
-        a, b = token_loss_sums(logits, sub.input_ids, sub.attention_mask)
+            a, b = model.next_token_losses(sub)
         sums.append(a)
         counts.append(b)
     return torch.cat(sums).double(), torch.cat(counts).double()

@@ -6,11 +6,13 @@ causal link to the Stage 2 latents). Prompts are batched as rows with per-row pl
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from statistics import mean
 
+import numpy as np
+
 from ..interventions.features import Feature, FeatureSet
+from ..interventions.spec import FeatureAblation
 from ..io.model import ChatModel
 from ..measures.judges import Judge
 from .activity import Prompts, lookup, max_activations, token_counts
@@ -20,17 +22,17 @@ from .evaluate import generate_judged
 def random_sets(sets: Mapping, active: Mapping, seed: int) -> dict[str, dict]:
     """Per prompt, latents drawn from `active[id]` ({layer: [latents active on the prompt]}),
     excluding the prompt's own set, with the set's per-layer counts. Seeded by (seed, id), so a
-    prompt's draw does not depend on the other prompts. `short`: a layer had too few candidates."""
+    prompt's draw does not depend on the other prompts. `short`: a layer had too few candidates.
+    The own set is grouped by layer once per prompt (not scanned once per layer)."""
     out = {}
     for pid, own in sets.items():
-        own = FeatureSet(own)
-        need = Counter(l for l, _ in own)
+        mine = FeatureSet(own).by_layer()
         rng = random.Random(f"{seed}/{pid}")
         picked, short = [], False
-        for layer in sorted(need):
-            pool = sorted(set(int(i) for i in active[pid].get(layer, ())) - {i for l, i in own if l == layer})
-            k = min(need[layer], len(pool))
-            short |= k < need[layer]
+        for layer, ids in mine.items():
+            pool = sorted(set(map(int, active[pid].get(layer, ()))).difference(ids))
+            k = min(len(ids), len(pool))
+            short |= k < len(ids)
             picked += [Feature(layer, i) for i in sorted(rng.sample(pool, k))]
         out[pid] = {"features": FeatureSet(picked), "short": short}
     return out
@@ -71,17 +73,22 @@ def obrien_baseline(model: ChatModel, saes, prompts: Prompts, judge: Judge,
                     ks: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10), max_new_tokens: int = 64,
                     batch_size: int = 16, layers: Sequence[int] | None = None) -> dict:
     """O'Brien et al.'s selection (without their clamp search): per prompt, every latent of the
-    given SAE layers active on ≥ k prompt tokens, ablated → ASR per k (paper Figure 6)."""
+    given SAE layers active on ≥ k prompt tokens, ablated → ASR per k (paper Figure 6).
+    The counts stay sparse ({layer: {latent: tokens}}) and each row's plan is built from them
+    directly: at k = 1 a row ablates tens of thousands of latents at the paper's width."""
     counts = token_counts(model, saes, [t for _, t in prompts], layers, batch_size)
+    arrays = [{l: (np.fromiter(c.keys(), np.int64, len(c)), np.fromiter(c.values(), np.int64, len(c)))
+               for l, c in sorted(cnt.items()) if c} for cnt in counts]
     rows = []
     for k in ks:
-        for (pid, text), cnt in zip(prompts, counts):
-            feats = FeatureSet(Feature(l, i) for l, c in sorted(cnt.items()) for i, n in sorted(c.items()) if n >= k)
-            rows.append((k, pid, text, feats))
-    j = generate_judged(model, saes, [r[2] for r in rows], [r[3].plan() for r in rows],
+        for (pid, text), arr in zip(prompts, arrays):
+            table = {l: tuple(np.sort(idx[n >= k]).tolist()) for l, (idx, n) in arr.items()}
+            ablation = FeatureAblation(table)
+            rows.append((k, pid, text, ablation))
+    j = generate_judged(model, saes, [r[2] for r in rows], [[a] if a.size else [] for *_, a in rows],
                         judge, max_new_tokens, batch_size)
-    records = [{"k": k, "id": pid, "size": len(f), "jailbroken": bool(jb), "completion": c, "decided_by": v.judge}
-               for (k, pid, _, f), jb, c, v in zip(rows, j.jailbroken, j.completions, j.verdicts())]
+    records = [{"k": k, "id": pid, "size": a.size, "jailbroken": bool(jb), "completion": c, "decided_by": v.judge}
+               for (k, pid, _, a), jb, c, v in zip(rows, j.jailbroken, j.completions, j.verdicts())]
     return {"per_k": obrien_summary(records, ks), "records": records}
 
 

@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel, PromptBatch
 from .activity import Prompts, prefix_lengths, region, sinks, subset_acts
+from .latent_weights import decoder_cosines, fm_neighbours, logit_effects  # noqa: F401  (callers import them here)
 
 
 @dataclass
@@ -103,86 +104,134 @@ class LatentDashboard:
 
 
 # ----------------------------------------------------------------- corpus pass 1: statistics
+COLS = 4096  # latent columns of one layer encoded at once: [b, T, COLS] stays small at any width
+
+
 @dataclass
 class _Stats:
+    """One latent's corpus statistics (its tensors are column views of the layer's tables)."""
+
     best: torch.Tensor  # [n_texts] max away from sinks
     where: torch.Tensor  # [n_texts] its token index
     best_all: torch.Tensor  # [n_texts] max anywhere
     where_all: torch.Tensor
     values: list[torch.Tensor] = field(default_factory=list)  # non-zero activations (capped)
-    keys: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     n_nonzero: int = 0
     n_sink: int = 0
     max_sink: float = 0.0
     bos_texts: int = 0
 
 
-def _keep(s: _Stats, new: torch.Tensor, cap: int, g: torch.Generator) -> None:
-    """Add non-zero values, keeping a uniform sample of at most `cap` of all seen (bottom-k of
-    seeded random keys), so a histogram over a large corpus stays unbiased and small."""
-    vals = torch.cat([*s.values, new])
-    keys = torch.cat([s.keys, torch.rand(len(new), generator=g)])
-    if len(vals) > cap:
-        keep = keys.topk(cap, largest=False).indices
-        vals, keys = vals[keep], keys[keep]
-    s.values, s.keys = [vals], keys
+class ValueSample:
+    """Per latent of one layer, a uniform sample of at most `cap` of all its non-zero values
+    (bottom-`cap` of seeded random keys), kept as three flat tensors so a histogram over a large
+    corpus stays unbiased and small without one Python object per latent."""
+
+    def __init__(self, n: int, cap: int, g: torch.Generator):
+        self.n, self.cap, self.g = n, cap, g
+        self.col = torch.zeros(0, dtype=torch.long)
+        self.key = torch.zeros(0)
+        self.val = torch.zeros(0)
+
+    def add(self, col: torch.Tensor, val: torch.Tensor) -> None:
+        self.col = torch.cat([self.col, col.long()])
+        self.key = torch.cat([self.key, torch.rand(len(col), generator=self.g)])
+        self.val = torch.cat([self.val, val.float()])
+        if len(self.col) and int(torch.bincount(self.col, minlength=self.n).max()) > self.cap:
+            self._prune()
+
+    def _prune(self) -> None:
+        by_key = torch.argsort(self.key)
+        order = by_key[torch.argsort(self.col[by_key], stable=True)]  # by latent, then key
+        col = self.col[order]
+        counts = torch.bincount(col, minlength=self.n)
+        rank = torch.arange(len(col)) - (counts.cumsum(0) - counts)[col]
+        keep = order[rank < self.cap]
+        self.col, self.key, self.val = self.col[keep], self.key[keep], self.val[keep]
+
+    def per_latent(self) -> list[torch.Tensor]:
+        """The kept values of each latent, in latent order."""
+        order = torch.argsort(self.col, stable=True)
+        counts = torch.bincount(self.col, minlength=self.n).tolist()
+        return list(torch.split(self.val[order], counts))
 
 
 def sink_mask(
     model: ChatModel, sub: PromptBatch, h: torch.Tensor, ratio: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """([b, T] sink positions, [b, T] BOS positions) of a left-padded chunk."""
+    """([b, T] sink positions, [b, T] BOS positions) of a left-padded chunk, on `h`'s device."""
     valid = sub.attention_mask.bool()
     T = sub.input_ids.shape[1]
     first = (T - sub.lengths).unsqueeze(1)
     at_first = torch.arange(T).unsqueeze(0) == first
     bos_id = model.tokenizer.bos_token_id
     bos = at_first & (sub.input_ids == bos_id) if bos_id is not None else torch.zeros_like(valid)
+    valid, bos = valid.to(h.device), bos.to(h.device)
     return (sinks(h, valid, ratio) | bos) & valid, bos & valid
 
 
+class _LayerTables:
+    """One layer's per-(text, latent) maxima and per-latent counts, filled chunk by chunk."""
+
+    def __init__(self, n_texts: int, n: int, cap: int, g: torch.Generator):
+        self.best, self.best_all = torch.zeros(n_texts, n), torch.zeros(n_texts, n)
+        self.where = torch.zeros(n_texts, n, dtype=torch.long)
+        self.where_all = torch.zeros(n_texts, n, dtype=torch.long)
+        self.n_on, self.n_sink = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        self.n_bos, self.max_sink = torch.zeros(n, dtype=torch.long), torch.zeros(n)
+        self.sample = ValueSample(n, cap, g)
+
+    def update(self, rows: slice, cols: slice, acts: torch.Tensor, sink: torch.Tensor, bos: torch.Tensor,
+               pad: torch.Tensor) -> None:
+        """Fold in acts [b, T, c] (on any device) of latents `cols` for corpus rows `rows`."""
+        away = acts.masked_fill(sink.unsqueeze(-1), 0.0)
+        v, c = away.max(dim=1)
+        self.best[rows, cols], self.where[rows, cols] = v.cpu(), c.cpu() - pad
+        v, c = acts.max(dim=1)
+        self.best_all[rows, cols], self.where_all[rows, cols] = v.cpu(), c.cpu() - pad
+        on = acts > 0
+        self.n_on[cols] += on.sum(dim=(0, 1)).cpu()
+        self.n_sink[cols] += (on & sink.unsqueeze(-1)).sum(dim=(0, 1)).cpu()
+        self.max_sink[cols] = torch.maximum(self.max_sink[cols], (acts * sink.unsqueeze(-1)).amax(dim=(0, 1)).cpu())
+        self.n_bos[cols] += (on & bos.unsqueeze(-1)).any(dim=1).sum(dim=0).cpu()
+        nz = on.nonzero()
+        self.sample.add(nz[:, 2].cpu() + cols.start, acts[on].cpu())
+
+    def stats(self) -> list[_Stats]:
+        values = self.sample.per_latent()
+        return [_Stats(self.best[:, j], self.where[:, j], self.best_all[:, j], self.where_all[:, j],
+                       [values[j]] if len(values[j]) else [], int(self.n_on[j]), int(self.n_sink[j]),
+                       float(self.max_sink[j]), int(self.n_bos[j])) for j in range(self.best.shape[1])]
+
+
 def corpus_stats(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]], batch_size: int,
-                 sink_ratio: float | None = 4.0, max_values: int = 20000, seed: int = 0,
+                 sink_ratio: float | None = 4.0, max_values: int = 2000, seed: int = 0,
                  quiet: bool = True) -> dict[Feature, _Stats]:
     """One pass over the corpus: per latent, its per-text maxima (away from sinks and anywhere),
     its non-zero values (a seeded uniform sample of `max_values` beyond that), and its firings on
-    sinks/BOS."""
+    sinks/BOS. Residuals and activations stay on the model's device; per chunk only per-text
+    maxima, counts and the non-zero values cross to the host, [b, T, COLS] latents at a time."""
     from tqdm.auto import tqdm
 
     n = len(batch)
-    stats = {Feature(l, i): _Stats(torch.zeros(n), torch.zeros(n, dtype=torch.long), torch.zeros(n),
-                                   torch.zeros(n, dtype=torch.long))
-             for l, ix in by_layer.items() for i in ix}
     g = torch.Generator().manual_seed(seed)
+    tables = {l: _LayerTables(n, len(ix), max_values, g) for l, ix in by_layer.items()}
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="dashboards (corpus)", disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, n))
-        res = model.residuals(sub, list(by_layer))
-        valid = sub.attention_mask.bool()
+        res = model.residuals(sub, list(by_layer), host=False)
         pad = (sub.input_ids.shape[1] - sub.lengths).unsqueeze(1)
         rows = slice(start, start + len(sub))
         for l, ix in by_layer.items():
             sink, bos = sink_mask(model, sub, res[l], sink_ratio)
-            acts = subset_acts(saes[l], res[l], ix) * valid.unsqueeze(-1)
-            away = acts.masked_fill(sink.unsqueeze(-1), 0.0)
-            v_away, c_away = away.max(dim=1)
-            v_all, c_all = acts.max(dim=1)
-            on = acts > 0
-            n_on = on.sum(dim=(0, 1)).tolist()
-            n_sink = (on & sink.unsqueeze(-1)).sum(dim=(0, 1)).tolist()
-            mx_sink = (acts * sink.unsqueeze(-1)).amax(dim=(0, 1)).tolist()
-            n_bos = (on & bos.unsqueeze(-1)).any(dim=1).sum(dim=0).tolist()
-            for j, i in enumerate(ix):
-                s = stats[Feature(l, i)]
-                s.best[rows], s.where[rows] = v_away[:, j], c_away[:, j] - pad[:, 0]
-                s.best_all[rows], s.where_all[rows] = v_all[:, j], c_all[:, j] - pad[:, 0]
-                s.n_nonzero += int(n_on[j])
-                s.n_sink += int(n_sink[j])
-                s.max_sink = max(s.max_sink, float(mx_sink[j]))
-                s.bos_texts += int(n_bos[j])
-                if n_on[j]:
-                    _keep(s, acts[..., j][on[..., j]], max_values, g)
-    return stats
+            valid = sub.attention_mask.bool().to(res[l].device).unsqueeze(-1)
+            for c0 in range(0, len(ix), COLS):
+                acts = subset_acts(saes[l], res[l], ix[c0:c0 + COLS], host=False)
+                acts = acts * valid.to(acts.device)
+                tables[l].update(rows, slice(c0, c0 + acts.shape[-1]), acts, sink.to(acts.device),
+                                 bos.to(acts.device), pad)
+        del res
+    return {Feature(l, i): s for l, ix in by_layer.items() for i, s in zip(ix, tables[l].stats())}
 
 
 def _pick(stats: _Stats, top_k: int, bands: int, per_band: int, rng: random.Random) -> tuple[list, list, bool]:
@@ -214,90 +263,47 @@ def token_windows(
     sink_ratio: float | None,
 ) -> dict[tuple[Feature, int], TokenWindow]:
     """For each latent and each of its texts (text -> peak token index), the window of tokens
-    around the peak with the latent's activation on each."""
+    around the peak with the latent's activation on each. Only the chosen texts are read again,
+    and per chunk only the latents wanted on one of its texts are encoded."""
     texts = sorted({t for m in wanted.values() for t in m})
     if not texts:
         return {}
-    by_layer = FeatureSet(wanted).by_layer()
+    on_text: dict[int, dict[int, list[int]]] = {}  # text -> layer -> latents wanted there
+    for f, m in wanted.items():
+        for t in m:
+            on_text.setdefault(t, {}).setdefault(f.layer, []).append(f.index)
+    layers = sorted({f.layer for f in wanted})
     sub_all = batch.select(texts)
     tok = model.tokenizer
     out = {}
     for start in range(0, len(texts), batch_size):
         sub = sub_all.rows(start, min(start + batch_size, len(texts)))
-        res = model.residuals(sub, list(by_layer))
+        chunk = texts[start:start + len(sub)]
+        res = model.residuals(sub, layers, host=False)
         T = sub.input_ids.shape[1]
-        for l, ix in by_layer.items():
-            sink, _ = sink_mask(model, sub, res[l], sink_ratio)
-            acts = subset_acts(saes[l], res[l], ix)
-            for b in range(len(sub)):
-                t = texts[start + b]
-                n_tok = int(sub.lengths[b])
-                ids = sub.input_ids[b, T - n_tok:].tolist()
-                for j, i in enumerate(ix):
-                    f = Feature(l, i)
-                    if t not in wanted[f]:
-                        continue
-                    peak = wanted[f][t]
-                    lo, hi = max(0, peak - left), min(n_tok, peak + right + 1)
-                    a = acts[b, T - n_tok + lo:T - n_tok + hi, j].tolist()
-                    sk = sink[b, T - n_tok + lo:T - n_tok + hi].nonzero().flatten().tolist()
-                    out[(f, t)] = TokenWindow(t, peak, peak - lo, float(acts[b, T - n_tok + peak, j]),
-                                              [tok.decode([x], skip_special_tokens=False) for x in ids[lo:hi]],
-                                              [round(x, 4) for x in a], sk)
-    return out
-
-
-# ----------------------------------------------------------------- weights
-def logit_effects(model: ChatModel, saes, features: Iterable, k: int = 10) -> dict[Feature, tuple[list, list]]:
-    """Per latent, the `k` tokens whose logits its decoder row raises most and lowers most
-    (W_dec[i]·W_U, the direct path, final norm ignored as in SAEDashboard)."""
-    W_U = model.hf.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
-    tok = model.tokenizer
-    out = {}
-    for l, ix in FeatureSet(features).by_layer().items():
-        eff = saes[l].W_dec[torch.tensor(ix)].detach().float().cpu() @ W_U.T  # [n, V]
-        kk = min(k, eff.shape[1])
-        top, bot = eff.topk(kk, dim=1), (-eff).topk(kk, dim=1)
-        for j, i in enumerate(ix):
-            out[Feature(l, i)] = (
-                [(tok.decode([int(t)]), round(float(v), 4)) for v, t in zip(top.values[j], top.indices[j])],
-                [(tok.decode([int(t)]), round(-float(v), 4)) for v, t in zip(bot.values[j], bot.indices[j])])
-    return out
-
-
-def decoder_cosines(saes, features: Iterable, direction: torch.Tensor) -> dict[Feature, float]:
-    """cos(W_dec[i], r̂) per latent: how far the latent writes along the refusal direction."""
-    r = direction.detach().float().cpu()
-    r = r / r.norm().clamp_min(1e-12)
-    out = {}
-    for l, ix in FeatureSet(features).by_layer().items():
-        W = saes[l].W_dec[torch.tensor(ix)].detach().float().cpu()
-        cos = (W @ r) / W.norm(dim=1).clamp_min(1e-12)
-        out.update({Feature(l, i): round(float(c), 4) for i, c in zip(ix, cos)})
-    return out
-
-
-def fm_neighbours(
-    V: torch.Tensor, columns: Sequence, features: Iterable, k: int = 10
-) -> dict[Feature, list[tuple[str, float]]]:
-    """Per latent that is an FM column, the `k` columns whose FM embeddings are most similar
-    (cosine): the latents the factorization machine sees it interact with."""
-    cols = [Feature.of(c) for c in columns]
-    at = {f: j for j, f in enumerate(cols)}
-    U = V.detach().float()
-    U = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    out: dict[Feature, list[tuple[str, float]]] = {}
-    for f in FeatureSet(features):
-        if f not in at:
-            continue
-        sims = U @ U[at[f]]
-        sims[at[f]] = -2.0
-        kk = min(k, len(cols) - 1)
-        if kk <= 0:
-            out[f] = []
-            continue
-        top = sims.topk(kk)
-        out[f] = [(cols[int(j)].id, round(float(s), 4)) for s, j in zip(top.values, top.indices)]
+        ids = [sub.input_ids[b, T - int(sub.lengths[b]):].tolist() for b in range(len(sub))]
+        words = [[tok.decode([x], skip_special_tokens=False) for x in row] for row in ids]
+        for l in layers:
+            need = sorted({i for t in chunk for i in on_text[t].get(l, ())})
+            if not need:
+                continue
+            sink = sink_mask(model, sub, res[l], sink_ratio)[0].cpu()
+            for c0 in range(0, len(need), COLS):
+                cols = need[c0:c0 + COLS]
+                acts = subset_acts(saes[l], res[l], cols)
+                for b, t in enumerate(chunk):
+                    n_tok, at = len(ids[b]), T - len(ids[b])
+                    for j, i in enumerate(cols):
+                        f = Feature(l, i)
+                        peak = wanted[f].get(t) if f in wanted else None
+                        if peak is None:
+                            continue
+                        lo, hi = max(0, peak - left), min(n_tok, peak + right + 1)
+                        a = acts[b, at + lo:at + hi, j].tolist()
+                        sk = sink[b, at + lo:at + hi].nonzero().flatten().tolist()
+                        out[(f, t)] = TokenWindow(t, peak, peak - lo, float(acts[b, at + peak, j]),
+                                                  words[b][lo:hi], [round(x, 4) for x in a], sk)
+        del res
     return out
 
 
@@ -315,15 +321,16 @@ def histogram(values: Sequence[torch.Tensor], bins: int) -> dict:
 def corpus_dashboards(model: ChatModel, saes, texts: Sequence[str], features: Iterable, *, batch_size: int = 16,
                       max_length: int | None = 128, top_k: int = 10, bands: int = 3, per_band: int = 2,
                       left: int = 12, right: int = 4, bins: int = 30, sink_ratio: float | None = 4.0,
-                      seed: int = 0, quiet: bool = True) -> dict[Feature, dict]:
-    """The corpus part of each dashboard: histogram, top contexts, quantile samples, sink share."""
+                      max_values: int = 2000, seed: int = 0, quiet: bool = True) -> dict[Feature, dict]:
+    """The corpus part of each dashboard: histogram (of at most `max_values` sampled non-zero
+    values per latent), top contexts, quantile samples, sink share."""
     if not texts:
         raise UserError("no corpus texts for dashboards: set dashboards.corpus to a prompt set")
     by_layer = FeatureSet(features).checked(saes).by_layer()
     bos = model.tokenizer.bos_token
     texts = [t if not bos or t.startswith(bos) else bos + t for t in texts]
     batch = model.encode_texts(texts, add_special_tokens=False, max_length=max_length)
-    stats = corpus_stats(model, saes, batch, by_layer, batch_size, sink_ratio, seed=seed, quiet=quiet)
+    stats = corpus_stats(model, saes, batch, by_layer, batch_size, sink_ratio, max_values, seed=seed, quiet=quiet)
     rng = random.Random(seed)
     picks = {f: _pick(s, top_k, bands, per_band, rng) for f, s in stats.items()}
     wanted: dict[Feature, dict[int, int]] = {}

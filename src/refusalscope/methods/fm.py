@@ -21,8 +21,11 @@ global max ranking is close to arbitrary on a real model; per prompt, mean cosin
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,9 +33,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..artifacts import atomic_write_tensors, read_tensors
 from ..errors import UserError
 from ..interventions.features import Feature
-from .fm_data import Split, apply_scale, csr_to_torch, max_abs_scale
+from .fm_data import Split, apply_scale, max_abs_scale
+from .fm_sparse import LazyAdam, NnzRows, fm_logits_nnz, nnz_rows, score_rows
 
 
 class FactorizationMachine(nn.Module):
@@ -90,9 +95,9 @@ class FMResult:
     history: list[dict] = field(default_factory=list)  # epoch, loss, train_acc, val_acc, val_loss
 
     @torch.no_grad()
-    def logits(self, X: sp.spmatrix, batch_size: int = 4096) -> np.ndarray:
+    def logits(self, X: sp.spmatrix) -> np.ndarray:
         """Logits for raw (unscaled) rows; the stored train scale is applied here."""
-        return _logits(self.model, apply_scale(X, self.scale), batch_size).numpy()
+        return _logits(self.model, apply_scale(X, self.scale)).numpy()
 
     def accuracy(self, split: Split) -> float:
         """Per row (per token in "tokens" mode)."""
@@ -110,10 +115,29 @@ class FMResult:
         return _accuracy(sums / counts, keys[:, 0])
 
 
-def _logits(fm: FactorizationMachine, Xs: sp.csr_matrix, batch_size: int = 4096) -> Tensor:
-    dev = fm.V.device
-    outs = [fm(csr_to_torch(Xs[i:i + batch_size], dev)).float().cpu() for i in range(0, Xs.shape[0], batch_size)]
-    return torch.cat(outs) if outs else torch.zeros(0)
+    def save(self, path: str | os.PathLike) -> Path:
+        """Weights, scale and the fit's numbers in one safetensors file (atomic): a checkpoint a
+        resumed stage reads instead of training again."""
+        meta = {"best_epoch": self.best_epoch, "train_acc": self.train_acc, "val_acc": self.val_acc,
+                "test_acc": self.test_acc, "history": self.history}
+        return atomic_write_tensors(Path(path), {**self.model.state_dict(), "scale": torch.from_numpy(self.scale)},
+                                    meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> FMResult:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        t = read_tensors(Path(path))
+        fm = FactorizationMachine(*t["V"].shape)
+        fm.load_state_dict({k: t[k] for k in ("w0", "w", "V")})
+        return cls(fm.to(device).eval(), t["scale"].numpy(), meta["best_epoch"], meta["train_acc"], meta["val_acc"],
+                   meta["test_acc"], meta["history"])
+
+
+def _logits(fm: FactorizationMachine, Xs: sp.csr_matrix) -> Tensor:
+    return score_rows(fm.w0, fm.w, fm.V, Xs)
 
 
 def _accuracy(logits, y) -> float:
@@ -127,9 +151,11 @@ def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, l
              epochs: int = 20, batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
              init_std: float = 0.01, device: str | torch.device = "cpu", quiet: bool = True,
              scale: str = "max_abs") -> FMResult:
-    """Fit an FM with BCE-with-logits loss and Adam; init and shuffling come from one
-    torch.Generator(seed), so a seed gives the same weights every run (on CPU). `scale`:
-    "max_abs" divides each column by its train max |x|, "none" feeds raw activations."""
+    """Fit an FM with BCE-with-logits loss and Adam (lazy: a step moves only the rows of w and V
+    its batch touched, `fm_sparse.LazyAdam`) on `device`, from the non-zeros only; init and
+    shuffling come from one torch.Generator(seed), so a seed gives the same weights every run
+    (on CPU). `scale`: "max_abs" divides each column by its train max |x|, "none" feeds raw
+    activations."""
     if len(train) == 0 or len(val) == 0:
         raise UserError("FM training needs non-empty train and validation splits: use more prompts")
     if scale not in SCALES:
@@ -140,22 +166,15 @@ def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, l
     Xtr, Xva = apply_scale(train.X, col_scale), apply_scale(val.X, col_scale)
     ytr, yva = torch.from_numpy(train.y.astype(np.float32)), torch.from_numpy(val.y.astype(np.float32))
     fm = FactorizationMachine(d, k, init_std, generator=g).to(device)
-    opt = torch.optim.Adam(fm.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = LazyAdam([fm.w0, fm.w, fm.V], lr=lr, weight_decay=weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     best, best_key, history = None, None, []
     for epoch in tqdm(range(epochs), desc=f"FM k={k}", disable=quiet):
-        fm.train()
         order = torch.randperm(len(train), generator=g).numpy()
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            xb = csr_to_torch(Xtr[idx], device)
-            loss = loss_fn(fm(xb), ytr[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        fm.eval()
+            total += _step(fm, opt, nnz_rows(Xtr[idx], fm.V.device, local=True), ytr[idx], loss_fn) * len(idx)
         with torch.no_grad():
             lt, lv = _logits(fm, Xtr), _logits(fm, Xva)
             val_loss = loss_fn(lv, yva).item()
@@ -174,6 +193,19 @@ def train_fm(train: Split, val: Split, test: Split | None = None, k: int = 20, l
     return res
 
 
+def _step(fm: FactorizationMachine, opt: LazyAdam, b: NnzRows, y: Tensor, loss_fn) -> float:
+    """One batch: gather the touched rows of w and V as leaves, backprop, update those rows."""
+    assert b.touched is not None
+    w0 = fm.w0.detach().clone().requires_grad_()
+    w = fm.w.detach()[b.touched].requires_grad_()
+    V = fm.V.detach()[b.touched].requires_grad_()
+    loss = loss_fn(fm_logits_nnz(w0, w, V, b), y.to(V.device))
+    loss.backward()
+    assert w0.grad is not None and w.grad is not None and V.grad is not None
+    opt.step([(None, w0.grad), (b.touched, w.grad), (b.touched, V.grad)])
+    return loss.item()
+
+
 def _embeddings(fm) -> Tensor:
     model = fm.model if isinstance(fm, FMResult) else fm
     return model.V.detach().float().cpu()
@@ -184,12 +216,14 @@ def _unit(V: Tensor) -> Tensor:
 
 
 def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features, exclude=None,
-                                 aggregate: str = "mean", chunk: int = 65536) -> list[tuple[Feature, float]]:
+                                 aggregate: str = "mean", chunk: int = 65536,
+                                 rankable: np.ndarray | None = None) -> list[tuple[Feature, float]]:
     """Features not in `exclude` (default: the Stage 2 set), by the cosine similarity of their
     embedding v_i to the embeddings of the Stage 2 latents that are FM columns (a latent never
     active in the data has no trained embedding): aggregate "max" = the closest Stage 2 latent
     (a feature that interacts strongly with any one of them), "mean" = cosine to the average of
-    the unit Stage 2 embeddings (their mean cosine). Descending; ties keep column order."""
+    the unit Stage 2 embeddings (their mean cosine). Descending; ties keep column order.
+    `rankable` (a mask over columns) leaves the others out of the ranking (they still anchor)."""
     columns, U = _unit_columns(fm, columns, aggregate)
     stage2 = set(map(Feature.of, stage2_features))
     exclude = stage2 if exclude is None else set(map(Feature.of, exclude))
@@ -198,6 +232,8 @@ def rank_by_embedding_similarity(fm, columns: Sequence[Feature], stage2_features
         raise UserError("none of the Stage 2 latents is an FM column (none was ever active in the "
                         "Stage 3 data): set stage3.layers to include layers of the Stage 2 latents")
     keep = np.array([c not in exclude for c in columns], dtype=bool)
+    if rankable is not None:
+        keep &= np.asarray(rankable, dtype=bool)
     return _ranked(columns, _scores(U, anchors, aggregate, chunk), keep)
 
 
@@ -225,15 +261,25 @@ def _scores(U: Tensor, anchors: Sequence[int], aggregate: str, chunk: int = 6553
 def _ranked(columns: Sequence[Feature], s: np.ndarray, keep: np.ndarray, top: int | None = None):
     """Kept columns by descending score (ties: column order), the first `top` of them."""
     n = int(keep.sum()) if top is None else min(int(top), int(keep.sum()))
-    order = np.argsort(np.where(keep, -s, np.inf), kind="stable")[:n]
+    key = np.where(keep, -s, np.inf)
+    if n == 0:
+        return []
+    if n < len(key) // 4:  # the head of a million columns: select, then sort only the tied-or-better ones
+        cut = np.partition(key, n - 1)[n - 1]
+        head = np.flatnonzero(key <= cut)  # ascending column order, so a stable sort keeps ties as a full sort does
+        order = head[np.argsort(key[head], kind="stable")][:n]
+    else:
+        order = np.argsort(key, kind="stable")[:n]
     return [(columns[j], float(s[j])) for j in order]
 
 
 def rank_per_prompt(fm, columns: Sequence[Feature], sets: Mapping[str, Iterable], top: int,
-                    aggregate: str = "mean") -> dict[str, list[tuple[Feature, float]]]:
+                    aggregate: str = "mean", rankable: np.ndarray | None = None
+                    ) -> dict[str, list[tuple[Feature, float]]]:
     """Per prompt, the `top` latents by FM-embedding similarity to THAT prompt's Stage 2 set
-    (the prompt's own latents excluded). A prompt none of whose latents is an FM column gets an
-    empty list (the caller decides what to fall back to)."""
+    (the prompt's own latents excluded; with `rankable`, only the columns it marks). A prompt
+    none of whose latents is an FM column gets an empty list (the caller decides what to fall
+    back to)."""
     columns, U = _unit_columns(fm, columns, aggregate)
     col = {c: j for j, c in enumerate(columns)}
     out: dict[str, list[tuple[Feature, float]]] = {}
@@ -243,7 +289,7 @@ def rank_per_prompt(fm, columns: Sequence[Feature], sets: Mapping[str, Iterable]
         if not anchors:
             out[pid] = []
             continue
-        keep = np.ones(len(columns), dtype=bool)
+        keep = np.ones(len(columns), dtype=bool) if rankable is None else np.array(rankable, dtype=bool)
         keep[anchors] = False
         out[pid] = _ranked(columns, _scores(U, anchors, aggregate), keep, top)
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +85,7 @@ class FeatureMatrix:
         tensors = {"indptr": torch.from_numpy(v.indptr.astype(np.int64)),
                    "indices": torch.from_numpy(v.indices.astype(np.int64)),
                    "data": torch.from_numpy(v.data.astype(np.float32)),
-                   "columns": torch.tensor(self.columns, dtype=torch.int64).reshape(-1, 2),
+                   "columns": torch.from_numpy(feature_array(self.columns)),
                    "rows": torch.from_numpy(self.rows.astype(np.int64)).reshape(-1, 2),
                    "shape": torch.tensor(v.shape, dtype=torch.int64)}
         meta = {"mode": self.mode, "n_tokens": json.dumps(self.n_tokens)}
@@ -112,13 +112,33 @@ def csr_to_torch(m: sp.spmatrix, device=None) -> torch.Tensor:
                                    device=device, is_coalesced=True, check_invariants=False)
 
 
-@torch.no_grad()
+def stack(parts: Sequence[FeatureMatrix]) -> FeatureMatrix:
+    """Matrices of consecutive prompt batches as one: columns the sorted union (what one pass over
+    all prompts keeps), prompt indices offset by the prompts before each part."""
+    if not parts:
+        raise UserError("no activations to stack: collect at least one prompt")
+    mode, n_tokens = parts[0].mode, parts[0].n_tokens
+    union, columns = _union(parts)
+    blocks, rows, offset = [], [], 0
+    for p in parts:
+        blocks.append(_align(p, union))
+        r = p.rows.copy()
+        r[:, 0] += offset
+        rows.append(r)
+        offset += p.n_prompts
+    return FeatureMatrix(columns, sp.vstack(blocks, format="csr", dtype=np.float32),
+                         np.concatenate(rows).astype(np.int64).reshape(-1, 2), mode, n_tokens)
+
+
 def collect_sae_activations(model: ChatModel, saes, prompts: Sequence[str], layers: Sequence[int],
                             n_tokens: int = 4, batch_size: int = 16, quiet: bool = True,
-                            mode: str = "pooled") -> FeatureMatrix:
+                            mode: str = "pooled", shard_file: Callable[[int, int], Path] | None = None
+                            ) -> FeatureMatrix:
     """Every SAE latent at the last `n_tokens` tokens (the post-instruction template tokens) at
     each of `layers`. Prompts go through the model `batch_size` at a time and only non-zeros are
-    kept, so memory is O(batch · n_tokens · d_sae) plus the non-zeros."""
+    kept, so memory is O(batch · n_tokens · d_sae) plus the non-zeros. With `shard_file(start,
+    stop)`, each batch's matrix is saved there (atomically) as it is done, and a batch whose file
+    exists is read instead of recomputed: an interrupted collection resumes where it stopped."""
     if mode not in MODES:
         raise UserError(f"unknown activation mode {mode!r}: use pooled or tokens")
     layers = sorted({int(l) for l in layers})
@@ -128,34 +148,49 @@ def collect_sae_activations(model: ChatModel, saes, prompts: Sequence[str], laye
                         "add them to saes.layers or drop them from the Stage 3 layers")
     if n_tokens < 1:
         raise UserError(f"n_tokens is {n_tokens}: record at least the last token (n_tokens >= 1)")
-    offsets = np.cumsum([0] + [saes[l].d_sae for l in layers])
     batch = model.encode(list(prompts))
-    per_row = 1 if mode == "pooled" else n_tokens
-    r_idx, c_idx, vals = [], [], []
+    parts = []
     starts = range(0, len(batch), batch_size)
     for start in tqdm(starts, desc="SAE activations", disable=quiet or len(starts) <= 1):
-        sub = batch.rows(start, min(start + batch_size, len(batch)))
-        res = model.residuals(sub, layers, positions=n_tokens)
-        for j, layer in enumerate(layers):
-            fd = saes[layer]
-            acts = fd.encode(res[layer].to(fd.device))  # [b, n_tokens, d_sae]
-            if mode == "pooled":
-                acts = acts.amax(dim=1, keepdim=True)
-            acts = acts.reshape(-1, acts.shape[-1])
-            r, c = acts.nonzero(as_tuple=True)
-            r_idx.append((r.cpu().numpy() + start * per_row).astype(np.int64))
-            c_idx.append(c.cpu().numpy().astype(np.int64) + offsets[j])
-            vals.append(acts[r, c].float().cpu().numpy())
-    n_rows = len(batch) * per_row
-    full = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), np.concatenate(c_idx))),
-                         shape=(n_rows, int(offsets[-1])), dtype=np.float32)
-    used = np.flatnonzero(full.getnnz(axis=0))
+        stop = min(start + batch_size, len(batch))
+        path = None if shard_file is None else shard_file(start, stop)
+        if path is not None and path.exists():
+            parts.append(FeatureMatrix.load(path))
+            continue
+        part = _batch_matrix(model, saes, batch.rows(start, stop), layers, n_tokens, mode)
+        if path is not None:
+            part.save(path)
+        parts.append(part)
+    return stack(parts)
+
+
+@torch.no_grad()
+def _batch_matrix(model: ChatModel, saes, sub, layers: list[int], n_tokens: int, mode: str) -> FeatureMatrix:
+    """One batch's activations: encoded per layer on the SAE's device, non-zeros copied back."""
+    offsets = np.cumsum([0] + [saes[l].d_sae for l in layers])
+    per_row = 1 if mode == "pooled" else n_tokens
+    res = model.residuals(sub, layers, positions=n_tokens)
+    r_idx, c_idx, vals = [], [], []
+    for j, layer in enumerate(layers):
+        fd = saes[layer]
+        acts = fd.encode(res[layer].to(fd.device))  # [b, n_tokens, d_sae]
+        if mode == "pooled":
+            acts = acts.amax(dim=1, keepdim=True)
+        acts = acts.reshape(-1, acts.shape[-1])
+        r, c = acts.nonzero(as_tuple=True)
+        r_idx.append(r.cpu().numpy().astype(np.int64))
+        c_idx.append(c.cpu().numpy().astype(np.int64) + offsets[j])
+        vals.append(acts[r, c].float().cpu().numpy())
+    n_rows = len(sub) * per_row
+    g = np.concatenate(c_idx)
+    used, local = np.unique(g, return_inverse=True)
+    values = sp.csr_matrix((np.concatenate(vals), (np.concatenate(r_idx), local.ravel())),
+                           shape=(n_rows, len(used)), dtype=np.float32)
     layer_of = np.searchsorted(offsets, used, side="right") - 1
-    columns = [Feature(layers[k], int(g - offsets[k])) for k, g in zip(layer_of, used)]
-    prompt = np.repeat(np.arange(len(batch)), per_row)
-    pos = np.full(n_rows, -1) if mode == "pooled" else np.tile(np.arange(n_tokens), len(batch))
-    return FeatureMatrix(columns, full[:, used].tocsr(), np.stack([prompt, pos], 1).astype(np.int64),
-                         mode, n_tokens)
+    columns = [Feature(layers[k], int(u - offsets[k])) for k, u in zip(layer_of, used)]
+    prompt = np.repeat(np.arange(len(sub)), per_row)
+    pos = np.full(n_rows, -1) if mode == "pooled" else np.tile(np.arange(n_tokens), len(sub))
+    return FeatureMatrix(columns, values, np.stack([prompt, pos], 1).astype(np.int64), mode, n_tokens)
 
 
 @dataclass
@@ -173,15 +208,41 @@ class Split:
 
 @dataclass
 class FMDataset:
+    """The three splits over the FM's columns: the latents non-zero in at least one train row
+    (`support[j]`: in how many), out of `n_seen` non-zero anywhere in the data."""
+
     train: Split
     val: Split
     test: Split
     columns: list[Feature]
+    support: np.ndarray
+    n_seen: int
 
 
-def _align(fm: FeatureMatrix, column_of: dict[Feature, int], d: int) -> sp.csr_matrix:
-    """The matrix re-indexed onto the union column space."""
-    remap = np.array([column_of[c] for c in fm.columns], dtype=np.int64)
+def feature_array(columns: Sequence[Feature]) -> np.ndarray:
+    """[n, 2] int64 (layer, index) rows; `np.fromiter` is ~20x faster than `np.array` or
+    `torch.tensor` on a list of a million tuples."""
+    return np.fromiter((x for f in columns for x in f), dtype=np.int64, count=2 * len(columns)).reshape(-1, 2)
+
+
+def _keys(columns: Sequence[Feature]) -> np.ndarray:
+    """Columns as sortable int64 keys (layer << 32 | index): a million of them sort and match in
+    numpy in well under a second, where sorting Feature tuples in Python takes seconds."""
+    a = feature_array(columns)
+    return (a[:, 0] << 32) | a[:, 1]
+
+
+def _union(mats: Sequence[FeatureMatrix]) -> tuple[np.ndarray, list[Feature]]:
+    """The sorted union of the matrices' columns: keys and Features (the matrices' own objects)."""
+    every = [c for m in mats for c in m.columns]
+    keys, first = np.unique(_keys(every), return_index=True)
+    return keys, [every[j] for j in first.tolist()]
+
+
+def _align(fm: FeatureMatrix, union: np.ndarray) -> sp.csr_matrix:
+    """The matrix re-indexed onto the union column space (`union`: its sorted keys)."""
+    d = len(union)
+    remap = np.searchsorted(union, _keys(fm.columns))
     v = fm.values.tocoo()
     return sp.csr_matrix((v.data, (v.row, remap[v.col] if len(remap) else v.col)),
                          shape=(v.shape[0], d), dtype=np.float32)
@@ -196,19 +257,19 @@ def split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
 def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: int,
                fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> FMDataset:
     """Label 1/0 sets, split by PROMPT (all token rows of a prompt stay together, so a prompt's
-    tokens cannot leak into val/test) and stratified per class, seeded."""
+    tokens cannot leak into val/test) and stratified per class, seeded. Columns: the latents
+    some train row has (a latent seen only in val/test rows would get no trained embedding)."""
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise UserError(f"split fractions {tuple(fractions)} must be three non-negative numbers "
                         "summing to 1, e.g. (0.8, 0.1, 0.1)")
     if (harmful_acts.mode, harmful_acts.n_tokens) != (harmless_acts.mode, harmless_acts.n_tokens):
         raise UserError("harmful and harmless activations were collected with different mode or "
                         "n_tokens: collect both the same way")
-    columns = sorted(set(harmful_acts.columns) | set(harmless_acts.columns))
-    column_of = {c: j for j, c in enumerate(columns)}
+    union, columns = _union([harmful_acts, harmless_acts])
     rng = np.random.default_rng(seed)
     parts: list[list] = [[], [], []]
     for label, fm in ((1, harmful_acts), (0, harmless_acts)):
-        X = _align(fm, column_of, len(columns))
+        X = _align(fm, union)
         n = fm.n_prompts
         order = rng.permutation(n)
         n_tr, n_va, _ = split_sizes(n, fractions)
@@ -225,7 +286,14 @@ def fm_dataset(harmful_acts: FeatureMatrix, harmless_acts: FeatureMatrix, seed: 
     splits = [Split(sp.vstack([p[0] for p in ps]).tocsr().astype(np.float32),
                     np.concatenate([p[1] for p in ps]),
                     np.concatenate([p[2] for p in ps]).astype(np.int64).reshape(-1, 3)) for ps in parts]
-    return FMDataset(splits[0], splits[1], splits[2], columns=columns)
+    # a column only val/test rows touch would keep its random init embedding: it is no FM column
+    support = splits[0].X.getnnz(axis=0)
+    seen = int((sum(split.X.getnnz(axis=0) for split in splits) > 0).sum())
+    keep = np.flatnonzero(support)
+    for split in splits:
+        split.X = split.X[:, keep].tocsr()
+    return FMDataset(splits[0], splits[1], splits[2], columns=[columns[j] for j in keep],
+                     support=support[keep].astype(np.int64), n_seen=seen)
 
 
 def max_abs_scale(X: sp.spmatrix) -> np.ndarray:

@@ -29,14 +29,17 @@ def model_summary(model: ChatModel, saes, texts: Sequence[str], batch_size: int 
         batch = model.encode_texts(list(texts), add_special_tokens=False, max_length=max_length)
         for start in range(0, len(batch), batch_size):
             sub = batch.rows(start, min(start + batch_size, len(batch)))
-            res = model.residuals(sub, layers)
-            valid = sub.attention_mask.bool()
-            for l in layers:
-                keep = valid & ~sinks(res[l], valid, sink_ratio)
-                on = (saes[l].encode(res[l].to(saes[l].device)).cpu() > 0) & keep.unsqueeze(-1)
+            res = model.residuals(sub, layers, host=False)
+            for l in layers:  # reduced where the SAE is: [b, T, d_sae] never crosses to the host
+                fd = saes[l]
+                valid = sub.attention_mask.bool().to(fd.device)
+                h = res.pop(l).to(fd.device)
+                keep = valid & ~sinks(h, valid, sink_ratio)
+                on = (fd.encode(h) > 0) & keep.unsqueeze(-1)
                 l0[l][0] += float(on.sum())
                 l0[l][1] += int(keep.sum())
-                fired[l] |= on.any(dim=(0, 1))
+                fired[l] |= on.any(dim=(0, 1)).cpu()
+                del on
     for l in layers:
         fd = saes[l]
         saes_out.append({"layer": l, "d_sae": fd.d_sae, "architecture": fd.architecture, "hook": fd.hook_name,

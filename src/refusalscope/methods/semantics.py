@@ -14,6 +14,7 @@ import urllib.request
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,26 +54,26 @@ class NeuronpediaClient:
         self.offline = bool(offline)
         self.offline_reason = "offline mode" if self.offline else None
 
-    def feature_path(self, feature: Feature) -> str:
+    def feature_path(self, feature: Feature | str) -> str:
         """"gemma-2-2b/12-gemmascope-res-16k/1234" for feature 12-1234."""
         layer, index = Feature.of(feature)
         path = self.template.replace("{layer}", str(layer))
         return path.replace("{index}", str(index)) if "{index}" in path else f"{path}/{index}"
 
-    def url(self, feature: Feature) -> str:
+    def url(self, feature: Feature | str) -> str:
         return f"{self.base_url}/api/feature/{self.feature_path(feature)}"
 
-    def cache_file(self, feature: Feature) -> Path:
+    def cache_file(self, feature: Feature | str) -> Path:
         return self.cache_dir.joinpath(*self.feature_path(feature).split("/")).with_suffix(".json")
 
-    def cached(self, feature: Feature) -> dict | None:
+    def cached(self, feature: Feature | str) -> dict | None:
         """The stored API response, or None (also for an unreadable file, which is refetched)."""
         try:
             return json.loads(self.cache_file(feature).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
-    def fetch(self, feature: Feature) -> dict | None:
+    def fetch(self, feature: Feature | str) -> dict | None:
         """GET one feature and cache it; None when it is not there or the network is down."""
         if self.offline:
             return None
@@ -98,15 +99,34 @@ class NeuronpediaClient:
         atomic_write(path, write)
         return data
 
-    def explain(self, features: Iterable[Feature], quiet: bool = True) -> tuple[dict[str, str], list[str]]:
-        """(feature -> explanation, features with none), cache first, then the API when online."""
+    def explain(self, features: Iterable[Feature], quiet: bool = True,
+                workers: int = 8) -> tuple[dict[str, str], list[str]]:
+        """(feature -> explanation, features with none): the cache first, then the API for the
+        rest when online, `workers` requests at a time (tens of thousands of latents at the
+        paper's width; one by one that is hours). The first request goes alone, so a machine
+        without a route learns it from one failure and answers the rest from the cache."""
         explanations: dict[str, str] = {}
-        missing: list[str] = []
         feats = FeatureSet(features).sorted().ids()
-        for f in tqdm(feats, desc="Neuronpedia", disable=quiet or len(feats) <= 1, leave=False):
+        todo = []
+        for f in feats:
             text = parse_explanation(self.cached(f))
             if text is None:
-                text = parse_explanation(self.fetch(f))
+                todo.append(f)
+            else:
+                explanations[f] = text
+        fetched: dict[str, str | None] = {}
+        if todo and not self.offline:
+            fetched[todo[0]] = parse_explanation(self.fetch(todo[0]))
+            rest = todo[1:]
+            if rest and not self.offline:
+                with ThreadPoolExecutor(max(1, min(workers, len(rest)))) as pool:
+                    answers = pool.map(self.fetch, rest)  # each skips once another found no route
+                    for f, data in tqdm(zip(rest, answers), total=len(rest), desc="Neuronpedia",
+                                        disable=quiet, leave=False):
+                        fetched[f] = parse_explanation(data)
+        missing = []
+        for f in todo:
+            text = fetched.get(f)
             if text is None:
                 missing.append(f)
             else:
@@ -153,11 +173,13 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
                                               "top activations", quiet):
         T = sub.input_ids.shape[1]
         pad = (T - sub.lengths).unsqueeze(1)
+        skip = None
         if not include_bos and tok.bos_token_id is not None:
             first = sub.input_ids.gather(1, pad) == tok.bos_token_id
             skip = (torch.arange(T).unsqueeze(0) == pad) & first
-            acts = {l: a.masked_fill(skip.unsqueeze(-1), 0.0) for l, a in acts.items()}
-        for l, a in acts.items():
+        for l, a in acts.items():  # one layer's activations at a time
+            if skip is not None:
+                a = a.masked_fill(skip.unsqueeze(-1), 0.0)
             vals, cols = a.max(dim=1)
             best[l][start:start + len(sub)] = vals
             where[l][start:start + len(sub)] = cols - pad

@@ -17,7 +17,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..interventions.features import Feature, FeatureSet
+from ..interventions.spec import RowAblations
 from ..io.model import ChatModel
 from ..measures.judges import Judge
 from .evaluate import generate_judged, refusal_probs
@@ -27,15 +30,17 @@ PAPER_TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def draw_blocks(candidates: Sequence[Feature], n: int, seed: int) -> list[list[Feature]]:
-    """The blocks Algorithm 1 visits for this seed, in order (remainder < n never visited)."""
+    """The blocks Algorithm 1 visits for this seed, in order (remainder < n never visited).
+    `rng.sample` picks positions from the length alone, so sampling positions of the sorted
+    remaining list draws exactly the latents `rng.sample(sorted(C∖K), n)` draws."""
     rng = random.Random(seed)
     remaining = sorted(set(map(Feature.of, candidates)))
     blocks = []
     while len(remaining) >= n:
-        block = rng.sample(remaining, n)
-        blocks.append(sorted(block))
-        chosen = set(block)
-        remaining = [f for f in remaining if f not in chosen]
+        picks = rng.sample(range(len(remaining)), n)
+        blocks.append(sorted(remaining[j] for j in picks))
+        for j in sorted(picks, reverse=True):
+            del remaining[j]
     return blocks
 
 
@@ -85,20 +90,65 @@ class Algorithm1Trace:
 
 def batched_traces(model: ChatModel, saes, prompt: str, candidates: Sequence[Feature], n: int,
                    seeds: Sequence[int], batch_size: int, positions="all") -> list[Algorithm1Trace]:
-    """P(U_t) for every seed's states in batched forward passes (duplicate states shared)."""
-    per_seed = []
-    unique: dict[frozenset, int] = {}
+    """P(U_t) for every seed's states of one prompt in batched forward passes (`shard_traces`)."""
+    return shard_traces(model, saes, [(prompt, candidates)], n, seeds, batch_size, positions)[0]
+
+
+def shard_traces(model: ChatModel, saes, items: Sequence[tuple[str, Sequence[Feature]]], n: int,
+                 seeds: Sequence[int], batch_size: int, positions="all") -> list[list[Algorithm1Trace]]:
+    """Every seed's states of every (prompt, candidates) item as rows of shared forward passes
+    (duplicate states of a prompt computed once); the ablations go in as arrays (`RowAblations`)
+    built from each candidate's removal step, never as one tuple per (row, latent)."""
+    if not items:
+        return []
+    texts: list[str] = []
+    layer_rows: dict[int, list[np.ndarray]] = {}
+    layer_ids: dict[int, list[np.ndarray]] = {}
+    plans = []
+    for prompt, candidates in items:
+        cands = sorted(set(map(Feature.of, candidates)))
+        states, where, per_seed = _state_masks(cands, n, seeds)
+        base = len(texts)
+        texts += [prompt] * len(states)
+        row, col = np.nonzero(states)
+        lay = np.array([f.layer for f in cands], dtype=np.int64)[col]
+        idx = np.array([f.index for f in cands], dtype=np.int64)[col]
+        for layer in np.unique(lay):
+            sel = lay == layer
+            layer_rows.setdefault(int(layer), []).append(row[sel] + base)
+            layer_ids.setdefault(int(layer), []).append(idx[sel])
+        plans.append((base, where, per_seed))
+    table = {l: (np.concatenate(layer_rows[l]), np.concatenate(layer_ids[l])) for l in layer_rows}
+    probs = refusal_probs(model, saes, texts, plans=[[]] * len(texts), shared=[RowAblations(table, positions)],
+                          batch_size=batch_size).tolist()
+    return [[Algorithm1Trace(s, blocks, [probs[base + where[r]] for r in rows]) for s, blocks, rows in per_seed]
+            for base, where, per_seed in plans]
+
+
+def _state_masks(cands: list[Feature], n: int, seeds: Sequence[int]):
+    """The distinct states of all seeds as a bool [states, candidates] table (first-seen order),
+    the state of each (seed, step) row, and per seed (seed, blocks, its rows). U_t holds the
+    candidates whose block comes at step t or later (never-visited ones: in every state)."""
+    pos = {f: j for j, f in enumerate(cands)}
+    masks, per_seed, first = [], [], 0
     for s in seeds:
-        blocks = draw_blocks(candidates, n, s)
-        sts = states(candidates, blocks)
-        per_seed.append((s, blocks, sts))
-        for st in sts:
-            unique.setdefault(st, len(unique))
-    order = list(unique)
-    plans = [FeatureSet(sorted(st)).plan(positions) for st in order]
-    probs = refusal_probs(model, saes, [prompt] * len(order), plans=plans, batch_size=batch_size)
-    p_of = {st: probs[i].item() for st, i in unique.items()}
-    return [Algorithm1Trace(s, blocks, [p_of[st] for st in sts]) for s, blocks, sts in per_seed]
+        blocks = draw_blocks(cands, n, s)
+        m = len(blocks)
+        step = np.full(len(cands), m, dtype=np.int64)
+        for t, b in enumerate(blocks):
+            step[[pos[f] for f in b]] = t
+        masks.append(step[None, :] >= np.arange(m + 1)[:, None])
+        per_seed.append((s, blocks, list(range(first, first + m + 1))))
+        first += m + 1
+    allm = np.concatenate(masks) if masks else np.zeros((0, len(cands)), bool)
+    keys = [r.tobytes() for r in np.packbits(allm, axis=1)]
+    unique: dict[bytes, int] = {}
+    where = [unique.setdefault(k, len(unique)) for k in keys]
+    firsts: dict[int, int] = {}
+    for r, u in enumerate(where):
+        firsts.setdefault(u, r)
+    states = allm[[firsts[u] for u in range(len(unique))]]
+    return states, where, per_seed
 
 
 def consensus(traces: Sequence[Algorithm1Trace], tau: float) -> set[Feature]:
@@ -120,19 +170,40 @@ def forward_passes(n_candidates: int, n: int, n_seeds: int, n_taus: int, batch_s
 def minimal_set(model: ChatModel, saes, prompt_id: str, prompt: str, candidates: Sequence, judge: Judge, *,
                 block_size: int = 5, taus: Sequence[float] = PAPER_TAUS, seeds: Sequence[int] = (0, 1, 2),
                 batch_size: int = 32, max_new_tokens: int = 64, generation_batch_size: int = 16) -> Stage2Record:
-    """Stage 2 for one prompt: Algorithm 1 for every seed, the consensus set per τ, each distinct
-    set judged by generation, and the smallest jailbreaking set (larger τ on ties)."""
-    cands = FeatureSet(candidates)
-    traces = batched_traces(model, saes, prompt, list(cands), block_size, seeds, batch_size)
-    by_tau = {tau: FeatureSet(sorted(consensus(traces, tau))) for tau in taus}
-    distinct = sorted({s for s in by_tau.values() if s}, key=lambda s: (len(s), s.ids()))
-    j = generate_judged(model, saes, [prompt] * len(distinct), [s.plan() for s in distinct], judge,
+    """Stage 2 for one prompt (`minimal_sets` with one item)."""
+    return minimal_sets(model, saes, [(prompt_id, prompt, candidates)], judge, block_size=block_size, taus=taus,
+                        seeds=seeds, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        generation_batch_size=generation_batch_size)[0]
+
+
+def minimal_sets(model: ChatModel, saes, items: Sequence[tuple[str, str, Sequence]], judge: Judge, *,
+                 block_size: int = 5, taus: Sequence[float] = PAPER_TAUS, seeds: Sequence[int] = (0, 1, 2),
+                 batch_size: int = 32, max_new_tokens: int = 64,
+                 generation_batch_size: int = 16) -> list[Stage2Record]:
+    """Stage 2 for the (id, prompt, candidates) items of a shard: Algorithm 1 for every seed, the
+    consensus set per τ, each distinct set judged by generation, and the smallest jailbreaking set
+    (larger τ on ties). The states of all items share forward passes, and the τ-sets of all items
+    one batched generation, so a shard costs full batches rather than one small batch per prompt."""
+    if not items:
+        return []
+    cands = [FeatureSet(c) for _, _, c in items]
+    traces = shard_traces(model, saes, [(text, list(c)) for (_, text, _), c in zip(items, cands)], block_size,
+                          seeds, batch_size)
+    by_tau = [{tau: FeatureSet(sorted(consensus(tr, tau))) for tau in taus} for tr in traces]
+    distinct = [sorted({s for s in bt.values() if s}, key=lambda s: (len(s), s.ids())) for bt in by_tau]
+    rows = [(i, s) for i, ds in enumerate(distinct) for s in ds]
+    j = generate_judged(model, saes, [items[i][1] for i, _ in rows], [s.plan() for _, s in rows], judge,
                         max_new_tokens, generation_batch_size)
-    verdict = {s: (c, jb, v.judge) for s, c, jb, v in zip(distinct, j.completions, j.jailbroken, j.verdicts())}
-    per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None,
-                          verdict[s][2] if s else None) for tau, s in by_tau.items()]
-    wins = [t for t in per_tau if t.jailbroken]
-    best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
-    return Stage2Record(prompt_id, len(cands), per_tau, {t.seed: t.deltas for t in traces},
-                        forward_passes(len(cands), block_size, len(seeds), len(taus), batch_size),
-                        best.features if best else None, best.tau if best else None)
+    verdicts: list[dict] = [{} for _ in items]
+    for (i, fs), text, jb, v in zip(rows, j.completions, j.jailbroken, j.verdicts()):
+        verdicts[i][fs] = (text, jb, v.judge)
+    out = []
+    for (pid, _, _), c, tr, bt, verdict in zip(items, cands, traces, by_tau, verdicts):
+        per_tau = [TauOutcome(tau, s, bool(s) and verdict[s][1], verdict[s][0] if s else None,
+                              verdict[s][2] if s else None) for tau, s in bt.items()]
+        wins = [t for t in per_tau if t.jailbroken]
+        best = min(wins, key=lambda t: (t.size, -t.tau)) if wins else None
+        out.append(Stage2Record(pid, len(c), per_tau, {t.seed: t.deltas for t in tr},
+                                forward_passes(len(c), block_size, len(seeds), len(taus), batch_size),
+                                best.features if best else None, best.tau if best else None))
+    return out

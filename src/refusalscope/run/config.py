@@ -177,6 +177,11 @@ class Stage3Config(Section):
                                   "global: one ranking against the union of every prompt's Stage 2 latents")
     aggregate: Literal["mean", "max"] = Field(
         "mean", description="similarity to a Stage 2 set: mean cosine, or the cosine to its closest latent")
+    min_support: int = Field(
+        1, ge=1, description="train rows a latent must be non-zero in to be ranked. Only latents seen in >= 1 "
+                             "train row are FM columns at all (an unseen one would keep its random embedding); "
+                             "1 ranks every latent the FM trained, as the paper ranks all; raise it to drop "
+                             "rarely seen latents, whose few updates leave their embedding noisy")
     ks: list[Positive] = Field(list(range(100, 2001, 100)), min_length=1)
     probe_ks: list[Positive] = Field([100, 500, 1000, 2000], min_length=1)
     rungs_per_round: int = Field(3, ge=1)
@@ -194,7 +199,9 @@ class AnalysesConfig(Section):
     ce_instructions: str = Field("bundled:harmless:test", description="paper: Alpaca")
     ce_general: str = Field("bundled:general", description="paper: The Pile")
     ce_texts: int = Field(100, ge=1)
-    ce_sets: int | None = Field(None, ge=1, description="cap on per-prompt feature sets averaged (None: all)")
+    ce_sets: int | None = Field(100, ge=1, description=(
+        "per-prompt Stage 2 sets whose CE is averaged: a seeded sample of at most this many (default 100: "
+        "100 sets × ce_texts × 2 datasets forward rows; None: all). The result says how many of how many"))
     taxonomy_prompts: list[str] = Field(["bundled:harmful"], min_length=1, description="prompts with unsafe categories (paper: CoCoNot)")
     taxonomy_field: Literal["category", "subcategory"] = Field(
         "category", description="the prompt field holding the harm type (CoCoNot: subcategory)")
@@ -210,6 +217,9 @@ class AnalysesConfig(Section):
     explain_texts: int = Field(200, ge=1, description="corpus texts searched for top activations")
     neuronpedia_cache: str | None = Field(None, description="folder of cached explanations (default: user cache)")
     neuronpedia_url: str = Field("https://www.neuronpedia.org", description="Neuronpedia server (or a self-hosted one)")
+    neuronpedia_bundle: str | None = Field(None, description=(
+        "Neuronpedia explanations export read offline before the API: an explanations/*.jsonl.gz file or a folder "
+        "of them (rows of other models or SAEs are skipped when saes.neuronpedia_id is set)"))
 
 
 class DashboardsConfig(Section):
@@ -272,6 +282,8 @@ class ExecutionConfig(Section):
     workers: int | None = Field(None, ge=1, description="model replicas (None: one per GPU, else one per cpus_per_worker CPUs)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per CPU worker")
     shard_size: int = Field(8, ge=1, description="prompts per work item: the unit of batching, fan-out and checkpoints")
+    memory_check: bool = Field(True, description="stop before the first stage when the estimated memory need "
+                                                  "(model, SAEs, judge, largest batch) exceeds the device's free memory")
     compile: bool = Field(False, description="torch.compile the decoder layers for forward passes (GPU: ~4x faster "
                                              "P('I') passes at batch 16, ~15 s to compile; same results)")
 

@@ -21,6 +21,7 @@ from .results import RunResults
 from .store import RunStore
 
 if TYPE_CHECKING:
+    from ..io.sae_lazy import LazySAESet
     from .backend import LocalBackend, RayBackend
 
 
@@ -33,7 +34,7 @@ class Context:
     quiet: bool = False
     log: Callable = print
     _model: ChatModel | None = None
-    _saes: object = None
+    _saes: LazySAESet | None = None
     _judge: object = None
     _backend: LocalBackend | RayBackend | None = None
     hashes: dict = field(default_factory=dict)

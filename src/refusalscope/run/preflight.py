@@ -37,6 +37,7 @@ class ModelInfo:
     d_model: int
     context: int | None
     tokenizer: Any
+    hf_config: Any = None  # for the memory estimate (run/memory.py)
 
 
 class _Formatter:
@@ -95,7 +96,7 @@ def model_info(cfg) -> ModelInfo | None:
         raise UserError(f"model {name!r} has no chat template: use an instruction-tuned model or set "
                         "model.chat_template in the config (refusalscope needs chat-formatted prompts)")
     return ModelInfo(name, int(text.num_hidden_layers), int(text.hidden_size),
-                     getattr(text, "max_position_embeddings", None), tok)
+                     getattr(text, "max_position_embeddings", None), tok, hf_cfg)
 
 
 def check_layers(cfg, info: ModelInfo | None, stages) -> None:
@@ -253,4 +254,11 @@ def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     check_prompts(ctx.cfg, stages, info, ctx.log)
     check_judge(ctx)
     check_backend(ctx)
+    from .memory import check_memory
+
+    check_memory(ctx, info, stages)
+    if ctx.cfg.analyses.neuronpedia_bundle and {"semantics", "dashboards"} & set(stages):
+        from ..methods.np_bundle import bundle_files
+
+        bundle_files(ctx.cfg.analyses.neuronpedia_bundle)  # a one-line error when it is not there
     return info

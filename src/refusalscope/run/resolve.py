@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import UserError
 from ..io.model import ChatModel, load_chat_model
 from ..io.prompts import Prompt, bundled_names, load_bundled, load_prompts, sample
-from ..io.sae_loading import load_sae_set
-from ..io.saes import SAESet
+from ..io.sae_lazy import LazySAESet, lazy_sae_set
+from ..io.sae_loading import expand_specs
 from .config import Config
 
 
@@ -73,7 +73,7 @@ def sae_layers(cfg: Config, n_layers: int, name: str) -> list[int]:
     return list(layers)
 
 
-def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
+def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> LazySAESet:
     s = cfg.saes
     layers = sae_layers(cfg, model.n_layers, model.name)
     if s.source == "demo":
@@ -88,7 +88,9 @@ def load_saes(cfg: Config, model: ChatModel, quiet: bool = False) -> SAESet:
         if not s.path:
             raise UserError("saes.source is 'local' but saes.path is empty: set a folder template with {layer}")
         specs = s.path
-    saes = load_sae_set(specs, layers, device=str(model.device), dtype=model.dtype, quiet=quiet)
+    # a layer is read when a stage first asks for it (memory-mapped where the format allows), and
+    # the runner releases what each stage held: Stages 1-3 never read layers above l*
+    saes = lazy_sae_set(expand_specs(specs, layers), device=model.device, dtype=model.dtype)
     saes.check_against(model.d_model, model.n_layers)
     return saes
 

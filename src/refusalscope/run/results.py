@@ -250,6 +250,14 @@ class RunResults:
 
         return {r["feature"]: LatentDashboard.from_json(r) for r in self.jsonl("dashboards", "dashboards.jsonl")}
 
+    def dashboard_store(self):
+        """Per latent its LatentDashboard, read lazily by byte offset (`dashboard_store.py`): what
+        the report and the web app use, since a wide run has 10^4-10^5 dashboards."""
+        from .dashboard_store import DashboardStore
+
+        index = self.store.path("dashboards", "dashboards_index.json")
+        return DashboardStore(self.path("dashboards", "dashboards.jsonl"), index)
+
     def model_summary(self) -> dict:
         """Model size and per-layer SAE width, architecture, L0 and dead share."""
         return self.json("dashboards", "model.json")

@@ -123,6 +123,8 @@ def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = 
                 + (f"running {', '.join(todo)}" if todo else "nothing to run"))
         for name in names:
             out[name] = STAGES[name](ctx)
+            if ctx._saes is not None:  # each stage reads the SAE layers it needs again
+                ctx._saes.release()
             if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:
                 raise UserError(
                     f"nothing to dissect: the model refused none of the {out[name]['n_in']} harmful "

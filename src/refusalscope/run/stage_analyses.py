@@ -98,6 +98,7 @@ def run_ce_loss(ctx: Context) -> dict:
         general = take([p.text for p in load_prompt_set(a.ce_general, tf)], a.ce_texts, ctx.cfg.seed)
         direction, _ = ctx.results.direction()
         sets = ctx.results.stage2_sets()
+        n_total = len(sets)
         if a.ce_sets and len(sets) > a.ce_sets:  # a seeded sample of the per-prompt sets
             import random
 
@@ -106,8 +107,10 @@ def run_ce_loss(ctx: Context) -> dict:
         rows = ce_loss.ce_table(ctx.model, ctx.saes, [ce_loss.TextSet("instructions", instr, chat=True),
                                                       ce_loss.TextSet("general", general)],
                                 direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
+        for r in rows:
+            r["n_sets_total"] = n_total if r["setting"] == "features" else None
         st.json("table9.json", rows)
-        return {"rows": rows}
+        return {"rows": rows, "sets": {"evaluated": len(sets), "of": n_total, "cap": a.ce_sets}}
     return _stage(ctx, "ce_loss", compute)
 
 
@@ -133,7 +136,7 @@ def run_taxonomy(ctx: Context) -> dict:
         main = every if a.taxonomy_sinks == "keep" else no_sinks
         import random
 
-        pool = [f for f in taxonomy.layer_features(ctx.saes) if f not in set(feats)]
+        pool = taxonomy.LatentPool(ctx.saes, exclude=feats)  # lazy: every latent of every layer
         extra = random.Random(ctx.cfg.seed).sample(pool, min(len(pool), 400))
         cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, bs,
                                           sink_ratio=None if a.taxonomy_sinks == "keep" else 4.0)
@@ -171,14 +174,24 @@ def run_semantics(ctx: Context) -> dict:
         s2 = {f.id for s in ctx.results.stage2_sets().values() for f in s}
         s1_ids = set(s1.ids())
         expl, missing, source = {}, [], "activations"
-        if ctx.cfg.saes.neuronpedia_id:
+        if a.neuronpedia_bundle:
+            from ..methods.np_bundle import read_explanations
+
+            expl = read_explanations(a.neuronpedia_bundle, feats, ctx.cfg.saes.neuronpedia_id)
+            source = "neuronpedia"
+            ctx.log(f"semantics: {len(expl)} of {len(feats)} explanations from the Neuronpedia bundle "
+                    f"{a.neuronpedia_bundle}")
+        asked = [f for f in feats if f not in expl]
+        missing = asked if a.neuronpedia_bundle else []
+        if ctx.cfg.saes.neuronpedia_id and asked:
             from ..demo.recipe import cache_root
 
             cache = a.neuronpedia_cache or cache_root() / "neuronpedia"
             client = semantics.NeuronpediaClient(cache, ctx.cfg.saes.neuronpedia_id, base_url=a.neuronpedia_url)
             with warnings.catch_warnings():  # said once below, as one line of the run's log
                 warnings.simplefilter("ignore")
-                expl, missing = client.explain(feats)
+                found, missing = client.explain(asked)
+            expl.update(found)
             source = "neuronpedia"
             if client.offline_reason:
                 ctx.log(f"semantics: {client.offline_reason}: {len(expl)} of {len(feats)} explanations from the "

@@ -4,13 +4,17 @@ load the model (the playground aside). Runs after the analyses; reads whichever 
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 
+from ..artifacts import atomic_write
 from ..interventions.features import FeatureSet
 from ..methods import dashboards as dash
 from ..methods import latent_effects as le
 from ..methods.model_summary import model_summary
 from .backend import fan_out
+from .dashboard_store import index_json
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
 
@@ -31,25 +35,54 @@ def corpus(ctx: Context) -> list[str]:
     return prompts + take(general, dc.texts - len(prompts), ctx.cfg.seed)
 
 
-def explanations(ctx: Context, feats: FeatureSet, body: dict) -> dict[str, tuple[str, str]]:
-    """Per latent (explanation, source): the semantics stage's, else Neuronpedia's (when the
-    config names a Neuronpedia id), else one from its top contexts on the corpus."""
+def explanations(ctx: Context, feats: FeatureSet) -> dict[str, tuple[str, str]]:
+    """Per latent (explanation, source) where one exists: the semantics stage's, else
+    Neuronpedia's (when the config names a Neuronpedia id). The rest are explained from their
+    top contexts on the corpus, layer by layer (`_layer_boards`)."""
     out = {}
     if ctx.results.done("semantics"):
         src = ctx.results.explanation_source()
         out = {f: (e, src) for f, e in ctx.results.explanations().items()}
     missing = [f for f in feats if f.id not in out]
+    if missing and ctx.cfg.analyses.neuronpedia_bundle:
+        from ..methods.np_bundle import read_explanations
+
+        found_in_bundle = read_explanations(ctx.cfg.analyses.neuronpedia_bundle, missing, ctx.cfg.saes.neuronpedia_id)
+        out.update({f: (e, "neuronpedia") for f, e in found_in_bundle.items()})
+        missing = [f for f in missing if f.id not in out]
     if missing and ctx.cfg.saes.neuronpedia_id:
         from ..demo.recipe import cache_root
         from ..methods.semantics import NeuronpediaClient
 
         client = NeuronpediaClient(ctx.cfg.analyses.neuronpedia_cache or cache_root() / "neuronpedia",
-                                   ctx.cfg.saes.neuronpedia_id)
-        found, _ = client.explain(missing)
+                                   ctx.cfg.saes.neuronpedia_id, base_url=ctx.cfg.analyses.neuronpedia_url)
+        with warnings.catch_warnings():  # said once below, as one line of the run's log
+            warnings.simplefilter("ignore")
+            found, gone = client.explain(missing, quiet=ctx.quiet)
+        if client.offline_reason and gone:
+            ctx.log(f"dashboards: {client.offline_reason}: {len(gone)} of {len(missing)} latents have no cached "
+                    "Neuronpedia explanation; they are explained by their top contexts")
         out.update({f: (e, "neuronpedia") for f, e in found.items()})
+    return out
+
+
+def _layer_boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict, by_latent: dict,
+                  near: dict) -> list[dash.LatentDashboard]:
+    """The dashboards of one layer's latents: one pass over the corpus for this layer, so memory
+    holds one layer's windows at a time however many latents the run found."""
+    dc, model, saes = ctx.cfg.dashboards, ctx.model, ctx.saes
+    body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
+                                  max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
+                                  per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
+                                  bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed, quiet=ctx.quiet)
+    logits = dash.logit_effects(model, saes, feats, dc.logit_tokens)
+    cos = dash.decoder_cosines(saes, feats, ctx.results.direction()[0])
+    out = []
     for f in feats:
-        if f.id not in out:
-            out[f.id] = (dash.window_explanation(body[f]["top"]), "activations")
+        expl, src = known.get(f.id) or (dash.window_explanation(body[f]["top"]), "activations")
+        out.append(dash.LatentDashboard(f.id, **body[f], logits_top=logits[f][0], logits_bottom=logits[f][1],
+                                        cos_direction=cos[f], fm_neighbours=near.get(f, []),
+                                        effects=by_latent.get(f.id, []), explanation=expl, explanation_source=src))
     return out
 
 
@@ -70,7 +103,8 @@ def run_dashboards(ctx: Context) -> dict:
         study = [it["feature"] for it in ctx.results.study_items()] if ctx.results.done("taxonomy") else []
         feats = FeatureSet([*(f for sets in (s2, s3, s1) for s in sets.values() for f in s), *study]).sorted()
         if not feats:
-            st.jsonl("dashboards.jsonl", [])
+            path = st.jsonl("dashboards.jsonl", [])
+            st.json("dashboards_index.json", index_json(path))
             st.summary = {"n_latents": 0, "note": "no prompt was jailbroken: no latent to show"}
             return st.summary
         ctx.log(f"dashboards: {len(feats)} latents ({len({f for s in s2.values() for f in s})} in Stage 2 sets)")
@@ -83,26 +117,27 @@ def run_dashboards(ctx: Context) -> dict:
         stage_of = {pid: {**{f.id: "3" for f in s3.get(pid, ())}, **{f.id: "2" for f in s2.get(pid, ())}}
                     for pid in critical}
         by_latent = le.effects_by_latent([ck.records[pid] for pid, _ in prompts], stage_of)
-        body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
-                                      max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
-                                      per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
-                                      bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed, quiet=ctx.quiet)
-        logits = dash.logit_effects(model, saes, feats, dc.logit_tokens)
-        cos = dash.decoder_cosines(saes, feats, ctx.results.direction()[0])
         near = {}
         if ctx.results.done("stage3"):
             columns, V = ctx.results.fm_embeddings()
             near = dash.fm_neighbours(V, columns, feats, dc.fm_neighbours)
-        expl = explanations(ctx, feats, body)
-        boards = [dash.LatentDashboard(f.id, **body[f], logits_top=logits[f][0], logits_bottom=logits[f][1],
-                                       cos_direction=cos[f], fm_neighbours=near.get(f, []),
-                                       effects=by_latent.get(f.id, []), explanation=expl[f.id][0],
-                                       explanation_source=expl[f.id][1])
-                  for f in feats]
-        st.jsonl("dashboards.jsonl", [b.to_json() for b in boards])
-        st.summary = {"n_latents": len(boards), "n_with_effects": sum(bool(b.effects) for b in boards),
-                      "n_sink_flagged": sum(b.sink_flag for b in boards), "n_fm_columns": len(near),
-                      "corpus_texts": boards[0].n_texts if boards else 0,
+        known = explanations(ctx, feats)
+        n = {"latents": 0, "effects": 0, "sink": 0, "texts": 0}
+
+        def write(tmp: str) -> None:  # layer by layer, straight to the file
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for layer, ix in feats.by_layer().items():
+                    for b in _layer_boards(ctx, texts, FeatureSet.from_layers({layer: ix}), known, by_latent, near):
+                        fh.write(json.dumps(b.to_json()) + "\n")
+                        n["latents"] += 1
+                        n["effects"] += bool(b.effects)
+                        n["sink"] += b.sink_flag
+                        n["texts"] = b.n_texts
+        path = atomic_write(st.file("dashboards.jsonl"), write)
+        st.json("dashboards_index.json", index_json(path))  # readers look latents up by offset
+        st.summary = {"n_latents": n["latents"], "n_with_effects": n["effects"], "n_sink_flagged": n["sink"],
+                      "n_fm_columns": len(near), "corpus_texts": n["texts"],
                       "seconds": round(time.perf_counter() - t0, 1)}
-    ctx.log(f"dashboards: {len(boards)} latent dashboards ({st.summary['n_sink_flagged']} flagged at sinks/BOS)")
+    ctx.log(f"dashboards: {n['latents']} latent dashboards ({n['sink']} flagged at sinks/BOS, one corpus pass "
+            "per layer)")
     return st.summary

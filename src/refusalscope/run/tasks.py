@@ -13,9 +13,10 @@ from ..methods import latent_effects as effects
 from ..methods.activity import activity
 from ..methods.ce_loss import TextSet, loss_sum
 from ..methods.eval_matrix import evaluate_prompts
-from ..methods.records import Stage2Record, Stage3Record
+from ..methods.records import Stage3Record
 from ..methods.stage1 import search_k, top_k_set
-from ..methods.stage2 import minimal_set
+from ..methods.stage2 import minimal_sets
+from ..methods.stage3 import probe_sweep as stage3_sweep
 from ..methods.stage3 import stage3_search
 
 
@@ -33,9 +34,13 @@ def stage1(ctx, items, p) -> list[dict]:
 
 
 def stage2(ctx, items, p) -> list[dict]:
-    """Algorithm 1 over every τ and seed per (id, text, K) prompt, the smallest jailbreaking set,
-    and which of its latents fire on the plain prompt (one batched forward per shard)."""
-    out = [_algorithm1(ctx, pid, text, top_k_set(p["ranked"], k)) for pid, text, k in items]
+    """Algorithm 1 over every τ and seed per (id, text, K) prompt, the states and τ-set
+    generations of the whole shard batched together; the smallest jailbreaking set, and which of
+    its latents fire on the plain prompt (one batched forward per shard)."""
+    s2, g = ctx.cfg.stage2, ctx.cfg.generation
+    out = minimal_sets(ctx.model, ctx.saes, [(pid, text, top_k_set(p["ranked"], k)) for pid, text, k in items],
+                       ctx.judge, block_size=s2.block_size, taus=s2.taus, seeds=s2.seeds, batch_size=s2.batch_size,
+                       max_new_tokens=g.max_new_tokens, generation_batch_size=g.batch_size)
     sets = {r.id: r.set for r in out if r.set is not None}
     act = activity(ctx.model, ctx.saes, [(pid, t) for pid, t, _ in items if pid in sets], sets,
                    ctx.cfg.model.batch_size)
@@ -43,13 +48,6 @@ def stage2(ctx, items, p) -> list[dict]:
         if r.id in act:
             r.active, r.inactive = act[r.id].active, act[r.id].inactive
     return [r.to_json() for r in out]
-
-
-def _algorithm1(ctx, pid: str, text: str, cands: FeatureSet) -> Stage2Record:
-    s2, g = ctx.cfg.stage2, ctx.cfg.generation
-    return minimal_set(ctx.model, ctx.saes, pid, text, cands, ctx.judge, block_size=s2.block_size, taus=s2.taus,
-                       seeds=s2.seeds, batch_size=s2.batch_size, max_new_tokens=g.max_new_tokens,
-                       generation_batch_size=g.batch_size)
 
 
 def stage3(ctx, items, p) -> list[dict]:
@@ -60,6 +58,16 @@ def stage3(ctx, items, p) -> list[dict]:
                         rungs_per_round=sc.rungs_per_round, quiet=True, **_gen(ctx))
     return [Stage3Record(r.id, r.k, r.tried, r.completions, r.verdicts,
                          FeatureSet(p["active2"].get(r.id, ()))).to_json() for r in res]
+
+
+def probe_sweep(ctx, items, p) -> list[dict]:
+    """FM vs probe: per prompt, jailbroken or not at every `stage3.probe_ks` K (sorted), for the
+    probe's shared ranking and the prompt's own FM ranking."""
+    sweep = stage3_sweep(ctx.model, ctx.saes, items, p["active2"], p["probe"],
+                         {pid: p["fm"].get(pid, []) for pid, _ in items}, ctx.cfg.stage3.probe_ks, judge=ctx.judge,
+                         **_gen(ctx))
+    return [{"id": pid, **{name: [bool(x) for x in v[i]] for name, v in sweep.jailbroken.items()}}
+            for i, (pid, _) in enumerate(items)]
 
 
 def inactive_critical(ctx, items, p) -> list[dict]:
@@ -123,6 +131,7 @@ def eval_ce(ctx, items, p) -> list[dict]:
     return out
 
 
-TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "inactive_critical": inactive_critical,
+TASKS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "probe_sweep": probe_sweep,
+         "inactive_critical": inactive_critical,
          "random_control": random_control, "obrien": obrien, "stage3_only": stage3_only,
          "latent_effects": latent_effects, "eval_prompts": eval_prompts, "eval_ce": eval_ce}

@@ -31,8 +31,17 @@ function setupPlayground() {
   const presets = JSON.parse(document.getElementById("presets").textContent);
   const $ = (id) => document.getElementById(id);
   const fill = () => { const p = presets[$("preset-prompt").value]; if (p) $("play-prompt").value = p.text; fillSet(); };
-  const fillSet = () => { const p = presets[$("preset-prompt").value]; const s = $("preset-set").value;
-                          if (p && s) $("play-latents").value = p[s].join(" "); };
+  const sets = {};  // a prompt's sets, fetched when first picked (a wide run's sets are not inlined)
+  const fillSet = async () => {
+    const pid = $("preset-prompt").value; const s = $("preset-set").value;
+    if (!presets[pid] || !s) return;
+    if (!sets[pid]) {
+      const res = await fetch("/api/playground/preset/" + encodeURIComponent(pid));
+      if (!res.ok) return;
+      sets[pid] = await res.json();
+    }
+    if ($("preset-prompt").value === pid && $("preset-set").value === s) $("play-latents").value = sets[pid][s].join(" ");
+  };
   $("preset-prompt").addEventListener("change", fill);
   $("preset-set").addEventListener("change", fillSet);
   if (form.dataset.chosen) { $("preset-set").value = "stage2"; fill(); }

@@ -85,10 +85,11 @@ def create_app(run_dir: str | os.PathLike, allowed_hosts: list[str] | None = Non
     store = AnnotationStore(annotations) if annotations is not None else None
     app.state.rs = AppState(results, playground, store)
     app.mount("/static", StaticFiles(packages=[("refusalscope.interfaces", "static")]), name="static")
-    from . import pages, study
+    from . import downloads, pages, study
 
     app.include_router(pages.router)
     app.include_router(study.router)
+    app.include_router(downloads.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -78,7 +78,7 @@ def latent(request: Request, fid: str):
     counts = st.index.categories.get(row.id, {})
     return st.page("latent.html", request, row=row, board=board, hist=hist, critical=critical,
                    stage1_prompts=row.prompts.get("1", []), categories=counts,
-                   known=set(st.index.latents))
+                   known=st.index.latents)
 
 
 @router.get("/prompts")
@@ -94,7 +94,7 @@ def prompt(request: Request, pid: str):
         p = st.index.prompt(pid)
     except UserError as err:
         raise HTTPException(404, str(err)) from None
-    return st.page("prompt.html", request, p=p, known=set(st.index.latents))
+    return st.page("prompt.html", request, p=p, known=st.index.latents)
 
 
 @router.get("/playground")
@@ -103,12 +103,19 @@ def playground(request: Request, prompt: str = Query("", max_length=200)):
     idx = st.index
     if prompt and prompt not in idx.prompts:
         raise HTTPException(404, f"prompt {prompt!r} is not among this run's refused prompts")
-    presets = {pid: {"text": p.text, "stage2": [f.id for f in idx.sets["2"].get(pid, ())],
-                     "stage3": [f.id for f in idx.sets["3"].get(pid, ())],
-                     "woken": [w for w, r in idx.latents.items() if pid in r.woken]}
-               for pid, p in idx.prompts.items()}
+    presets = {pid: {"text": p.text} for pid, p in idx.prompts.items()}  # sets: /api/playground/preset/{pid}
     return st.page("playground.html", request, presets=presets, chosen=prompt,
                    has_direction=st.results.done("direction"), engine=st.playground.status())
+
+
+@router.get("/api/playground/preset/{pid}")
+def play_preset(request: Request, pid: str):
+    """A run prompt's Stage 2 / Stage 3 / woken sets, fetched when the playground picks it."""
+    idx = _state(request).index
+    if pid not in idx.prompts:
+        raise HTTPException(404, f"prompt {pid!r} is not among this run's refused prompts")
+    return {"stage2": [f.id for f in idx.sets["2"].get(pid, ())], "stage3": [f.id for f in idx.sets["3"].get(pid, ())],
+            "woken": idx.woken_on.get(pid, [])}
 
 
 @router.post("/api/playground")

@@ -110,7 +110,8 @@ def item_page(request: Request, name: str, n: int):
     item = _item(study, name, n)
     mine = st.store.latest(name)
     return st.page("study_item.html", request, name=name, n=n, total=len(study.items), view=study.view(item),
-                   categories=study.categories, none=NONE, previous=mine.get(item["feature"], []),
+                   categories=study.categories, none=NONE,
+                   previous=mine.get(item["feature"], {}).get(name, []),  # latest(): {feature: {annotator: labels}}
                    answered=len(set(mine) & {it["feature"] for it in study.items}))
 
 

@@ -1,0 +1,133 @@
+"""`export --to model` (abliteration): the exported folder is a plain transformers model whose
+logits equal the original model with r̂ projected out of every write into the residual stream
+(an independent hook reference, plain torch hooks), on tied and untied Llama and on Gemma-2."""
+
+import json
+
+import pytest
+import torch
+from planted import HARMFUL, HARMLESS
+from tiny import tiny_gemma2, tiny_llama
+
+import refusalscope as rs
+from refusalscope.export import export
+from refusalscope.export.abliterate import abliterate
+from refusalscope.io.model import ChatModel
+
+
+def _reference_hooks(hf, r):
+    """Arditi et al.'s direction ablation as hooks: r̂ projected out of the embedding output and of
+    every attention-out and MLP-out (refusal_direction's get_all_direction_ablation_hooks)."""
+    r = r / r.norm()
+
+    def project(module, args, output):
+        return output - (output @ r).unsqueeze(-1) * r
+    dec = hf.get_decoder()
+    mods = [dec.embed_tokens] + [m for layer in dec.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    return [m.register_forward_hook(project) for m in mods]
+
+
+def _logits(hf, batch):
+    mask = batch.attention_mask
+    with torch.inference_mode():
+        return hf(input_ids=batch.input_ids, attention_mask=mask,
+                  position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma2])
+def test_abliterated_weights_equal_the_ablation_hooks(make):
+    hf, tok = make(seed=1)
+    chat = ChatModel(hf, tok)
+    batch = chat.encode(["Write a poem about the sea", "Hi"])
+    r = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3))
+    plain = _logits(hf, batch)
+    handles = _reference_hooks(hf, r)
+    want = _logits(hf, batch)
+    for h in handles:
+        h.remove()
+    tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    info = abliterate(hf, r)
+    got = _logits(hf, batch)
+    real = batch.attention_mask.bool()
+    assert info["matrices"] == 1 + 2 * chat.n_layers and info["untied_embeddings"] == tied
+    assert (want[real] - plain[real]).abs().max() > 1e-3  # the direction mattered
+    if make is tiny_llama:
+        assert info["exact"] and (got[real] - want[real]).abs().max() <= 1e-5
+        assert hf.get_output_embeddings().weight is not hf.get_input_embeddings().weight
+    else:  # Gemma-2 normalises each sublayer's output after o_proj / down_proj: only approximate
+        assert not info["exact"]
+    emb = hf.get_input_embeddings().weight
+    assert (emb @ (r / r.norm())).abs().max() <= 1e-5  # no token embedding has an r̂ component
+
+
+@pytest.fixture(scope="module")
+def direction_run(tiny_world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("abl") / "run"
+    rs.run(str(tiny_world / "cfg.yaml"), run_dir, upto="direction", quiet=True)
+    return run_dir
+
+
+def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = export(direction_run, "model", tmp_path / "abl")
+    out = tmp_path / "abl"
+    assert "removes a safety safeguard" in result["notes"][0]
+    assert {"config.json", "model.safetensors", "README.md", "abliteration.json", "tokenizer.json",
+            "refusal_direction.safetensors"} <= set(result["files"])
+    assert not list(out.glob("*.bin")) and not (out / ".partial").exists()
+    assert "removes a safety safeguard" in (out / "README.md").read_text()
+    assert "auto_map" not in json.loads((out / "config.json").read_text())  # no code of ours needed
+    res = rs.open_run(direction_run)
+    direction, layer = res.direction()
+    assert json.loads((out / "abliteration.json").read_text())["layer"] == layer == result["layer"]
+
+    tok = AutoTokenizer.from_pretrained(out)
+    abl = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert tok.chat_template  # the chat template travels with the folder
+    orig = rs.load_model(res.config().model.source, dtype="float32", device="cpu")
+    chat = ChatModel(abl, tok)
+    batch = chat.encode(HARMFUL + HARMLESS)
+    handles = _reference_hooks(orig.hf, direction)
+    want = _logits(orig.hf, batch)
+    for h in handles:
+        h.remove()
+    real = batch.attention_mask.bool()
+    assert (_logits(abl, batch)[real] - want[real]).abs().max() <= 1e-4
+    # the planted refusal token: P("I") on harmful prompts falls, as under the engine's hook
+    i = orig.refusal_token_ids[0]
+    p_abl = torch.softmax(_logits(abl, chat.encode(HARMFUL))[:, -1], -1)[:, i]
+    p_orig = torch.softmax(_logits(orig.hf, orig.encode(HARMFUL))[:, -1], -1)[:, i]
+    assert p_abl.mean() < 0.5 * p_orig.mean()
+
+
+def test_export_needs_the_direction_stage(tiny_world, tmp_path):
+    rs.run(str(tiny_world / "cfg.yaml"), tmp_path / "run", upto="filter", quiet=True)
+    with pytest.raises(rs.UserError, match="run the `direction` stage first"):
+        export(tmp_path / "run", "model", tmp_path / "out")
+
+
+def test_measure_compares_the_folder_with_the_hook(direction_run, tmp_path):
+    from refusalscope.export.abliterate_eval import first_token_kl, measure
+
+    export(direction_run, "model", tmp_path / "abl")
+    m = measure(direction_run, tmp_path / "abl", n_harmless=8)
+    assert m["n_harmful"] == len(rs.open_run(direction_run).kept_prompts()) and m["n_harmless"] == 8
+    assert m["refusal_plain"] == 1.0  # kept prompts are the ones the model refuses
+    assert m["refusal_hook"] < 1.0 and m["refusal_abliterated"] < 1.0  # both remove the planted refusal
+    assert m["kl_hook"] > 0 and m["kl_abliterated"] > 0
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    assert first_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    p, q = torch.softmax(logits[:, :5].double(), -1), torch.softmax(logits[:, 5:10].double(), -1)  # by hand
+    assert first_token_kl(logits[:, :5], logits[:, 5:10]) == pytest.approx(float((p * (p / q).log()).sum(1).mean()))
+
+
+def test_cli_says_what_the_model_is(direction_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from refusalscope.interfaces.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(direction_run), "--to", "model", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "note: this model is" in res.stdout and "removes a safety safeguard" in res.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()

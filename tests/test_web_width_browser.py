@@ -1,0 +1,79 @@
+"""The latent browser of a run widened to 5,000 Stage 3 latents, in headless Chromium: the pager
+moves through server-side pages (next, last, back), each page holds its own rows, and a latent
+opened from a late page shows its dashboard. Screenshot: runs/screens/wide_latents*.png."""
+
+import importlib.util
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_web_browser import chrome, shot  # skips this module too where Chromium is missing
+
+from refusalscope.interfaces.web.pages import PAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wide_server(tiny_run, tmp_path_factory):
+    import uvicorn
+
+    from refusalscope.interfaces.web import create_app
+    from refusalscope.interfaces.web.serve import LOOPBACK_NAMES, bind
+
+    spec = importlib.util.spec_from_file_location("wide_run", ROOT / "benchmarks" / "wide_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path_factory.mktemp("wide-browser") / "run"
+    mod.widen_run(tiny_run, run, 5000)
+    sock = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(create_app(run, allowed_hosts=LOOPBACK_NAMES), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_paging_through_a_wide_run(wide_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    profile = tempfile.mkdtemp(prefix="rs-chromium-")
+    browser = chrome(profile)
+    try:
+        def rows():
+            return [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#latent-table tbody a.chip")]
+        browser.get(wide_server + "/latents?sort=layer")
+        total = int(browser.find_element(By.CSS_SELECTOR, "#latent-count strong").text)
+        assert total >= 5000
+        pages = -(-total // PAGE)
+        first = rows()
+        assert len(first) == PAGE and f"page 1 of {pages}" in browser.find_element(By.ID, "latent-count").text
+        browser.find_element(By.ID, "page-next").click()
+        assert "page 2 of" in browser.find_element(By.ID, "latent-count").text
+        second = rows()
+        assert len(second) == PAGE and not set(first) & set(second)
+        browser.find_element(By.ID, "page-last").click()
+        last = rows()
+        assert f"page {pages} of {pages}" in browser.find_element(By.ID, "latent-count").text
+        assert len(last) == total - PAGE * (pages - 1) and not browser.find_elements(By.ID, "page-next")
+        shot(browser, tmp_path, "wide_latents_last")
+        browser.find_element(By.ID, "page-prev").click()
+        assert f"page {pages - 1} of {pages}" in browser.find_element(By.ID, "latent-count").text
+        browser.get(wide_server + "/latents?sort=layer")
+        shot(browser, tmp_path, "wide_latents")
+        fid = last[-1]
+        browser.find_element(By.ID, "page-last").click()
+        browser.find_element(By.LINK_TEXT, fid).click()
+        assert fid in browser.find_element(By.ID, "latent-title").text
+        assert browser.find_elements(By.CSS_SELECTOR, "#top-contexts .tok.peak")
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
