@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from refusalscope.artifacts import writable_arg
 from refusalscope.interventions.engine import intervene
 from refusalscope.interventions.spec import FeatureAblation
 from refusalscope.io.prompts import load_bundled
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--d-sae", type=int, default=2048)
-    ap.add_argument("--out", default="bench_ablation.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_ablation.json")
     args = ap.parse_args()
     model, saes, world = load_world(args.d_sae)
     prompts = [p.text for p in load_bundled("harmful", split="test")][: args.batch]

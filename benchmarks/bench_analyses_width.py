@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from refusalscope.artifacts import writable_arg
+
 HERE = Path(__file__).resolve().parent
 PARTS = ("obrien", "random", "dashboards", "taxonomy")
 LAYERS, D_MODEL, VOCAB, L0 = 20, 256, 32000, 64
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    ap.add_argument("--out", default="bench_analyses_width.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_analyses_width.json")
     ap.add_argument("--one", nargs=2, metavar=("PART", "D_SAE"), help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
     if args.one:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from refusalscope.artifacts import writable_arg
 from refusalscope.demo.corpus import generate_by_length
 from refusalscope.demo.recipe import base_gguf_path
 from refusalscope.io.model import load_chat_model
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="bench_build_generation.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_build_generation.json")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     model = load_chat_model(base_gguf_path(), dtype="float32", device="cpu", name="smollm2-base")

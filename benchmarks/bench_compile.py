@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from refusalscope.artifacts import writable_arg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ablation import timed  # noqa: E402
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-batch", type=int, default=64, help="0: skip generation")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=writable_arg, default=None)
     a = ap.parse_args(argv)
     model, saes = build(a.arch, a.small, a.d_sae, getattr(torch, a.dtype), a.device)
     cuda = a.device.startswith("cuda")

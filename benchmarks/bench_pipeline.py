@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="demo")
     ap.add_argument("--run", default="runs/bench/pipeline")
     ap.add_argument("--read", action="store_true", help="only report an existing run directory")
-    ap.add_argument("--out", default="bench_pipeline.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_pipeline.json")
     args = ap.parse_args()
     run = Path(args.run)
     wall = None

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from refusalscope.artifacts import writable_arg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # stages whose work grows with the number of refused prompts (stage 3 also trains the FM once:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="compile the decoder layers")
     ap.add_argument("--analyses", nargs="*", default=None, help="analyses to run (default: the config's)")
     ap.add_argument("--run", type=Path, default=Path("runs/bench/planted"))
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/planted_pipeline.json"))
+    ap.add_argument("--out", type=writable_arg, default=Path("runs/bench/planted_pipeline.json"))
     a = ap.parse_args(argv)
     world = a.world or Path("runs/bench/planted-world" + ("-small" if a.small else ""))
     if not (world / "config.yaml").exists():

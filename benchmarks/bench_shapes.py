@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from refusalscope.artifacts import writable_arg
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # offline tiny tokenizers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ablation
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage2-k", type=int, default=10, help="B2 pool: top-k per layer (0: skip B2)")
     ap.add_argument("--literal-budget-s", type=float, default=60.0,
                     help="time the literal Algorithm 1 this long, extrapolate the rest")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=writable_arg, default=None)
     args = ap.parse_args(argv)
     from bench_ablation import ablation_rows, generation_rows, print_rows
     from bench_stage2 import compare_stage2, pool_for, print_stage2

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from refusalscope.artifacts import writable_arg
 from refusalscope.interventions.features import FeatureSet
 from refusalscope.io.prompts import load_bundled
 from refusalscope.methods.direction import mean_differences
@@ -84,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=10, help="latents per layer in the pool")
     ap.add_argument("--batch", type=int, default=48)
-    ap.add_argument("--out", default="bench_stage2.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_stage2.json")
     args = ap.parse_args()
     from bench_ablation import load_world
 

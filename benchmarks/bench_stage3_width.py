@@ -20,10 +20,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from refusalscope.artifacts import writable_arg
 
 
 def synth(d_sae: int, layers: int, n_prompts: int, tokens: int, l0: int, alpha: float, seed: int,
@@ -123,7 +124,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="CI-sized: 2 widths of 512, 3 layers, 20 prompts")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=writable_arg, default=None)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.small:

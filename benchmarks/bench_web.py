@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
+
 
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--annotations", type=int, default=50)
     ap.add_argument("--latents", type=int, default=60, help="distinct latent pages in the mix")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench_web.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_web.json")
     args = ap.parse_args(argv)
     run = Path(args.run)
     n_items = len(RunResults(run).study_items())

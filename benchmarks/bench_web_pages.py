@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
+
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from bench_web import start_server  # noqa: E402
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--screens", default="runs/screens/demo")
     ap.add_argument("--warm-runs", type=int, default=3)
-    ap.add_argument("--out", default="bench_web_pages.json")
+    ap.add_argument("--out", type=writable_arg, default="bench_web_pages.json")
     ap.add_argument("--widen", type=int, default=0, help="widen the run to this many Stage 3 latents first")
     ap.add_argument("--tiny", action="store_true", help="build the planted tiny world's run and use it")
     ap.add_argument("--no-playground", action="store_true")

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from refusalscope.artifacts import writable_arg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planted_recovery import planted_recovery  # noqa: E402
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=Path, required=True, help="a world from planted_world.py --wide")
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=writable_arg, default=None)
     ap.add_argument("--prompts", type=int, default=None, help="data.max_prompts (default: all harmful test prompts)")
     ap.add_argument("--cpu-sized", action="store_true", help="smaller prompt/text sets (see CPU_SIZED)")
     ap.add_argument("--resume", action="store_true", help="keep the run directory (finished stages skip)")

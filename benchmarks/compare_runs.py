@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
 from refusalscope.run.results import RunResults
 
 
@@ -76,7 +77,7 @@ def table(runs: list[dict], stage: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", type=writable_arg, default=None)
     args = ap.parse_args()
     runs = [numbers(r) for r in args.runs]
     for stage in ("direction", "stage1", "stage2", "stage3", "taxonomy"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from refusalscope.artifacts import writable_arg
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
@@ -65,7 +67,7 @@ def check(name: str, model: ChatModel, call, same, asked: int, leave_gib: float)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/bench/gpu_oom.json")
+    ap.add_argument("--out", type=writable_arg, default="runs/bench/gpu_oom.json")
     ap.add_argument("--tokens", type=int, default=400, help="prompt length in tokens (roughly)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -28,6 +28,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
@@ -103,7 +105,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/bench/kill-sweep", help="folder for the world and the trial runs")
-    ap.add_argument("--out", default="runs/bench/kill_sweep.json")
+    ap.add_argument("--out", type=writable_arg, default="runs/bench/kill_sweep.json")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="how kill points are picked")
     ap.add_argument("--seconds", type=float, default=None,
                     help="window for timed kills (default: the reference's wall time, long on a loaded machine)")

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from refusalscope.artifacts import atomic_write_json
+from refusalscope.artifacts import atomic_write_json, writable_arg
 from refusalscope.export import export
 from refusalscope.export.abliterate_eval import measure
 
@@ -21,7 +21,7 @@ ap.add_argument("run")
 ap.add_argument("--model-out", help="folder for the abliterated model (default RUN/exports/model)")
 ap.add_argument("--n-harmful", type=int, help="cap on held-out harmful prompts (default all)")
 ap.add_argument("--n-harmless", type=int, default=64)
-ap.add_argument("--out", help="write the numbers to this JSON file too")
+ap.add_argument("--out", type=writable_arg, help="write the numbers to this JSON file too")
 args = ap.parse_args()
 
 t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from refusalscope.artifacts import writable_arg
 from refusalscope.methods.fm import embedding_collapse, train_fm
 from refusalscope.methods.fm_data import FeatureMatrix, fm_dataset
 from refusalscope.run.config import load_config
@@ -54,7 +55,7 @@ def study(run_dir: str, sizes=EMBEDDING_SIZES) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a run directory whose Stage 3 ran with stage3.mode: tokens")
-    ap.add_argument("--out", default="runs/bench/fm_inputs.json")
+    ap.add_argument("--out", type=writable_arg, default="runs/bench/fm_inputs.json")
     args = ap.parse_args()
     rows = study(args.run)
     out = Path(args.out)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from refusalscope.artifacts import atomic_write_json, atomic_write_jsonl, atomic_write_table
+from refusalscope.artifacts import atomic_write_json, atomic_write_jsonl, atomic_write_table, writable_arg
 from refusalscope.run.dashboard_store import index_json
 from refusalscope.run.results import RunResults
 
@@ -67,7 +67,7 @@ def widen_run(src: str | Path, dst: str | Path, n_latents: int, d_sae: int = 655
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=writable_arg, required=True)
     ap.add_argument("--latents", type=int, default=50000)
     ap.add_argument("--d-sae", type=int, default=65536)
     args = ap.parse_args(argv)

@@ -8,6 +8,8 @@ SPEC is one of
   kill@append:N     SIGKILL inside the N-th checkpoint append: half a JSON line reaches the file
   enospc@write:N    the N-th atomic write fails with ENOSPC (no space left) after writing half
   enospc@append:N   the N-th checkpoint append fails with ENOSPC after writing half a line
+  int@write:N       SIGINT (Ctrl-C) to itself inside the N-th atomic write, its temp file half written
+  term@append:N     SIGTERM to itself inside the N-th checkpoint append (int/term go with write/append)
   oom@rows:N        every decoder layer raises CUDA's OutOfMemoryError on chunks over N rows
 
 The patches wrap `refusalscope.artifacts` before anything else imports it, so every writer in the
@@ -23,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -30,6 +33,9 @@ def _half(path: str) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
+
+
+SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
 
 
 def install(spec: str) -> None:
@@ -48,8 +54,9 @@ def install(spec: str) -> None:
     real_write, real_add = artifacts.atomic_write, artifacts.Checkpoint.add
 
     def fail() -> None:
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if action in SIGNALS:  # SIGKILL never returns; SIGINT/SIGTERM raise the handler's exception here
+            os.kill(os.getpid(), SIGNALS[action])
+            time.sleep(30)  # the handler runs at once; the sleep only keeps the next line from running first
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def atomic_write(path, write):

@@ -146,8 +146,14 @@ def test_eval_resumes_and_reuses_cached_rows(world, tmp_path):
     assert after.drop(columns=["judges"]).equals(before.drop(columns=["judges"]))
     assert len(read_jsonl(cache)) == len(lines)  # each item computed once
     # a narrower selection is a new stage hash but reuses every cached row
+    record = (run_dir / "config.yaml").read_bytes()
     small = _eval(world, run_dir, "--datasets", "heldout,general", "--interventions", "none,direction")
     assert [x["intervention"] for x in small["rows"]] == ["none", "direction"]
+    # the run's record of how it was made is untouched; eval records its own choice in eval/
+    assert (run_dir / "config.yaml").read_bytes() == record
+    assert yaml.safe_load(record)["eval"]["datasets"][:3] == ["heldout", "search", "harmless"]
+    assert read_json(run_dir / "eval" / "interventions.json")["asked"] == {
+        "datasets": ["heldout", "general"], "interventions": ["none", "direction"]}
     assert len(read_jsonl(cache)) == len(lines)
     t = RunResults(run_dir).eval_table()
     assert set(t["dataset"]) == {"heldout", "general"}

@@ -1,8 +1,12 @@
 """`refusalscope serve`: binds 127.0.0.1 by default and answers there, refuses foreign Host
-headers, and a port already in use ends in one line and exit code 2."""
+headers, a port already in use ends in one line and exit code 2, and a killed server can be
+started again on its port at once."""
 
+import errno
+import http.client
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
@@ -76,3 +81,47 @@ def test_serves_on_loopback_by_default(tiny_run):
 def test_loopback_names():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+
+
+def _start(run_dir, port: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "refusalscope", "serve", str(run_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return proc, proc.stdout.readline()
+
+
+def _answers(port: int) -> bool:
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/prompts", timeout=10) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    return False
+
+
+def test_serve_restarts_on_the_same_port_at_once_after_kill_9(tiny_run):
+    """A killed server leaves its open connections behind (FIN_WAIT / TIME_WAIT for a minute or
+    more): a plain bind of the port fails meanwhile, and serve binds with SO_REUSEADDR so it does not."""
+    first, line = _start(tiny_run, 0)
+    try:
+        port = int(re.search(r"http://[\d.]+:(\d+)/", line).group(1))
+        assert _answers(port)
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a browser's keep-alive connection
+        held.request("GET", "/prompts")
+        assert held.getresponse().read()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(20)
+    held.close()
+    with socket.socket() as plain:  # the condition users met: "Address already in use" for about 75 s
+        with pytest.raises(OSError) as err:
+            plain.bind(("127.0.0.1", port))
+        assert err.value.errno == errno.EADDRINUSE
+    second, line = _start(tiny_run, port)
+    try:
+        assert f"http://127.0.0.1:{port}/" in line, line
+        assert _answers(port)
+    finally:
+        second.terminate()
+        second.wait(20)

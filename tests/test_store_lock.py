@@ -124,6 +124,7 @@ def test_same_major_minor_continues_and_another_run_format_is_refused(tmp_path):
 def test_temp_files_of_a_killed_writer_are_dropped_when_a_writer_opens(tmp_path):
     run = tmp_path / "run"
     (run / "stage1").mkdir(parents=True)
+    (run / "manifest.json").write_text('{"stages": {}}')  # a writer saves it before any stage
     orphan = run / "stage1" / ".results.jsonl.k2j3.tmp.jsonl"
     orphan.write_text('{"half": ')
     kept = run / "stage1" / "results.jsonl"

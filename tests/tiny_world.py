@@ -75,4 +75,16 @@ def hostile_copy(run_dir: Path, dest: Path) -> tuple[Path, str]:
             for t in r.get("per_tau", []):
                 t["completion"] = "Sure: " + XSS
         (dest / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rerecord(dest, ["filter/kept.json", "filter/completions.jsonl", "stage2/sets.jsonl"])
     return dest, pid
+
+
+def rerecord(run: Path, rels: list[str]) -> None:
+    """Record the edited artifacts' sizes and hashes in the manifest, as a run that wrote them would
+    (readers verify every finished artifact against the manifest)."""
+    from refusalscope.artifacts import file_digest
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    for rel in rels:
+        manifest["stages"][rel.split("/")[0]]["checksums"][rel] = list(file_digest(run / rel))
+    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -42,6 +42,35 @@ def disk_full_error(path: Path, err: BaseException) -> UserError:
                      f"({type(err).__name__}): free space and run the same command again (finished work is kept)")
 
 
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """Fail now, in one line, if `path` cannot be written (its folder is created when missing): every
+    output path of every command is checked before the work that fills it starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass a file path with {option}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", suffix=TMP_MARK, dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(path, err) from None
+        raise UserError(f"cannot write {path} ({err.strerror or type(err).__name__}): pass a path you can "
+                        f"write with {option}") from None
+    return path
+
+
+def writable_arg(value: str) -> Path:
+    """argparse `type=` of the benchmarks' --out: an unwritable path stops the script before it works."""
+    import argparse
+
+    try:
+        return check_writable(value, "--out")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
     path = Path(path)
@@ -112,20 +141,53 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (process killed mid-append) is ignored."""
+def read_jsonl(path: Path, torn_ok: bool | None = None) -> list[dict]:
+    """Records of a JSONL file. A torn last line (a process killed mid-append) is dropped only in a
+    checkpoint (`*.partial.jsonl`, or `torn_ok`); in a finished artifact it means a damaged file."""
+    path = Path(path)
+    torn_ok = path.name.endswith(".partial.jsonl") if torn_ok is None else torn_ok
     out = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 and torn_ok:
                 break
-            raise
+            raise UserError(f"{path} line {i + 1} is not complete JSON: the file is damaged (a bad copy or a "
+                            "full disk): write it again, or rerun the command that wrote it") from None
     return out
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file: what the manifest records for each finished artifact."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return os.path.getsize(path), h.hexdigest()
+
+
+_MATCHED: set[tuple] = set()  # (path, size, mtime, sha256) found intact in this process
+
+
+def digest_mismatch(path: str | os.PathLike, size: int, sha256: str) -> str | None:
+    """Why `path` is not the file recorded as (size, sha256), or None when it is. The size is
+    checked on every call, the content once per process per version of the file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "it is missing"
+    if st.st_size != size:
+        return f"{st.st_size} bytes, written as {size}"
+    key = (str(path), st.st_size, st.st_mtime_ns, sha256)
+    if key not in _MATCHED:
+        if file_digest(path)[1] != sha256:
+            return "its sha256 differs from the one recorded"
+        _MATCHED.add(key)
+    return None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -163,7 +225,7 @@ class Checkpoint:
         self.owner = owner  # the stage whose manifest entry says how its items were computed
         self.records: dict[Any, dict] = {}
         if self.path.exists():
-            for r in read_jsonl(self.path):
+            for r in read_jsonl(self.path, torn_ok=True):
                 self.records[r[key]] = r
             atomic_write_jsonl(self.path, self.records.values())  # drop a torn tail
 

@@ -6,3 +6,8 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what clusters and schedulers send), raised like Ctrl-C's KeyboardInterrupt so every
+    cleanup that runs on Ctrl-C (temp files, stage status, the run lock) runs on it too."""

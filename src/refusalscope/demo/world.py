@@ -58,7 +58,10 @@ def load_demo_model(recipe: DemoRecipe | None = None, **kwargs) -> ChatModel:
     return load_chat_model(path, **kwargs)
 
 
-def demo_layers(recipe: DemoRecipe | None = None, n_layers: int = 30) -> list[int]:
+DEMO_N_LAYERS = 30  # SmolLM2-135M's depth: layer lists are checked before the world is built
+
+
+def demo_layers(recipe: DemoRecipe | None = None, n_layers: int = DEMO_N_LAYERS) -> list[int]:
     recipe = recipe or DemoRecipe()
     layers = recipe.sae.layers
     if layers == "all":

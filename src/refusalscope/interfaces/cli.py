@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+import typer.core as typer_core
+from typer import rich_utils
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from .tables import print_examples, print_quality, print_sae_quality, print_table
 
 app = typer.Typer(help="Find the SAE latents that make a chat model refuse, and how they interact.",
@@ -20,6 +24,23 @@ world_app = typer.Typer(help="The embedded demo world (safety-tuned SmolLM2-135M
 config_app = typer.Typer(help="Configs and presets.", no_args_is_help=True)
 app.add_typer(world_app, name="demo-world")
 app.add_typer(config_app, name="config")
+
+def _usage_error(err, file=None) -> None:
+    """A wrong command line (unknown option, missing argument, bad value) is one line too, like every
+    other mistake, rather than click's usage block and framed panel; asking for help still shows it."""
+    if type(err).__name__ == "NoArgsIsHelpError":
+        return next(show for cls, show in _SHOW.items() if isinstance(err, cls))(err, file)
+    ctx = getattr(err, "ctx", None)
+    see = f": see `{ctx.command_path} --help`" if ctx is not None else ": see `refusalscope --help`"
+    click.echo(f"error: {' '.join(err.format_message().split()).rstrip('.')}{see}", err=True)
+
+
+# typer vendors its own click: patch the exception class of both, and typer's rich printer
+_CLICK_EXCEPTIONS: set[Any] = {click.ClickException, typer_core._click.exceptions.ClickException}
+_SHOW = {cls: cls.show for cls in _CLICK_EXCEPTIONS}
+for _cls in _CLICK_EXCEPTIONS:
+    _cls.show = _usage_error
+rich_utils.rich_format_error = _usage_error  # type: ignore[assignment]  # typer's printer when rich is installed
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
@@ -40,12 +61,28 @@ NO_DEPS = typer.Option(False, "--no-deps",
                        help="Run only this stage: the stages it needs must have finished already (with this config).")
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def friendly(fn):
-    """Print UserError as one line and exit 2 instead of a traceback."""
+    """Print UserError as one line and exit 2 instead of a traceback; Ctrl-C (SIGINT) and SIGTERM
+    end in one line saying how to resume, exit 130 / 143 (128 + the signal), after the cleanup
+    that every interrupted write and stage does (temp files removed, stage marked failed, lock
+    released)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding app): leave its handlers alone
+            previous = None
+        try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+            typer.echo(f"error: interrupted ({name}): run the same command again to resume (finished work "
+                       "is kept)", err=True)
+            raise typer.Exit(code) from None
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
@@ -57,6 +94,9 @@ def friendly(fn):
             typer.echo(f"error: no space left on the disk ({err.filename or err}): free space and run the same "
                        "command again (finished work is kept)", err=True)
             raise typer.Exit(2) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -76,10 +116,11 @@ def _execution(backend: str | None, address: str | None, workers: int | None) ->
 
 
 def _context(config: str | None, run: Path | None, quiet: bool, as_json: bool,
-             execution: dict | None = None, accept_version: bool = False):
+             execution: dict | None = None, accept_version: bool = False, unrecorded: dict | None = None):
     from ..run.runner import open_context
 
-    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version)
+    return open_context(config, run, execution, quiet, _log(quiet, as_json), accept_version=accept_version,
+                        unrecorded=unrecorded)
 
 
 def _print_examples(info: dict) -> None:
@@ -119,13 +160,15 @@ def demo(run: Path | None = RUN, quiet: bool = QUIET, as_json: bool = JSON,
 
 
 def _run_stages(config, run, quiet, as_json, upto: str, only: list[str] | None = None,
-                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False) -> dict:
+                execution: dict | None = None, accept_version: bool = False, no_deps: bool = False,
+                unrecorded: dict | None = None) -> dict:
     """Run the pipeline's stages in order up to `upto` (each skipped when already done); the
     analyses are the ones `analyses.run` lists, or `only`. Every input is checked first."""
     from ..run.runner import check_analyses, run_pipeline
 
     check_analyses(only)
-    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version), upto, only, no_deps)
+    return run_pipeline(_context(config, run, quiet, as_json, execution, accept_version, unrecorded), upto, only,
+                        no_deps)
 
 
 def _report(result: dict, as_json: bool) -> None:
@@ -227,8 +270,8 @@ def eval_cmd(config: str | None = CONFIG, run: Path | None = RUN,
 
     ev = {k: [x.strip() for v in vals for x in v.split(",") if x.strip()]
           for k, vals in (("datasets", datasets), ("interventions", interventions)) if vals}
-    overrides = {**_execution(backend, address, workers), **({"eval": ev} if ev else {})}
-    result = _run_stages(config, run, quiet, as_json, "eval", execution=overrides)
+    result = _run_stages(config, run, quiet, as_json, "eval", execution=_execution(backend, address, workers),
+                         unrecorded={"eval": ev} if ev else None)  # the choice is recorded in eval/, not config.yaml
     if as_json:
         print(json.dumps({"eval": result["eval"], "run": result["run"]}, indent=2, default=str))
         return
@@ -258,7 +301,7 @@ def compare_cmd(a: Path = typer.Argument(..., help="A run directory."),
     from ..run.store import RunStore
 
     for root in (a, b):
-        RunStore(root, create=False)
+        RunStore(root, create=False).verify_all()
     diffs = compare_runs(a, b)
     for d in diffs:
         print(d)
@@ -286,11 +329,13 @@ def report_cmd(
 @friendly
 def serve_cmd(run_dir: Path = typer.Argument(..., help="Run directory (written by `refusalscope run`)."),
               host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-              port: int = typer.Option(8000, help="TCP port (0: any free one).")):
+              port: int = typer.Option(8000, help="TCP port (0: any free one)."),
+              annotations: Path | None = typer.Option(
+                  None, "--annotations", help="SQLite file of the study (default: RUN_DIR/annotations.sqlite).")):
     """The local web app: overview, latent browser and pages, prompt pages, playground, annotation study."""
     from .web import serve
 
-    serve(run_dir, host=host, port=port)
+    serve(run_dir, host=host, port=port, annotations=annotations)
 
 
 @world_app.command("build")

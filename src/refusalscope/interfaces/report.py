@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ..artifacts import atomic_write_text
+from ..artifacts import atomic_write_text, check_writable
 from ..run.results import RunResults
 from .latent_views import RunIndex
 from .tables import fmt
@@ -115,5 +115,6 @@ def _downloads(results: RunResults) -> dict:
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the report (default: RUN_DIR/report.html) atomically; returns its path."""
-    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    RunResults(run_dir).store.verify_all()  # no run, or a damaged artifact: one line before the output path
+    path = check_writable(Path(out) if out is not None else Path(run_dir) / "report.html", "-o")
     return atomic_write_text(path, build_report(run_dir))

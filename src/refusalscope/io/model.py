@@ -25,9 +25,25 @@ from .oom import halve_on_oom
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for `model.device`, checked against what this machine has (a missing GPU
+    is one line here, not a CUDA traceback at the first tensor moved)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            have = f"GPUs cuda:0..cuda:{n - 1}" if n else "no CUDA GPU"
+            raise UserError(f"model.device is {device!r} but this machine has {have}: use auto, cpu"
+                            f"{' or one of those' if n else ''}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"model.device is {device!r} but this machine has no MPS (Apple GPU): use auto or cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:

@@ -245,8 +245,7 @@ def _to_prompts(table: Table, text_field: str | None, limit: int | None,
         extra = row.get(alpaca_input) if alpaca_input else None
         if isinstance(extra, str) and extra.strip():
             text = f"{text}\n\n{extra.strip()}"
-        row_label = row.get(label_f) if label_f else None
-        row_label = LABEL_SYNONYMS.get(row_label.strip().lower()) if isinstance(row_label, str) else None
+        row_label = _row_label(row.get(label_f) if label_f else None, label_f, name, table.unit, num)
         meta = {k: v for k, v in row.items()
                 if k not in used and not (k == label_f and row_label in LABELS)}
         out.append(Prompt(
@@ -261,6 +260,18 @@ def _to_prompts(table: Table, text_field: str | None, limit: int | None,
             line=num,
         ))
     return out
+
+
+def _row_label(value: Any, field: str | None, name: str, unit: str, num: int) -> str | None:
+    """A row's label from its label column: one of the documented spellings, or empty (unlabelled);
+    anything else is a mistake in the file ('maybe' was once taken as no label at all)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.strip().lower() in LABEL_SYNONYMS:
+        return LABEL_SYNONYMS[value.strip().lower()]
+    shown = repr(value)[:40]
+    raise UserError(f"{name} {unit} {num}: label {shown} in column '{field}' is not one of "
+                    f"{', '.join(LABEL_SYNONYMS)}: fix the label or leave it empty")
 
 
 def _text(row: dict, tf: str, name: str, unit: str, num: int) -> str:

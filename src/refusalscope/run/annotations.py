@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..artifacts import check_writable
 from ..errors import UserError
 
 FILE = "annotations.sqlite"
@@ -36,6 +37,7 @@ class AnnotationStore:
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
         self.path = Path(path)
         self.timeout = timeout
+        check_writable(self.path, "--annotations")
         try:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")

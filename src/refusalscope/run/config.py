@@ -7,6 +7,7 @@ a preset under `preset:` and override any field.
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -35,18 +36,38 @@ Positive = Annotated[int, Field(ge=1)]
 Layer = Annotated[int, Field(ge=0)]
 BackPosition = Annotated[int, Field(le=-1)]
 NonEmpty = Field(min_length=1)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _judge_name(v: str | None) -> str | None:
+    """A judge name from the registry (measures.judges), checked when the config is read."""
+    from ..measures.judges import judge_names
+
+    if v is not None and v not in judge_names():
+        raise ValueError(f"unknown judge {v!r}: use one of {', '.join(judge_names())}")
+    return v
+
+
+JudgeName = Annotated[str, AfterValidator(_judge_name)]
 
 
 class ModelConfig(Section):
     source: str = Field("demo", description="'demo', a HuggingFace hub id, a local folder or a .gguf file")
     gguf_file: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps (checked against this machine's devices)")
     system_prompt: str | None = Field(None, description="None keeps the chat template's default")
     refusal_tokens: list[str] = Field(["I"], min_length=1)
     batch_size: int = Field(16, ge=1)
     chat_template: str | None = Field(None, description="Jinja chat template (or a file holding one) for models without one")
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code (off: never by default)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps: fix model.device")
+        return v
 
 
 class SAEConfig(Section):
@@ -73,11 +94,11 @@ class DataConfig(Section):
 
 
 class JudgeConfig(Section):
-    name: str = Field("substring", description="substring, first-token, classifier (the paper's HarmBench classifier), …")
+    name: JudgeName = Field("substring", description="substring, first-token, classifier (the paper's HarmBench classifier), …")
     options: dict[str, Any] = {}
     degenerate_is_jailbreak: bool = Field(
         False, description="paper: degenerate replies are not jailbreaks; set True to count them")
-    first_pass: str | None = Field(
+    first_pass: JudgeName | None = Field(
         None, description="cheap judge run first (e.g. 'opening'): it may only call a reply refused; "
                           "every other reply, and so every jailbreak, is decided by `name`")
     first_pass_options: dict[str, Any] = {}
@@ -248,7 +269,7 @@ class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="reply length judged (None: generation.max_new_tokens)")
     general_text: str = Field("bundled:general", description="texts for cross-entropy (paper: The Pile)")
     ce_texts: int = Field(100, ge=1)
-    harmless_judge: str | None = Field(None, description=(
+    harmless_judge: JudgeName | None = Field(None, description=(
         "judge of replies to harmless prompts (over-refusal); None: the run's judge, or substring when "
         "that judge decides harm rather than refusal (classifier, llama-guard)"))
 
@@ -364,9 +385,14 @@ def load_config(path_or_preset: str | os.PathLike | None = None, overrides: dict
             raise UserError(f"config file {p} not found: pass a YAML file or one of the presets "
                             f"({', '.join(preset_names())})")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise UserError(f"{p}: not valid YAML ({str(err).splitlines()[0]}): fix the syntax") from None
+        except (UnicodeDecodeError, OSError) as err:
+            raise UserError(f"{p}: cannot be read as UTF-8 text ({type(err).__name__}): re-save it as UTF-8") from None
+        if data is None:
+            raise UserError(f"{p}: the config file is empty: write the settings to change (e.g. preset: demo), "
+                            "or pass a preset name with -c")
         if not isinstance(data, dict):
             raise UserError(f"{p}: the top level must be a mapping of sections: fix the file")
         origin = str(p)

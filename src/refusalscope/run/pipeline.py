@@ -38,6 +38,7 @@ class Context:
     _judge: object = None
     _backend: LocalBackend | RayBackend | None = None
     hashes: dict = field(default_factory=dict)
+    record: str | None = None  # the config.yaml this run is to keep (see runner.save_record)
 
     @property
     def backend(self):

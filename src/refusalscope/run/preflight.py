@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io.model import ChatModel
+from ..io.model import ChatModel, resolve_device
 from .inputs import STAGES, files_of
 from .pipeline import Context
 from .resolve import chat_template_text, load_prompt_set, sae_layers
@@ -114,6 +114,17 @@ def check_layers(cfg, info: ModelInfo | None, stages) -> None:
         if bad:
             raise UserError(f"stage3.layers has {bad}, which have no SAE (SAE layers: {have[0]}..{have[-1]}): pick "
                             "stage3.layers among the SAE layers")
+
+
+def check_sae_layers(cfg, info: ModelInfo | None) -> None:
+    """saes.layers against the model's depth, for every source (the demo model's depth is known
+    before its world is built, so a wrong layer stops the run before the build and the filter)."""
+    if info is not None:
+        sae_layers(cfg, info.n_layers, info.name)
+    elif cfg.saes.source == "demo" and cfg.model.source == "demo":
+        from ..demo.world import DEMO_N_LAYERS, MODEL_NAME
+
+        sae_layers(cfg, DEMO_N_LAYERS, MODEL_NAME)
 
 
 def check_saes(cfg, info: ModelInfo | None) -> None:
@@ -234,7 +245,9 @@ def check_backend(ctx: Context) -> None:
 
 def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     """All checks for a run of `stages` (see the module docstring)."""
+    resolve_device(ctx.cfg.model.device)
     info = model_info(ctx.cfg)
+    check_sae_layers(ctx.cfg, info)
     if any(s not in ("filter", "direction") for s in stages):
         check_saes(ctx.cfg, info)
     check_layers(ctx.cfg, info, stages)

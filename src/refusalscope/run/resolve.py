@@ -62,6 +62,14 @@ def sae_layers(cfg: Config, n_layers: int, name: str) -> list[int]:
     if bad:
         raise UserError(f"saes.layers has {bad}, but {name} has layers 0..{n_layers - 1}: "
                         "fix saes.layers in the config")
+    if cfg.saes.source == "demo":
+        from ..demo.world import demo_layers
+
+        have = demo_layers(n_layers=n_layers)
+        bad = [l for l in layers if l not in have]
+        if bad:
+            raise UserError(f"saes.layers has {bad}, but the demo world has SAEs at layers {have[0]}..{have[-1]} "
+                            f"only: fix saes.layers in the config")
     return list(layers)
 
 

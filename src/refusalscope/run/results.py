@@ -41,7 +41,7 @@ class RunResults:
         p = self.store.path(stage, name)
         if not p.exists():
             raise UserError(f"{p} is missing: run the `{stage}` stage first (refusalscope run -r {self.root})")
-        return p
+        return self.store.verify(stage, name)
 
     def has(self, stage: str, name: str) -> bool:
         return self.store.path(stage, name).exists()
@@ -269,7 +269,7 @@ class RunResults:
 
     def figure(self, stage: str, name: str) -> Path | None:
         """A plot a stage saved (PNG), or None when it is not there."""
-        return self.store.path(stage, name) if name.endswith(".png") and self.has(stage, name) else None
+        return self.path(stage, name) if name.endswith(".png") and self.has(stage, name) else None
 
     # ----------------------------------------------------------------- eval (`refusalscope eval`)
     def eval_table(self) -> pd.DataFrame:
@@ -297,5 +297,5 @@ class RunResults:
 
     def eval_figures(self) -> dict[str, Path]:
         """The eval's figures that exist: heatmap, tradeoff (refusal vs side effects), core_curve."""
-        return {n: self.store.path("eval", f"{n}.png") for n in ("heatmap", "tradeoff", "core_curve")
+        return {n: self.path("eval", f"{n}.png") for n in ("heatmap", "tradeoff", "core_curve")
                 if self.has("eval", f"{n}.png")}

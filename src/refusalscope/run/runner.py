@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_write_text
 from ..errors import UserError
-from .config import Config, dump_config, load_config
+from .config import Config, _merge, config_from_dict, dump_config, load_config
 from .inputs import needed, stage_hashes
 from .pipeline import Context, run_filter
 from .preflight import preflight
@@ -39,26 +39,35 @@ def printer(quiet: bool, stream=None) -> Callable[[str], None]:
 
 def open_context(config: str | os.PathLike | Config | None = None, run_dir: str | os.PathLike | None = None,
                  overrides: dict | None = None, quiet: bool = False, log: Callable[[str], None] | None = None,
-                 accept_version: bool = False) -> Context:
+                 accept_version: bool = False, unrecorded: dict | None = None) -> Context:
     """The Context of a run: its config (a preset name, YAML file or Config; without one, the
     config.yaml an earlier command saved in `run_dir`, else demo), its run directory (default
     runs/<config name>) locked for this process and checked for its version
-    (`RunStore.open_for_writing`), with the resolved config saved beside the manifest. Close it
-    (`run_pipeline` does) to release the lock."""
+    (`RunStore.open_for_writing`). `unrecorded` overrides apply to this command only (eval's
+    dataset choice): they never reach the run's config.yaml, which `run_pipeline` writes when a
+    stage runs (`save_record`). Close the context (`run_pipeline` does) to release the lock."""
     log = log or printer(quiet)
     saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
     if config is None and saved is not None and saved.is_file():
         config = str(saved)
         log(f"config: {saved} (the run's own; pass -c to use another)")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    record = dump_config(cfg)
+    if unrecorded:
+        cfg = config_from_dict(_merge(cfg.model_dump(), unrecorded), "command-line options")
     root = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    ctx = Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log)
-    try:
-        atomic_write_text(root / "config.yaml", dump_config(cfg))
-    except BaseException:
-        ctx.close()
-        raise
-    return ctx
+    return Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log, record=record)
+
+
+def save_record(ctx: Context, todo: list[str]) -> None:
+    """A run's config.yaml says how its results were made, so it is written when the run has none
+    and when a stage (eval aside: it records its choice in eval/) is about to run with a config
+    that differs from it; a command that only reads, or only evaluates, leaves it as it was."""
+    path = ctx.store.root / "config.yaml"
+    if ctx.record is None:
+        return
+    if not path.exists() or (any(n != "eval" for n in todo) and path.read_text(encoding="utf-8") != ctx.record):
+        atomic_write_text(path, ctx.record)
 
 
 def check_analyses(names) -> None:
@@ -83,6 +92,11 @@ def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
     names = needed(asked)
     hashes = stage_hashes(ctx.cfg)
     done = [n for n in names if ctx.store.is_done(n, hashes[n])]
+    for n in names:
+        entry = ctx.store.status(n) or {}
+        if n not in done and entry.get("status") == "done" and entry.get("config_hash") == hashes[n]:
+            for path, why in ctx.store.damaged(n)[:1]:
+                ctx.log(f"{path} is not the file {n} wrote ({why}): {n} runs again")
     if no_deps:
         missing = [n for n in names if n not in asked and n not in done]
         if missing:
@@ -104,6 +118,7 @@ def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = 
         todo = [n for n in names if n not in done]
         if todo:
             preflight(ctx, todo)
+        save_record(ctx, todo)
         ctx.log(f"run {ctx.store.root}: " + (f"{', '.join(done)} done; " if done else "")
                 + (f"running {', '.join(todo)}" if todo else "nothing to run"))
         for name in names:

@@ -182,6 +182,8 @@ def _write(ctx: Context, st, rows, prompts, records, ce, notes, n_texts: int) ->
     st.table("cells.parquet", table)
     st.json("cells.json", cells)
     st.json("interventions.json", {"rows": [r.to_json() for r in rows], "notes": notes,
+                                   "asked": {"datasets": ctx.cfg.eval.datasets,
+                                             "interventions": ctx.cfg.eval.interventions},
                                    "datasets": {ds: {"n": len(ps), "labels": sorted({p.label or "all" for p in ps})}
                                                 for ds, ps in prompts.items()}})
     st.jsonl("completions.jsonl", records)

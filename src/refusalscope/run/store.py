@@ -32,7 +32,9 @@ from ..artifacts import (
     atomic_write_tensors,
     atomic_write_text,
     config_hash,
+    digest_mismatch,
     disk_full,
+    file_digest,
     read_json,
     read_jsonl,
     read_table,
@@ -46,6 +48,13 @@ RUN_FORMAT = 1  # bump when the layout or meaning of a run directory's files cha
 __all__ = ["Checkpoint", "RunStore", "StageRecord", "atomic_write_json", "atomic_write_jsonl",
            "atomic_write_table", "atomic_write_tensors", "atomic_write_text", "config_hash", "read_json",
            "read_jsonl", "read_table", "read_tensors"]
+
+
+def rebuild_command(stage: str) -> str:
+    """The CLI command that (re)runs `stage`."""
+    if stage in ("filter", "direction", "stage1", "stage2", "stage3", "eval"):
+        return stage
+    return f"analyze {stage}"
 
 
 class RunStore:
@@ -90,6 +99,7 @@ class RunStore:
                                 "command again (finished work is kept)") from None
             raise UserError(f"run directory {self.root} is not writable ({err.strerror or err}): "
                             "pass a folder you can write with -r") from None
+        self._check_is_run()
         self.lock = RunLock(self.root)
         self.lock.acquire(log)
         try:
@@ -100,6 +110,17 @@ class RunStore:
             self.close()
             raise
         return self
+
+    def _check_is_run(self) -> None:
+        """A folder that holds files but no manifest is someone's own folder, not a run: writing a
+        run into it would mix the two (a run killed before its first manifest leaves only these)."""
+        if self.manifest_path.exists():
+            return
+        own = {"run.lock", "config.yaml"}
+        other = sorted(p.name for p in self.root.iterdir() if p.name not in own and TMP_MARK not in p.name)
+        if other:
+            raise UserError(f"{self.root} holds files that are not a run ({', '.join(other[:3])}"
+                            f"{', …' if len(other) > 3 else ''}): pass a new or empty folder with -r")
 
     def close(self) -> None:
         if self.lock is not None:
@@ -144,9 +165,39 @@ class RunStore:
         return s
 
     def is_done(self, stage: str, chash: str) -> bool:
+        """Finished with this config hash, its artifacts as it wrote them (a damaged one reruns it)."""
         s = self.status(stage)
         return bool(s and s.get("status") == "done" and s.get("config_hash") == chash
-                    and all((self.root / a).exists() for a in s.get("artifacts", [])))
+                    and all((self.root / a).exists() for a in s.get("artifacts", [])) and not self.damaged(stage))
+
+    def damaged(self, stage: str) -> list[tuple[Path, str]]:
+        """The artifacts of a finished stage that differ from what it wrote, each with why."""
+        sums = (self.status(stage) or {}).get("checksums") or {}
+        return [(self.root / rel, why) for rel, (size, sha) in sums.items()
+                if (why := digest_mismatch(self.root / rel, size, sha))]
+
+    def mismatch(self, stage: str, path: Path, why: str) -> UserError:
+        return UserError(f"{path} is not the file the {stage} stage wrote ({why}): "
+                         f"`refusalscope {rebuild_command(stage)} -r {self.root}` rebuilds it")
+
+    def verify_all(self) -> None:
+        """Every finished stage's artifacts as written (what `compare` checks before it compares)."""
+        for stage, entry in self.manifest["stages"].items():
+            if entry.get("status") == "done":
+                for path, why in self.damaged(stage)[:1]:
+                    raise self.mismatch(stage, path, why)
+
+    def verify(self, stage: str, name: str) -> Path:
+        """The artifact `name` of `stage` as the stage wrote it, or a one-line error naming the file and
+        the command that rebuilds it (files of runs written before checksums are taken as they are)."""
+        path = self.path(stage, name)
+        sums = (self.status(stage) or {}).get("checksums") or {}
+        rel = path.relative_to(self.root).as_posix()
+        if rel in sums:
+            why = digest_mismatch(path, *sums[rel])
+            if why:
+                raise self.mismatch(stage, path, why)
+        return path
 
     def _save(self) -> None:
         atomic_write_json(self.manifest_path, self.manifest)
@@ -174,8 +225,10 @@ class RunStore:
             except (OSError, UserError):  # a full disk: the earlier manifest stays, the error below says why
                 pass
             raise
+        artifacts = sorted(set(rec.artifacts))
         entry.update(status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
-                     artifacts=sorted(set(rec.artifacts)), summary=rec.summary,
+                     artifacts=artifacts, checksums={a: list(file_digest(self.root / a)) for a in artifacts},
+                     summary=rec.summary,
                      **({"executed": rec.executed} if rec.executed else {}))
         self._save()
 

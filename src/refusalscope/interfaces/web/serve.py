@@ -32,6 +32,9 @@ def bind(host: str, port: int) -> socket.socket:
             f"cannot resolve host {host!r} ({err.strerror}): pass an IP address such as 127.0.0.1"
         ) from None
     sock = socket.socket(family, kind, proto)
+    # a killed server's connections linger in TIME_WAIT for a minute or more; without this a restart
+    # on the same port is refused meanwhile (a live listener still refuses: Linux needs SO_REUSEPORT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
         sock.listen(128)
@@ -42,14 +45,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, log=print) -> None:
-    """Serve the app over `run_dir` until interrupted."""
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, log=print,
+          annotations: str | os.PathLike | None = None) -> None:
+    """Serve the app over `run_dir` until interrupted (the study's answers go to `annotations`,
+    default RUN_DIR/annotations.sqlite)."""
     import uvicorn
 
+    from ...run.store import RunStore
     from .app import create_app
 
+    RunStore(run_dir, create=False).verify_all()  # a damaged artifact is named now, not page by page
     allowed = None if not is_loopback(host) else sorted(set(LOOPBACK_NAMES + [host]))
-    app = create_app(run_dir, allowed_hosts=allowed)
+    app = create_app(run_dir, allowed_hosts=allowed, annotations=annotations)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     log(f"refusalscope: serving {run_dir} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops)")
