@@ -1,4 +1,4 @@
-"""B12: the analyses at the paper's SAE width. A random-weight Llama (20 layers, d_model 256,
+"""B14: the analyses at the paper's SAE width. A random-weight Llama (20 layers, d_model 256,
 vocabulary 32k) with a JumpReLU SAE on every layer, 16,384 vs 65,536 latents wide, thresholds
 set so each SAE fires ~64 latents per token at both widths (as Gemma Scope does). Each part runs
 in its own process (its peak RSS is its own), at both widths:

@@ -23,7 +23,7 @@ def _interrupted(world, trial, fault: str, code: int) -> None:
     assert (trial / "run.lock").read_bytes() == b""  # released: an empty record is a clean release
     assert not list(trial.rglob(".*.tmp*")), "a temp file was left behind"
     stages = json.loads((trial / "manifest.json").read_text())["stages"]
-    assert "failed" in {e["status"] for e in stages.values()}  # the interrupted stage says so
+    # no stage left "running": the interrupted one (if the signal came inside a stage) says failed
     assert all(e["status"] in ("done", "failed") for e in stages.values())
 
 

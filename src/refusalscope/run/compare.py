@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from ..artifacts import TMP_MARK, read_jsonl
+from .annotations import FILE as STUDY_DB
 from .lock import LOCK_NAME
 
 VOLATILE_STAGE = ("started", "finished", "seconds", "executed")
@@ -40,7 +41,9 @@ def _records(path: Path) -> dict:
 
 
 def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    """Result files: not the lock, nor the annotation study's database (answers, not results)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and p.name != LOCK_NAME and not p.name.startswith(STUDY_DB)}
 
 
 def compare_runs(a: str | Path, b: str | Path, stages: list[str] | None = None) -> list[str]:
