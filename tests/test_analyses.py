@@ -34,7 +34,8 @@ def w():
 def _world():
     model, saes = planted_world()
     p = refusal_probs(model, None, HARMFUL).sort().values
-    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=float(p[2]))
+    # threshold between two prompts' P("I"), never on one: a verdict must not hang on float noise of the batch
+    judge = make_judge("first-token", degenerate_is_jailbreak=True, threshold=float(p[2] + p[3]) / 2)
     prompts = [(f"h{i}", t) for i, t in enumerate(HARMFUL)]
     batch = model.encode(HARMFUL)
     res = model.residuals(batch, [0, 1, 2, 3])
