@@ -36,4 +36,4 @@ def test_wide_world_has_the_issue_shape_and_its_planted_latents_flip_refusals(wi
     assert n_harmful >= 100
     assert info["check"]["harmful_refused"] > 0.5 and info["check"]["flipped_of_refused"] > 0.5
     cfg = (root / "config.yaml").read_text()
-    assert "width_2048" in cfg and "gemma-2-2b-it" in cfg
+    assert "width_2k/" in cfg and "gemma-2-2b-it" in cfg
