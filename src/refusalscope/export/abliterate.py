@@ -132,6 +132,15 @@ def _publish(tmp: Path, out: Path) -> list[str]:
     return names
 
 
+def _plain(hf: Any) -> None:
+    """A model read from a GGUF file is dequantised on load but still marked quantised, and
+    transformers refuses to save such a model: drop the marks (its weights are plain tensors)."""
+    if getattr(hf, "hf_quantizer", None) is not None or getattr(hf, "is_quantized", False):
+        hf.hf_quantizer, hf.is_quantized = None, False
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+
+
 def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: object) -> dict:
     """Write the run's model with r̂(l*) orthogonalised out into `out` (safetensors + tokenizer +
     chat template + a model card saying what it is); `notes` carries the warning the CLI prints.
@@ -149,6 +158,7 @@ def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: obj
         from ..io.model import resolve_dtype
 
         hf.to(resolve_dtype(dtype))
+    _plain(hf)
     info = abliterate(hf, direction)
     source = model.name if cfg.model.source == "demo" else cfg.model.source
     notice = NOTICE.format(source=source, layer=layer)
