@@ -22,6 +22,7 @@ import pandas as pd
 from refusalscope.artifacts import atomic_write_json, atomic_write_jsonl, atomic_write_table, writable_arg
 from refusalscope.run.dashboard_store import index_json
 from refusalscope.run.results import RunResults
+from refusalscope.run.store import RunStore
 
 
 def widen_run(src: str | Path, dst: str | Path, n_latents: int, d_sae: int = 65536, seed: int = 0) -> dict:
@@ -61,6 +62,8 @@ def widen_run(src: str | Path, dst: str | Path, n_latents: int, d_sae: int = 655
              for j, (l, i) in enumerate(sorted(seen)) if f"{l}-{i}" not in known)
     atomic_write_jsonl(jsonl, itertools.chain(boards, extra))
     atomic_write_json(dst / "dashboards" / "dashboards_index.json", index_json(jsonl))
+    RunStore(dst, create=False).rerecord(["stage3/rankings.parquet", "stage3/results.jsonl",
+                                          "dashboards/dashboards.jsonl", "dashboards/dashboards_index.json"])
     return {"n_latents": n_latents, "n_prompts": len(pids), "dashboards_bytes": jsonl.stat().st_size}
 
 

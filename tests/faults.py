@@ -52,6 +52,8 @@ def install(spec: str) -> None:
         return
     target = int(n) if n else -1
     real_write, real_add = artifacts.atomic_write, artifacts.Checkpoint.add
+    if action == "int":  # a foreground Ctrl-C: a parent that ignores SIGINT (pytest after some tests,
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job) passes that on
 
     def fail() -> None:
         if action in SIGNALS:  # SIGKILL never returns; SIGINT/SIGTERM raise the handler's exception here

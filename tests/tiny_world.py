@@ -82,9 +82,6 @@ def hostile_copy(run_dir: Path, dest: Path) -> tuple[Path, str]:
 def rerecord(run: Path, rels: list[str]) -> None:
     """Record the edited artifacts' sizes and hashes in the manifest, as a run that wrote them would
     (readers verify every finished artifact against the manifest)."""
-    from refusalscope.artifacts import file_digest
+    from refusalscope.run.store import RunStore
 
-    manifest = json.loads((run / "manifest.json").read_text())
-    for rel in rels:
-        manifest["stages"][rel.split("/")[0]]["checksums"][rel] = list(file_digest(run / rel))
-    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    RunStore(run, create=False).rerecord(rels)
