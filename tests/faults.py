@@ -4,6 +4,7 @@
 
 SPEC is one of
   count:FILE        no fault; at exit write {"write": n, "append": n} (how many events a run has)
+  count:FILE~TEXT   the same, counting only writes/appends to paths containing TEXT
   kill@write:N      SIGKILL inside the N-th atomic write: its temp file is written half, never renamed
   kill@append:N     SIGKILL inside the N-th checkpoint append: half a JSON line reaches the file
   enospc@write:N    the N-th atomic write fails with ENOSPC (no space left) after writing half
@@ -11,6 +12,8 @@ SPEC is one of
   int@write:N       SIGINT (Ctrl-C) to itself inside the N-th atomic write, its temp file half written
   term@append:N     SIGTERM to itself inside the N-th checkpoint append (int/term go with write/append)
   oom@rows:N        every decoder layer raises CUDA's OutOfMemoryError on chunks over N rows
+A write or append fault may end in `~TEXT`: then only writes/appends to paths containing TEXT count
+(`kill@append:2~taxonomy/` kills inside the taxonomy stage's second checkpoint line).
 
 The patches wrap `refusalscope.artifacts` before anything else imports it, so every writer in the
 package (stores, plots, tables, checkpoints) goes through them; the CLI then runs as a user runs it.
@@ -44,8 +47,10 @@ def install(spec: str) -> None:
     counts = {"write": 0, "append": 0}
     action, _, rest = spec.partition("@")
     kind, _, n = rest.partition(":")
+    n, _, where = n.partition("~")
     if spec.startswith("count:"):
-        out = Path(spec.split(":", 1)[1])
+        file, _, where = spec[len("count:"):].partition("~")
+        out = Path(file)
         atexit.register(lambda: out.write_text(json.dumps(counts)))
     if action == "oom":
         _install_oom(int(n))
@@ -62,8 +67,8 @@ def install(spec: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def atomic_write(path, write):
-        counts["write"] += 1
-        if kind == "write" and counts["write"] == target:
+        counts["write"] += where in str(path)
+        if kind == "write" and counts["write"] == target and where in str(path):
             def torn(tmp):
                 write(tmp)
                 _half(tmp)
@@ -72,8 +77,8 @@ def install(spec: str) -> None:
         return real_write(path, write)
 
     def add(self, record):
-        counts["append"] += 1
-        if kind == "append" and counts["append"] == target:
+        counts["append"] += where in str(self.path)
+        if kind == "append" and counts["append"] == target and where in str(self.path):
             line = json.dumps(record, default=artifacts._jsonable) + "\n"
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -137,15 +137,15 @@ def subset_acts(fd, h: torch.Tensor, indices: Sequence[int], host: bool = True) 
 
 def iter_feature_acts(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int, list[int]],
                       batch_size: int, desc: str = "features", quiet: bool = True,
-                      sink_ratio: float | None = 4.0
+                      sink_ratio: float | None = 4.0, skip: Container[int] = ()
                       ) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor]]]:
     """Per chunk of rows: (row offset, the chunk, {layer: acts [b, T, n]}) with pad columns zeroed.
     With `sink_ratio`, attention-sink positions (residual norm > sink_ratio x the row's median;
     the first token of every text in Llama-family models) are zeroed too: latents fire there on
     every text alike. Residuals are read one chunk at a time so a large corpus never sits in
-    memory at once."""
+    memory at once. Chunks whose row offset is in `skip` (done before a resume) are not run."""
     for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
-                                                              desc, quiet, sink_ratio):
+                                                              desc, quiet, sink_ratio, skip):
         yield start, sub, LayerActs(acts, lambda l, a=acts, s=sink: a[l] * (~s[l]).unsqueeze(-1))
 
 
@@ -158,13 +158,16 @@ def iter_feature_acts_and_sinks(
     desc: str = "features",
     quiet: bool = True,
     sink_ratio: float | None = 4.0,
+    skip: Container[int] = (),
 ) -> Iterator[tuple[int, PromptBatch, Mapping[int, torch.Tensor], dict[int, torch.Tensor]]]:
     """`iter_feature_acts` with sink positions left in, plus per layer the [b, T] mask of sink
-    positions at that layer, so a caller can count activity both ways in one pass."""
+    positions at that layer, so a caller can count activity both ways in one pass. Chunks are cut
+    from the whole batch (padded as a whole), so a chunk skipped here and computed in another
+    process gives the same numbers."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     layers = list(by_layer)
-    starts = range(0, len(batch), batch_size)
+    starts = [s for s in range(0, len(batch), batch_size) if s not in skip]
     for start in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, len(batch)))
         res = model.residuals(sub, layers, host=False)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..artifacts import Checkpoint
 from ..errors import UserError
 from ..interventions.engine import intervene
 from ..interventions.features import FeatureSet
@@ -52,28 +53,39 @@ def encode_texts(model: ChatModel, ds: TextSet, max_length: int | None = None) -
 
 
 def _run(model: ChatModel, saes, batch: PromptBatch, index: Sequence[int], plans, shared,
-         batch_size: int, quiet: bool, desc: str) -> tuple[Tensor, Tensor]:
+         batch_size: int, quiet: bool, desc: str, checkpoint: Checkpoint | None = None) -> tuple[Tensor, Tensor]:
     """Loss sums and counts for rows `index` of `batch` (plans[i] for row i), chunk by chunk; the
     loss is computed on the model's device (`ChatModel.next_token_losses`), so full-vocabulary
-    logits never leave it."""
+    logits never leave it. With a `checkpoint`, each chunk's sums and counts are appended under
+    "`desc`/start" and chunks found there are read back instead of run."""
     sums, counts = [], []
     starts = range(0, len(index), batch_size)
     for s in tqdm(starts, desc=desc, disable=quiet or len(starts) <= 1, leave=False):
+        key = f"{desc}/{s}"
+        if checkpoint is not None and key in checkpoint:
+            rec = checkpoint.records[key]
+            sums.append(torch.tensor(rec["sums"], dtype=torch.float64))
+            counts.append(torch.tensor(rec["counts"], dtype=torch.float64))
+            continue
         sub = batch.select(list(index[s:s + batch_size]))
         rows = None if plans is None else plans[s:s + batch_size]
         with intervene(model, saes, shared=shared, rows=rows):
             a, b = model.next_token_losses(sub)
+        a, b = a.double().cpu(), b.double().cpu()
+        if checkpoint is not None:
+            checkpoint.add({"key": key, "sums": a.tolist(), "counts": b.tolist()})
         sums.append(a)
         counts.append(b)
-    return torch.cat(sums).double(), torch.cat(counts).double()
+    return torch.cat(sums), torch.cat(counts)
 
 
 def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Tensor | None,
              sets: Mapping | Sequence, batch_size: int = 8, max_length: int | None = 256,
-             quiet: bool = True) -> list[dict]:
+             quiet: bool = True, checkpoint: Checkpoint | None = None) -> list[dict]:
     """Rows {dataset, setting, mean, std, n_texts, n_tokens, n_sets} for settings baseline,
     direction (DirectionAblation(r̂) at the embedding and every layer output) and features
-    (std over sets; None for single-model settings)."""
+    (std over sets; None for single-model settings). With a `checkpoint` (key "key") every chunk
+    of rows is checkpointed, so an interrupted table resumes from its last finished chunk."""
     set_list = [list(s) for s in (sets.values() if isinstance(sets, Mapping) else sets)]
     out = []
     for ds in datasets:
@@ -85,13 +97,14 @@ def ce_table(model: ChatModel, saes, datasets: Sequence[TextSet], direction: Ten
             settings.append(("direction", [DirectionAblation(direction)]))
         for name, shared in settings:
             s, c = _run(model, saes, batch, range(n), None, shared, batch_size, quiet,
-                        f"CE {ds.name} {name}")
+                        f"CE {ds.name} {name}", checkpoint)
             out.append({**base, "setting": name, "mean": float(s.sum() / c.sum()), "std": None,
                         "n_tokens": int(c.sum()), "n_sets": None})
         if set_list:
             index = [i for _ in set_list for i in range(n)]
             plans = [FeatureSet(fs).plan() for fs in set_list for _ in range(n)]
-            s, c = _run(model, saes, batch, index, plans, (), batch_size, quiet, f"CE {ds.name} features")
+            s, c = _run(model, saes, batch, index, plans, (), batch_size, quiet, f"CE {ds.name} features",
+                        checkpoint)
             per_set = (s.view(len(set_list), n).sum(1) / c.view(len(set_list), n).sum(1)).tolist()
             out.append({**base, "setting": "features", "mean": mean(per_set),
                         "std": stdev(per_set) if len(per_set) > 1 else 0.0,

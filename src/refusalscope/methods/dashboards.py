@@ -24,6 +24,11 @@ from .activity import Prompts, prefix_lengths, region, sinks, subset_acts
 from .latent_weights import decoder_cosines, fm_neighbours, logit_effects  # noqa: F401  (callers import them here)
 
 
+def sink_flagged(bos_texts: int, sink_share: float) -> bool:
+    """A latent that fires on BOS of some text, or mostly on sink positions: where hydra latents live."""
+    return bos_texts > 0 or sink_share >= 0.5
+
+
 @dataclass
 class TokenWindow:
     """Tokens around a latent's peak in one corpus text, with its activation on each token.
@@ -81,8 +86,7 @@ class LatentDashboard:
 
     @property
     def sink_flag(self) -> bool:
-        """Fires mostly on sink positions, or on BOS of some text: where hydra latents live."""
-        return self.bos_texts > 0 or self.sink_share >= 0.5
+        return sink_flagged(self.bos_texts, self.sink_share)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_write
+from ..artifacts import Checkpoint, atomic_write
 from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
@@ -156,12 +156,14 @@ def _with_bos(tokenizer, texts: Sequence[str]) -> list[str]:
 
 def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iterable[Feature],
                     k: int = 5, context: int = 8, batch_size: int = 8, include_bos: bool = False,
-                    max_length: int | None = 512, quiet: bool = True) -> dict[str, list[dict]]:
+                    max_length: int | None = 512, quiet: bool = True,
+                    checkpoint: Checkpoint | None = None) -> dict[str, list[dict]]:
     """Per feature, the `k` texts it fires on most, each at its strongest token:
     {text, position (token index, 0 = first), token, activation, context (`context` tokens each
     side, the token in [[ ]])}. Texts get the tokenizer's BOS unless they start with it (chat
     strings do); the BOS position is skipped unless `include_bos`, since features that fire there
-    fire on every text alike."""
+    fire on every text alike. With a `checkpoint` (key "start"), each chunk's maxima are appended
+    as it finishes and chunks found there are not run again (a resumed pass gives the same result)."""
     if not texts:
         raise UserError("no texts to find top activations in: pass a corpus")
     tok = model.tokenizer
@@ -169,8 +171,13 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
     batch = model.encode_texts(_with_bos(tok, texts), add_special_tokens=False, max_length=max_length)
     best = {l: torch.zeros(len(texts), len(ix)) for l, ix in by_layer.items()}
     where = {l: torch.zeros(len(texts), len(ix), dtype=torch.long) for l, ix in by_layer.items()}
+    done = checkpoint.records if checkpoint is not None else {}
+    for rec in done.values():  # chunks an interrupted run finished: (row, column, value, position) per layer
+        for l, quads in rec["max"].items():
+            for r, j, v, pos in quads:
+                best[int(l)][rec["start"] + r, j], where[int(l)][rec["start"] + r, j] = v, pos
     for start, sub, acts in iter_feature_acts(model, saes, batch, by_layer, batch_size,
-                                              "top activations", quiet):
+                                              "top activations", quiet, skip=done):
         T = sub.input_ids.shape[1]
         pad = (T - sub.lengths).unsqueeze(1)
         skip = None
@@ -183,6 +190,11 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
             vals, cols = a.max(dim=1)
             best[l][start:start + len(sub)] = vals
             where[l][start:start + len(sub)] = cols - pad
+        if checkpoint is not None:  # only non-zero maxima: a zero never makes an example
+            rows = slice(start, start + len(sub))
+            checkpoint.add({"start": start, "max": {
+                str(l): [[r, j, float(best[l][rows][r, j]), int(where[l][rows][r, j])]
+                         for r, j in best[l][rows].nonzero().tolist()] for l in by_layer}})
     ids = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
     out: dict[str, list[dict]] = {}
     for l, ix in by_layer.items():

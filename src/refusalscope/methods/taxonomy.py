@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_write
+from ..artifacts import Checkpoint, atomic_write
 from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
@@ -111,20 +111,23 @@ def taxonomy_prompts(prompts: Sequence[Prompt], field: str = "category", only: s
 
 def category_activity(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable,
                       batch_size: int = 8, threshold: float = 0.0, skip_first: int = 0,
-                      quiet: bool = True, sink_ratio: float | None = None) -> dict[str, dict[str, int]]:
+                      quiet: bool = True, sink_ratio: float | None = None,
+                      checkpoint: Checkpoint | None = None) -> dict[str, dict[str, int]]:
     """For each feature, how many prompts of each category make it fire (activation > threshold
     at any chat-formatted prompt token, BOS included: the paper's count). `skip_first` drops
     each prompt's first tokens; `sink_ratio` drops high-norm sink positions (see `sinks`)."""
     every, no_sinks = category_views(model, saes, prompts, features, batch_size, threshold, skip_first,
-                                     quiet, 4.0 if sink_ratio is None else sink_ratio)
+                                     quiet, 4.0 if sink_ratio is None else sink_ratio, checkpoint)
     return every if sink_ratio is None else no_sinks
 
 
 def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: Iterable,
                    batch_size: int = 8, threshold: float = 0.0, skip_first: int = 0,
-                   quiet: bool = True, sink_ratio: float = 4.0
+                   quiet: bool = True, sink_ratio: float = 4.0, checkpoint: Checkpoint | None = None
                    ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-    """`category_activity` both ways in one pass: (every token counts, sink positions left out)."""
+    """`category_activity` both ways in one pass: (every token counts, sink positions left out).
+    With a `checkpoint` (key "start"), each chunk's firings are appended as it finishes and chunks
+    found there are not run again: a resumed pass counts exactly as an uninterrupted one."""
     if not prompts:
         raise UserError("no prompts to map features on: pass prompts with categories")
     nocat = [p.id or p.text[:40] for p in prompts if not p.category]
@@ -140,8 +143,11 @@ def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: 
     fired = [{l: torch.zeros(len(prompts), len(ix), dtype=torch.bool) for l, ix in by_layer.items()}
              for _ in range(2)]
     batch = model.encode([p.text for p in prompts])
+    done = checkpoint.records if checkpoint is not None else {}
+    for rec in done.values():
+        _restore_fired(fired, rec)
     for start, sub, acts, sink in iter_feature_acts_and_sinks(model, saes, batch, by_layer, batch_size,
-                                                              "taxonomy", quiet, sink_ratio):
+                                                              "taxonomy", quiet, sink_ratio, skip=done):
         T = sub.input_ids.shape[1]
         # token j of row b sits at column T - len_b + j (left padding)
         first = (T - sub.lengths).unsqueeze(1) + skip_first
@@ -150,6 +156,10 @@ def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: 
             on = a > threshold
             fired[0][l][start:start + len(sub)] = (on & keep.unsqueeze(-1)).any(dim=1)
             fired[1][l][start:start + len(sub)] = (on & (keep & ~sink[l]).unsqueeze(-1)).any(dim=1)
+        if checkpoint is not None:
+            checkpoint.add({"start": start, "rows": len(sub),
+                            "fired": [{str(l): f[l][start:start + len(sub)].nonzero().tolist() for l in by_layer}
+                                      for f in fired]})
     views = []
     for f in fired:
         out: dict[str, dict[str, int]] = {}
@@ -159,6 +169,15 @@ def category_views(model: ChatModel, saes, prompts: Sequence[Prompt], features: 
                 out[f"{l}-{i}"] = {c: int(counts[j, k]) for k, c in enumerate(cats)}
         views.append(out)
     return views[0], views[1]
+
+
+def _restore_fired(fired: list[dict[int, torch.Tensor]], rec: dict) -> None:
+    """A checkpointed chunk's firings ((row in chunk, column) pairs per view and layer) put back."""
+    for f, view in zip(fired, rec["fired"]):
+        for l, pairs in view.items():
+            if pairs:
+                rows, cols = torch.tensor(pairs).T
+                f[int(l)][rec["start"] + rows, cols] = True
 
 
 def category_map(activity: dict, min_count: int = 1) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..methods.dashboards import sink_flagged
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def _meta(offset: int, line: bytes) -> tuple[str, DashboardMeta]:
     d = json.loads(line)
     n_tokens = int(d.get("n_tokens") or 0)
     density = int(d.get("n_nonzero") or 0) / n_tokens if n_tokens else 0.0
-    sink = int(d.get("bos_texts") or 0) > 0 or float(d.get("sink_share") or 0.0) >= 0.5  # LatentDashboard.sink_flag
+    sink = sink_flagged(int(d.get("bos_texts") or 0), float(d.get("sink_share") or 0.0))
     return d["feature"], DashboardMeta(offset, len(line), d.get("cos_direction"), density, sink, d.get("explanation"))
 
 

@@ -106,7 +106,8 @@ def run_ce_loss(ctx: Context) -> dict:
             sets = {k: sets[k] for k in sorted(keep)}
         rows = ce_loss.ce_table(ctx.model, ctx.saes, [ce_loss.TextSet("instructions", instr, chat=True),
                                                       ce_loss.TextSet("general", general)],
-                                direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
+                                direction, sets, batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet,
+                                checkpoint=st.checkpoint("losses", key="key"))
         for r in rows:
             r["n_sets_total"] = n_total if r["setting"] == "features" else None
         st.json("table9.json", rows)
@@ -117,7 +118,9 @@ def run_ce_loss(ctx: Context) -> dict:
 def run_taxonomy(ctx: Context) -> dict:
     """Figure 3 as the paper counts (a latent is active on a category if non-zero on any token,
     BOS included), the same histogram with sink positions left out beside it, and the human-study
-    sample drawn from the view `analyses.taxonomy_sinks` picks."""
+    sample drawn from the view `analyses.taxonomy_sinks` picks. Both passes over the prompts are
+    checkpointed per chunk (`views.partial.jsonl`, `candidates.partial.jsonl`): a killed stage
+    resumes from its last finished chunk."""
     def compute(st):
         a = ctx.cfg.analyses
         prompts = taxonomy.taxonomy_prompts([p for s in a.taxonomy_prompts
@@ -125,7 +128,8 @@ def run_taxonomy(ctx: Context) -> dict:
                                             a.taxonomy_field, a.taxonomy_only)
         feats = ctx.results.critical_features().ids()
         bs = ctx.cfg.model.batch_size
-        every, no_sinks = taxonomy.category_views(ctx.model, ctx.saes, prompts, feats, bs, quiet=ctx.quiet)
+        every, no_sinks = taxonomy.category_views(ctx.model, ctx.saes, prompts, feats, bs, quiet=ctx.quiet,
+                                                  checkpoint=st.checkpoint("views", key="start"))
         hists = {}
         for view, act in (("every_token", every), ("sinks_skipped", no_sinks)):
             hists[view] = taxonomy.category_histogram(taxonomy.category_map(act))
@@ -139,7 +143,8 @@ def run_taxonomy(ctx: Context) -> dict:
         pool = taxonomy.LatentPool(ctx.saes, exclude=feats)  # lazy: every latent of every layer
         extra = random.Random(ctx.cfg.seed).sample(pool, min(len(pool), 400))
         cand = taxonomy.category_activity(ctx.model, ctx.saes, prompts, extra, bs,
-                                          sink_ratio=None if a.taxonomy_sinks == "keep" else 4.0)
+                                          sink_ratio=None if a.taxonomy_sinks == "keep" else 4.0,
+                                          checkpoint=st.checkpoint("candidates", key="start"))
         study = human_study.sample_study(taxonomy.category_map(main), cand, seed=ctx.cfg.seed)
         st.json("category_activity.json", every)
         st.json("category_activity_sinks_skipped.json", no_sinks)
@@ -165,7 +170,8 @@ def run_clamping(ctx: Context) -> dict:
 
 def run_semantics(ctx: Context) -> dict:
     """Explanations of every Stage 1, 2 and 3 latent; top terms per stage (Table 4 is Stage 1's)
-    and concept groups (Tables 7/8/10/11; Stage 3 = latents found at neither Stage 1 nor 2)."""
+    and concept groups (Tables 7/8/10/11; Stage 3 = latents found at neither Stage 1 nor 2). The
+    corpus pass is checkpointed per chunk (`top_activations.partial.jsonl`)."""
     def compute(st):
         a = ctx.cfg.analyses
         crit = ctx.results.critical_features()
@@ -200,7 +206,8 @@ def run_semantics(ctx: Context) -> dict:
         texts = [p.text for p in load_prompt_set("bundled:general")]
         texts += [ctx.model.format_chat(p.text) for p in ctx.results.kept_prompts()]
         top = semantics.top_activations(ctx.model, ctx.saes, texts[: a.explain_texts], feats,
-                                        batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet)
+                                        batch_size=ctx.cfg.model.batch_size, quiet=ctx.quiet,
+                                        checkpoint=st.checkpoint("top_activations", key="start"))
         for f in feats:
             expl.setdefault(f, semantics.activation_explanation(top.get(f, [])))
         st.json("explanations.json", {"source": source, "missing_from_neuronpedia": missing,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from pathlib import Path
 
-from ..artifacts import atomic_write
+from ..artifacts import atomic_write, atomic_write_text
 from ..interventions.features import FeatureSet
 from ..methods import dashboards as dash
 from ..methods import latent_effects as le
@@ -86,6 +87,17 @@ def _layer_boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict
     return out
 
 
+def _layer_file(ctx: Context, st, layer: int, feats: FeatureSet, texts: list[str], known: dict, by_latent: dict,
+                near: dict) -> Path:
+    """One layer's dashboards as JSON lines in `layer-L.partial.jsonl`, written whole once its corpus
+    pass is done; a file left by an interrupted run is taken as it is (the resume point)."""
+    path = st.store.path(st.stage, f"layer-{layer:04d}.partial.jsonl")
+    if not path.exists():
+        atomic_write_text(path, "".join(json.dumps(b.to_json()) + "\n"
+                                        for b in _layer_boards(ctx, texts, feats, known, by_latent, near)))
+    return path
+
+
 def run_dashboards(ctx: Context) -> dict:
     name = "dashboards"
     h = stage_hash(ctx, name)
@@ -123,17 +135,23 @@ def run_dashboards(ctx: Context) -> dict:
             near = dash.fm_neighbours(V, columns, feats, dc.fm_neighbours)
         known = explanations(ctx, feats)
         n = {"latents": 0, "effects": 0, "sink": 0, "texts": 0}
+        layers = [_layer_file(ctx, st, layer, FeatureSet.from_layers({layer: ix}), texts, known, by_latent, near)
+                  for layer, ix in feats.by_layer().items()]
 
-        def write(tmp: str) -> None:  # layer by layer, straight to the file
+        def write(tmp: str) -> None:  # the layers' files joined in order, a line at a time
             with open(tmp, "w", encoding="utf-8") as fh:
-                for layer, ix in feats.by_layer().items():
-                    for b in _layer_boards(ctx, texts, FeatureSet.from_layers({layer: ix}), known, by_latent, near):
-                        fh.write(json.dumps(b.to_json()) + "\n")
-                        n["latents"] += 1
-                        n["effects"] += bool(b.effects)
-                        n["sink"] += b.sink_flag
-                        n["texts"] = b.n_texts
+                for part in layers:
+                    with open(part, encoding="utf-8") as lines:
+                        for line in lines:
+                            fh.write(line)
+                            b = json.loads(line)
+                            n["latents"] += 1
+                            n["effects"] += bool(b["effects"])
+                            n["sink"] += dash.sink_flagged(b["bos_texts"], b["sink_share"])
+                            n["texts"] = b["n_texts"]
         path = atomic_write(st.file("dashboards.jsonl"), write)
+        for part in layers:  # joined above: the layers' files are not kept
+            part.unlink()
         st.json("dashboards_index.json", index_json(path))  # readers look latents up by offset
         st.summary = {"n_latents": n["latents"], "n_with_effects": n["effects"], "n_sink_flagged": n["sink"],
                       "n_fm_columns": len(near), "corpus_texts": n["texts"],
