@@ -294,7 +294,8 @@ def test_opening_judge_reads_only_the_opening():
 
 
 def test_cascade_settles_refusals_and_degenerate_replies_and_confirms_jailbreaks(cls_dir):
-    from refusalscope.measures.cascade import DEGENERATE, make_cascade
+    from refusalscope.measures.cascade import DEGENERATE
+    from refusalscope.measures.judges import make_cascade
 
     final = make_judge("classifier", path=str(cls_dir), dtype="float32", device="cpu", quiet=True)
     cascade = make_cascade(final, "opening", {}, None)
@@ -318,8 +319,8 @@ def test_cascade_settles_refusals_and_degenerate_replies_and_confirms_jailbreaks
 
 
 def test_refusal_on_harmless_prompts_is_never_measured_by_a_harm_classifier(cls_dir):
-    from refusalscope.measures.cascade import CascadeJudge, make_cascade, refusal_judge
-    from refusalscope.measures.judges import SubstringJudge
+    from refusalscope.measures.cascade import CascadeJudge, refusal_judge
+    from refusalscope.measures.judges import SubstringJudge, make_cascade
 
     cls = make_judge("classifier", path=str(cls_dir))
     sub = make_judge("substring")
@@ -344,7 +345,7 @@ def talker():
 
 
 def test_generate_judged_with_a_first_pass_generates_full_replies_only_where_needed(talker, cls_dir):
-    from refusalscope.measures.cascade import make_cascade
+    from refusalscope.measures.judges import make_cascade
     from refusalscope.methods.evaluate import generate_judged
 
     chat = talker

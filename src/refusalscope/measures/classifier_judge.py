@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..io.model import resolve_device, resolve_dtype
-from .judges import Verdicts, check_inputs, register_judge
+from .verdicts import Verdicts, check_inputs
 
 DEFAULT_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
 
@@ -66,11 +66,10 @@ def answer_token_ids(tokenizer, yes_words: Sequence[str], no_words: Sequence[str
     return yes, no
 
 
-@register_judge("classifier")
 class ClassifierJudge:
     """HarmBench classifier; weights are loaded on first use and kept for this judge instance."""
 
-    name: str  # set by @register_judge
+    name = "classifier"
     needs_completions = True
     needs_model = False
     degenerate_is_jailbreak = False
@@ -180,5 +179,3 @@ class ClassifierJudge:
         refused = [not bool(y > n) for y, n in zip(log_yes, log_no)]
         return Verdicts(self.name, refused, scores.tolist(), list(completions))
 
-
-from . import guard_judge  # noqa: E402,F401  (registers "llama-guard", a subclass of this judge)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from ..errors import UserError
 from .classifier_judge import ClassifierJudge
-from .judges import register_judge
 
 DEFAULT_GUARD = "meta-llama/Llama-Guard-3-8B"
 
@@ -46,10 +45,11 @@ LLAMA_GUARD_3_TEMPLATE = (
 TEMPLATES = {"llama-guard-3": LLAMA_GUARD_3_TEMPLATE}
 
 
-@register_judge("llama-guard")
 class LlamaGuardJudge(ClassifierJudge):
     """Llama-Guard-style safety classifier from a local folder or hub id; weights load on first
     use. `template`: a Jinja chat template (or "llama-guard-3") used instead of the tokenizer's."""
+
+    name = "llama-guard"
 
     def __init__(self, path: str = DEFAULT_GUARD, dtype: str = "auto", device: str = "auto",
                  batch_size: int | None = 8, max_generation_tokens: int | None = 512,

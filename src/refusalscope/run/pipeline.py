@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 from ..io.model import ChatModel
 from ..io.prompts import filter_refused, heldout_split
-from ..measures.cascade import make_cascade, refusal_judge
-from ..measures.judges import make_judge
+from ..measures.cascade import refusal_judge
+from ..measures.judges import make_cascade, make_judge
 from ..methods.evaluate import generate_judged
 from .config import Config
 from .inputs import stage_hashes
