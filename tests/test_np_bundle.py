@@ -66,3 +66,36 @@ def test_semantics_and_dashboards_take_explanations_from_the_bundle(tiny_run, tm
     assert r.stage2_sets() == before.stage2_sets()  # only the stages that read the bundle reran
     assert r.stages()["stage2"]["config_hash"] == before.stages()["stage2"]["config_hash"]
     assert r.stages()["semantics"]["config_hash"] != before.stages()["semantics"]["config_hash"]
+
+
+def test_the_bundle_reruns_its_readers_when_its_content_changes_not_its_place(tiny_run, tmp_path):
+    """The semantics and dashboards hashes follow the bundle files' sha256: the same files moved to
+    another folder rerun nothing; one description edited reruns both, and the new text is shown."""
+    run, here = tmp_path / "run", tmp_path / "a" / "explanations"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(BUNDLE, here)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["saes"]["neuronpedia_id"] = TEMPLATE
+    cfg["analyses"].update(neuronpedia_url="http://127.0.0.1:9", neuronpedia_cache=str(tmp_path / "np-cache"))
+
+    def analyze(bundle: Path) -> dict[str, float]:
+        cfg["analyses"]["neuronpedia_bundle"] = str(bundle)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        res = CliRunner().invoke(app, ["analyze", "semantics", "dashboards", "-c", str(tmp_path / "cfg.yaml"),
+                                       "-r", str(run), "-q"])
+        assert res.exit_code == 0, res.output
+        return {s: e["started"] for s, e in RunResults(run).stages().items()}
+
+    first = analyze(here)
+    moved = tmp_path / "b" / "np-export"
+    shutil.move(str(tmp_path / "a"), str(moved))
+    assert analyze(moved / "explanations") == first  # same bytes elsewhere: nothing reran
+
+    rows = gzip.open(moved / "explanations" / "batch-0.jsonl.gz", "rt", encoding="utf-8").read()
+    with gzip.open(moved / "explanations" / "batch-0.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(rows.replace("refusing harmful requests", "declining dangerous asks"))
+    edited = analyze(moved / "explanations")
+    assert {s for s in edited if edited[s] != first[s]} == {"semantics", "dashboards"}
+    r = RunResults(run)
+    assert r.explanations()["1-1"] == "declining dangerous asks"
+    assert r.dashboards()["1-1"].explanation == "declining dangerous asks"

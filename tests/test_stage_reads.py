@@ -56,7 +56,7 @@ def test_every_config_read_of_every_stage_is_listed_in_inputs(tiny_world, tmp_pa
     assert "stage3.n_tokens" in reads["stage3"] and "stage2.taus" in reads["stage2"]  # the recorder sees reads
     unlisted = {}
     for name, keys in reads.items():
-        listed = STAGES[name].keys + STAGES[name].files
+        listed = STAGES[name].keys + STAGES[name].files + STAGES[name].bundles
         bad = sorted(k for k in keys if not k.startswith("execution")
                      and not any(k == x or k.startswith(x + ".") for x in listed))
         if bad:

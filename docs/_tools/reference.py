@@ -209,12 +209,13 @@ def stage_inputs_markdown() -> str:
     """The table of `run/inputs.py`: what each stage reads, so what reruns it."""
     from refusalscope.run.inputs import STAGES
 
-    lines = ["| stage | config fields it reads | prompt sets it reads (by content) | stages it reads | "
+    lines = ["| stage | config fields it reads | files it reads (by content: prompt sets, Neuronpedia bundles) | "
+             "stages it reads | "
              "read when the config runs them |", "|---|---|---|---|---|"]
     for name, spec in STAGES.items():
         def cells(xs):
             return ", ".join(f"`{x}`" for x in xs) or "–"
-        lines.append(f"| `{name}` | {cells(spec.keys)} | {cells(spec.files)} | {cells(spec.deps)} | "
+        lines.append(f"| `{name}` | {cells(spec.keys)} | {cells(spec.files + spec.bundles)} | {cells(spec.deps)} | "
                      f"{cells(spec.optional)} |")
     return "\n".join(lines)
 

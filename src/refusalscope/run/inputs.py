@@ -28,6 +28,7 @@ class StageInputs:
     files: tuple[str, ...] = ()  # fields naming prompt sets, hashed by their parsed contents
     deps: tuple[str, ...] = ()  # stages whose artifacts it reads (their hashes chain in)
     optional: tuple[str, ...] = ()  # stages it reads when the config runs them (chained in then, never forced)
+    bundles: tuple[str, ...] = ()  # fields naming Neuronpedia explanation bundles, hashed by their files' sha256
 
 
 STAGES: dict[str, StageInputs] = {
@@ -56,12 +57,12 @@ STAGES: dict[str, StageInputs] = {
     "clamping": StageInputs(("generation", "analyses.clamp_values", "analyses.clamp_prompts",
                              "analyses.clamp_tokens"), (), ("hydra",)),
     "semantics": StageInputs(("model.batch_size", "analyses.explain_texts", "analyses.neuronpedia_cache",
-                              "analyses.neuronpedia_url", "analyses.neuronpedia_bundle", "saes.neuronpedia_id"),
-                             (), ("stage3",)),
+                              "analyses.neuronpedia_url", "saes.neuronpedia_id"),
+                             (), ("stage3",), bundles=("analyses.neuronpedia_bundle",)),
     "dashboards": StageInputs(("dashboards", "model.batch_size", "data.text_field", "saes.neuronpedia_id",
-                               "analyses.neuronpedia_cache", "analyses.neuronpedia_bundle", "seed"),
+                               "analyses.neuronpedia_cache", "seed"),
                               ("dashboards.corpus",), ("stage2",),
-                              ("stage3", "hydra", "taxonomy", "semantics")),
+                              ("stage3", "hydra", "taxonomy", "semantics"), bundles=("analyses.neuronpedia_bundle",)),
     "eval": StageInputs(("model.batch_size", "data", "judge", "generation", "eval", "seed"),
                         ("eval.datasets", "eval.general_text"),
                         ("filter", "direction", "stage2", "stage3"), ("hydra",)),
@@ -104,6 +105,33 @@ def prompt_digest(spec: str, text_field: str | None) -> str:
     return _digests[key]
 
 
+_bundle_digests: dict[tuple, str] = {}
+
+
+def bundle_digest(spec: str | None) -> str | None:
+    """Hash of a Neuronpedia bundle's contents: each file's sha256 with its path inside the bundle
+    folder (file order decides which explanation wins), not where the bundle lies, so moving it
+    reruns nothing and editing it reruns what reads it. None when no bundle is set."""
+    if spec is None:
+        return None
+    from ..artifacts import file_digest
+    from ..methods.np_bundle import bundle_files
+
+    try:
+        files = bundle_files(spec)
+    except UserError:
+        return "missing"  # preflight says why, in one line
+    root = Path(spec).expanduser()
+    parts = []
+    for f in files:
+        st = os.stat(f)
+        key = (str(f), st.st_size, st.st_mtime_ns)
+        if key not in _bundle_digests:
+            _bundle_digests[key] = file_digest(f)[1]
+        parts.append((f.relative_to(root).as_posix() if root.is_dir() else "", _bundle_digests[key]))
+    return config_hash(parts)
+
+
 def files_of(cfg: Config, key: str) -> list[str]:
     """The prompt sets a `files` field names (eval.datasets: NAME=PATH gives PATH; the run's own
     parts are not files)."""
@@ -132,7 +160,9 @@ def stage_hashes(cfg: Config, names=None) -> dict[str, str]:
             keys = {k: config_value(cfg, k) for k in spec.keys}
             if "model" in spec.keys:
                 keys["model_identity"] = _model_identity(cfg)
-            files = {k: [prompt_digest(f, cfg.data.text_field) for f in files_of(cfg, k)] for k in spec.files}
+            files: dict[str, list[str | None]] = {
+                k: [prompt_digest(f, cfg.data.text_field) for f in files_of(cfg, k)] for k in spec.files}
+            files.update({k: [bundle_digest(config_value(cfg, k))] for k in spec.bundles})
             runs = {*PIPELINE, *cfg.analyses.run}
             deps = [*spec.deps, *(d for d in spec.optional if d in runs)]
             out[name] = config_hash({"stage": name, "cfg": keys, "files": files, "deps": {d: one(d) for d in deps}})
