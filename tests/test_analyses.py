@@ -61,18 +61,29 @@ def test_activity_matches_direct_encode(w):
 
 
 def test_inactive_critical_counts_equal_naive_loop(w):
+    """Every count is recounted from a naive loop: one judged generation per prompt and subset, and
+    the silent latents read off the fixture's direct SAE encode (not from `activity`)."""
     out = inactive_critical(w.model, w.saes, w.prompts, w.sets, w.act, w.judge, 2, batch_size=7)
     c, recs = out["counts"], out["records"]
-    assert c["n_prompts"] == 8 and c["n_with_inactive"] == 8
-    assert c["n_inactive_latents"] == sum(len(a.inactive) for a in w.act.values())
-    assert c["jailbroken_full"] >= 1
-    assert c["lost_without_inactive"] - c["gained_without_inactive"] == \
-        c["jailbroken_full"] - c["jailbroken_active_only"]
-    for (pid, text), rec in zip(w.prompts, recs):
-        for name, feats in (("full", w.sets[pid]), ("active", w.act[pid].active),
-                            ("inactive", w.act[pid].inactive)):
+    ref = {}
+    for r, ((pid, text), rec) in enumerate(zip(w.prompts, recs)):
+        silent = [f for f in w.sets[pid] if w.counts[f[0]][r, f[1]] == 0]
+        loud = [f for f in w.sets[pid] if f not in silent]
+        for name, feats in (("full", w.sets[pid]), ("active", loud), ("inactive", silent)):
             j = generate_judged(w.model, w.saes, [text], [FeatureSet(feats).plan()], w.judge, 2, 1)
-            assert rec["jailbroken"][name] == j.jailbroken[0], (pid, name)
+            ref[pid, name] = bool(j.jailbroken[0])
+            assert rec["jailbroken"][name] == ref[pid, name], (pid, name)
+        ref[pid, "silent"] = silent
+    ids = [pid for pid, _ in w.prompts]
+    full, active = ({p for p in ids if ref[p, k]} for k in ("full", "active"))
+    assert c == {
+        "n_prompts": 8, "n_with_inactive": sum(bool(ref[p, "silent"]) for p in ids),
+        "n_inactive_latents": sum(len(ref[p, "silent"]) for p in ids),
+        "n_unique_inactive_latents": len({f for p in ids for f in ref[p, "silent"]}),
+        "jailbroken_full": len(full), "jailbroken_active_only": len(active),
+        "jailbroken_inactive_only": sum(ref[p, "inactive"] for p in ids),
+        "lost_without_inactive": len(full - active), "gained_without_inactive": len(active - full)}
+    assert c["n_with_inactive"] == 8 and c["jailbroken_full"] >= 1  # the fixture planted silent latents
 
 
 def test_wake_up_matches_direct_recording(w):

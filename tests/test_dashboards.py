@@ -1,10 +1,14 @@
 """The `dashboards` stage on a real tiny run: every latent of the run's sets and study sample
 gets a dashboard, and its numbers agree with direct computations on the same model and SAEs."""
 
+import dataclasses
+
 import torch
+from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.interventions.features import Feature, FeatureSet
-from refusalscope.methods.dashboards import ValueSample, corpus_dashboards, fm_neighbours
+from refusalscope.io.saes import SAESet
+from refusalscope.methods.dashboards import LatentDashboard, ValueSample, corpus_dashboards, fm_neighbours
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.methods.latent_effects import effect_pairs
 from refusalscope.run.pipeline import Context
@@ -36,9 +40,45 @@ def test_every_latent_of_the_run_has_a_consistent_dashboard(tiny_run):
         for x in b.top:  # the window holds the peak at its index; nothing away from sinks is larger
             away = [a for i, a in enumerate(x.acts) if i not in x.sinks or x.peak in x.sinks]
             assert abs(x.acts[x.peak] - x.value) < 1e-3 and max(away) <= x.value + 1e-3
-        assert b.sink_flag == (b.bos_texts > 0 or b.sink_share >= 0.5)
         assert b.explanation and b.explanation_source in ("activations", "neuronpedia")
     assert r.summary("dashboards")["n_latents"] == len(boards)
+
+
+def test_sink_flag_marks_a_latent_planted_on_bos_and_not_one_planted_on_content_tokens():
+    """Two latents planted in layer 1's SAE: one whose encoder reads the BOS residual, with a threshold
+    only BOS passes (fires on BOS of every text: the hydra latents' home), and one planted refusal
+    latent raised above every BOS value (fires on harmful content only). Their counts come from the
+    construction, not from the dashboard code."""
+    model, saes = planted_world()
+    L, texts = 1, HARMFUL[:4] + HARMLESS[:4]
+    bos_tok = model.tokenizer.bos_token
+    batch = model.encode_texts([bos_tok + t for t in texts], add_special_tokens=False)
+    h = model.residuals(batch, [L])[L].float()
+    valid = batch.attention_mask.bool()
+    first = batch.input_ids.shape[1] - valid.sum(1)  # left padding: each row's BOS column
+    at_bos = torch.zeros_like(valid)
+    at_bos[torch.arange(len(texts)), first] = True
+    fd = saes[L]
+    W_enc, thr = fd.W_enc.clone(), fd.threshold.clone()
+    h_bos = h[0, first[0]]
+    W_enc[:, 0] = h_bos / h_bos.norm() ** 2  # pre-activation 1 at BOS (the same residual in every row)
+    pre = h @ W_enc[:, 0]
+    rest = pre[valid & ~at_bos].max()
+    assert rest < 0.95 and (pre[at_bos] - 1).abs().max() < 1e-4  # the plant holds: BOS stands alone
+    thr[0] = (1 + float(rest)) / 2
+    W_enc[:, 1] = fd.W_enc[:, 0]  # the planted refusal latent, threshold above every BOS value
+    pre = h @ W_enc[:, 1] + fd.b_enc[1]
+    thr[1] = max(0.0, float(pre[at_bos].max())) + 1e-3
+    n_content = int(((pre > thr[1]) & valid & ~at_bos).sum())
+    assert n_content > 0
+    planted = SAESet({L: dataclasses.replace(fd, W_enc=W_enc, threshold=thr)})
+    out = corpus_dashboards(model, planted, texts, FeatureSet([Feature(L, 0), Feature(L, 1)]), batch_size=3,
+                            sink_ratio=None, top_k=2)
+    on_bos, on_content = out[Feature(L, 0)], out[Feature(L, 1)]
+    assert (on_bos["bos_texts"], on_bos["n_nonzero"], on_bos["sink_share"]) == (len(texts), len(texts), 1.0)
+    assert (on_content["bos_texts"], on_content["n_nonzero"], on_content["sink_share"]) == (0, n_content, 0.0)
+    board = lambda f: LatentDashboard(f.id, **out[f], logits_top=[], logits_bottom=[], cos_direction=None)  # noqa: E731
+    assert board(Feature(L, 0)).sink_flag and not board(Feature(L, 1)).sink_flag
 
 
 def test_corpus_pass_matches_the_full_sae_encode(tiny_run):

@@ -40,8 +40,8 @@ def test_mean_differences_and_direction_effects(world):
     assert sorted(set(table["layer"])) == candidate_layers(model.n_layers, "auto")
     judged = choice.table.dropna(subset=["asr_val"])
     assert len(judged) == 2 and choice.table["selected"].sum() == 1
-    best = judged.sort_values(["asr_val", "kl_harmless"], ascending=[False, True]).iloc[0]
-    assert (choice.layer, choice.position) == (int(best["layer"]), int(best["position"]))
+    chosen = choice.table[choice.table["selected"]].iloc[0]
+    assert (choice.layer, choice.position) == (int(chosen["layer"]), int(chosen["position"]))
     assert abs(choice.direction.norm().item() - 1) < 1e-5
     before = refusal_probs(model, None, HARMFUL).mean()
     after = refusal_probs(model, None, HARMFUL, shared=[DirectionAblation(choice.direction)]).mean()
@@ -51,6 +51,24 @@ def test_mean_differences_and_direction_effects(world):
     assert cos.shape == (8, model.n_layers)
 
 
+def test_selection_takes_the_planted_direction_over_a_random_one_with_lower_kl(world):
+    """The rule on a planted contrast, checked by hand: the real mean difference (layer 2) jailbreaks
+    every harmful prompt; a random vector of the same norm put in as layer 1's candidate does not, though
+    it costs less KL on harmless prompts. ASR decides before KL, so layer 2 is chosen."""
+    model, _, judge = world
+    diffs = mean_differences(model, HARMFUL, HARMLESS, [-1], batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    diffs[0, 1] = torch.randn(model.d_model, generator=g) * diffs[0, 1].norm()
+    table = score_candidates(model, diffs, [-1], [1, 2], HARMFUL, HARMLESS, batch_size=8)
+    choice = select_direction(model, diffs, [-1], table, HARMFUL, HARMLESS, judge, max_kl=100, n_generate=2,
+                              max_new_tokens=2, batch_size=8)
+    asr = dict(zip(choice.table["layer"], choice.table["asr_val"]))
+    kl = dict(zip(choice.table["layer"], choice.table["kl_harmless"]))
+    assert asr[2] == 1.0 > asr[1] and kl[1] < kl[2]
+    assert choice.layer == 2 and choice.table["selected"].tolist() == [False, True]
+    torch.testing.assert_close(choice.direction, diffs[0, 2] / diffs[0, 2].norm())
+
+
 def test_aligned_latents_rank_planted_first(world):
     model, saes, _ = world
     diffs = mean_differences(model, HARMFUL, HARMLESS, [-1], batch_size=8)
@@ -58,7 +76,8 @@ def test_aligned_latents_rank_planted_first(world):
     ranked, cos = aligned_latents(saes, r, [1, 2, 3], k_max=5)
     assert set(ranked[2][:3].tolist()) == {0, 1, 2} and cos[2][0] > 0.99
     assert all((c[:-1] >= c[1:]).all() for c in cos.values())  # descending
-    assert top_k_set(ranked, 2).by_layer() == {l: sorted(ranked[l][:2].tolist()) for l in (1, 2, 3)}
+    top2 = top_k_set(ranked, 2).by_layer()  # two per layer; at layer 2, two of the three planted latents
+    assert sorted(top2) == [1, 2, 3] and all(len(ix) == 2 for ix in top2.values()) and set(top2[2]) < {0, 1, 2}
 
 
 def test_batched_ladder_equals_sequential(world):

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from planted import CATEGORIES, planted_world
 from tiny_world import write_tiny_world
 from typer.testing import CliRunner
 
@@ -32,7 +33,8 @@ def test_pipeline_runs_and_resumes(world, capsys):
     assert cands.loc[cands["selected"], "layer"].tolist() == [d["layer"]]
     ablated = [json.loads(l) for l in (run_dir / "direction" / "completions.jsonl").read_text().splitlines()]
     ablated = [r for r in ablated if r["set"] == "ablate"]
-    assert d["asr_after_ablation"] == round(sum(r["jailbroken"] for r in ablated) / len(ablated), 4)
+    # planted: the mechanism is the direction, so ablating it jailbreaks every refused prompt
+    assert len(ablated) == 6 and all(r["jailbroken"] for r in ablated) and d["asr_after_ablation"] == 1.0
     s1, s2 = out["stage1"], out["stage2"]
     assert s1["prompts"] == 6 and s1["jailbroken"] >= 3
     assert s2["stage1_jailbroken"] == s1["jailbroken"] and s2["jailbroken"] <= s1["jailbroken"]
@@ -45,8 +47,13 @@ def test_pipeline_runs_and_resumes(world, capsys):
     assert [r["seed"] for r in out["controls"]["random"]["per_seed"]] == [0, 1]
     assert {(r["dataset"], r["setting"]) for r in out["ce_loss"]["rows"]} == {
         (d, s) for d in ("instructions", "general") for s in ("baseline", "direction", "features")}
-    assert sum(out["taxonomy"]["histogram"]["by_count"].values()) + out["taxonomy"]["histogram"]["none"] \
-        == out["taxonomy"]["n_features"]
+    # planted: the latents along r̂ (index < 3) fire on every harmful prompt, and harmful.jsonl holds two
+    # prompts of each of four categories, so each found planted latent counts 2 in each and "4 types"
+    acts = json.loads((run_dir / "taxonomy" / "category_activity.json").read_text())
+    planted = [f for f in acts if int(f.split("-")[1]) < 3]
+    assert planted and all(acts[f] == {c: 2 for c in CATEGORIES} for f in planted)
+    assert out["taxonomy"]["histogram"]["by_count"]["4"] >= len(planted)
+    assert out["taxonomy"]["n_features"] == len(acts) == len(RunResults(run_dir).critical_features())
     assert out["semantics"]["source"] == "activations" and out["semantics"]["n_features"] > 0
     manifest = read_json(run_dir / "manifest.json")
     stages = ("filter", "direction", "stage1", "stage2", "stage3", "hydra", "stage3_only", "controls",
@@ -64,9 +71,16 @@ def test_pipeline_runs_and_resumes(world, capsys):
         assert (rec.set is None) == (not wins) and (not wins or len(rec.set) == min(wins))
         if rec.set is not None:  # its active/inactive split covers it exactly
             assert sorted(rec.active | rec.inactive) == sorted(rec.set)
-    chosen = [r for r in sets.values() if r.set is not None]
-    n_inactive = sum(len(r.inactive) for r in chosen)
-    assert s2["inactive_share"] == round(n_inactive / sum(len(r.set) for r in chosen), 4)
+    chosen = {pid: r for pid, r in sets.items() if r.set is not None}
+    # inactive = silent at every token of the plain prompt, recounted with the full SAE encode
+    model, saes = planted_world()  # the world write_tiny_world saved
+    text = {p.id: p.text for p in results.kept_prompts()}
+    silent = 0
+    for pid, r in chosen.items():
+        batch = model.encode([text[pid]])
+        res = model.residuals(batch, sorted({f.layer for f in r.set}))
+        silent += sum(float(saes[f.layer].encode(res[f.layer])[0, :, f.index].max()) <= 0 for f in r.set)
+    assert s2["inactive_share"] == round(silent / sum(len(r.set) for r in chosen.values()), 4)
     assert set(results.stage1()) == {p.id for p in results.kept_prompts()}
     assert {pid for pid, r in results.stage3().items() if r.k} == set(results.stage3_sets())
     # Stage 1 searched SAE layers up to l* only (stage1.layers: to_lstar), minus the excluded one
