@@ -3,10 +3,13 @@ exist (404), bad payloads (422), path traversal on every route that takes an id 
 oversized bodies (413), cross-origin posts (403), escaped hostile text, annotations written to
 and read back from the SQLite file, and the playground on the run's real model."""
 
+import json
+import re
 import sqlite3
 
 import pytest
 from fastapi.testclient import TestClient
+from markupsafe import escape
 from tiny_world import XSS, hostile_copy
 
 from refusalscope.errors import UserError
@@ -38,6 +41,34 @@ def test_every_page_renders(site):
         assert "content-security-policy" in res.headers and res.headers["x-frame-options"] == "DENY"
     stage2 = client.get("/latents?stage=2").text
     assert latent in stage2 and client.get(f"/latents/{latent}").text.count("Top activating contexts") == 1
+
+
+def _links(page: str, kind: str) -> set[str]:
+    return set(re.findall(rf'href="/{kind}/([^"?/]+)"', page))
+
+
+def test_pages_show_what_the_run_files_hold(site):
+    """What the pages list and say, checked against the run's own files read as plain JSON (not
+    through the views the app renders from)."""
+    client, run, _ = site
+    kept = {p["id"] for p in json.loads((run / "filter" / "kept.json").read_text())}
+    assert _links(client.get("/prompts").text, "prompts") == kept
+    sets = {r["id"]: r["set"] for r in map(json.loads, (run / "stage2" / "sets.jsonl").read_text().splitlines())
+            if r["set"]}
+    assert sets and _links(client.get("/latents?stage=2").text, "latents") == {f for s in sets.values() for f in s}
+    listed = _links(client.get("/latents").text, "latents")
+    for layer in {int(f.split("-")[0]) for f in listed} | {0}:
+        want = {f for f in listed if f.startswith(f"{layer}-")}
+        assert _links(client.get(f"/latents?layer={layer}").text, "latents") == want, layer
+    lines = (run / "dashboards" / "dashboards.jsonl").read_text().splitlines()
+    boards = {b["feature"]: b for b in map(json.loads, lines)}
+    for f in listed:
+        page = client.get(f"/latents/{f}").text
+        assert str(escape(boards[f]["explanation"])) in page, f  # as the templates escape it
+        assert {e["prompt"] for e in boards[f]["effects"]} <= _links(page, "prompts"), f
+    for pid, latents in sets.items():
+        assert set(latents) <= _links(client.get(f"/prompts/{pid}").text, "latents"), pid
+    assert client.get("/study/answers.csv").text.splitlines()[0] == "id,annotator,feature,labels,created"
 
 
 def test_hostile_text_is_escaped_everywhere(site):
