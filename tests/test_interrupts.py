@@ -44,3 +44,19 @@ def test_interrupted_run_ends_in_one_line_and_resumes_to_the_same_result(tiny_wo
     assert resumed.returncode == 0, resumed.stderr
     assert compare_runs(ref, trial) == []
     assert (trial / "run.lock").read_bytes() == b""
+
+
+def test_interrupt_while_the_manifest_records_a_finished_stage_marks_it_failed(tiny_world, tiny_reference, tmp_path):
+    """The third manifest write of `filter` is the one that records the stage done (after the opening
+    stamp and the "running" entry): SIGTERM inside it leaves the stage marked failed, never running,
+    and the same command then finishes it as an uninterrupted run does."""
+    ref, _ = tiny_reference
+    trial = tmp_path / "trial"
+    cmd = ("filter", "-c", str(tiny_world / "cfg.yaml"), "-r", str(trial), "-q")
+    proc = run_cli("term@write:3~manifest.json", *cmd)
+    assert proc.returncode == 143, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [SAID[143]]
+    assert json.loads((trial / "manifest.json").read_text())["stages"]["filter"]["status"] == "failed"
+    assert (trial / "filter" / "kept.json").exists()  # the stage's work was all there
+    assert run_cli("count:/dev/null", *cmd).returncode == 0
+    assert compare_runs(ref, trial, stages=["filter"]) == []

@@ -226,19 +226,27 @@ class RunStore:
         try:
             yield rec
         except BaseException:
-            entry["status"] = "failed"
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-            try:
-                self._save()
-            except (OSError, UserError):  # a full disk: the earlier manifest stays, the error below says why
-                pass
+            self._failed(entry, t0)
             raise
         artifacts = sorted(set(rec.artifacts))
         entry.update(status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
                      artifacts=artifacts, checksums={a: list(file_digest(self.root / a)) for a in artifacts},
                      summary=rec.summary,
                      **({"executed": rec.executed} if rec.executed else {}))
-        self._save()
+        try:
+            self._save()
+        except BaseException:  # interrupted while recording the finish: the file on disk still says running
+            self._failed(entry, t0)
+            raise
+
+    def _failed(self, entry: dict, t0: float) -> None:
+        """Mark the stage failed on disk (the next run reruns it, from its checkpoints)."""
+        entry["status"] = "failed"
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        try:
+            self._save()
+        except (OSError, UserError):  # a full disk: the earlier manifest stays, the error below says why
+            pass
 
 
 class StageRecord:
