@@ -140,9 +140,14 @@ def test_random_control_samples_active_latents(w):
         assert all(i in active[pid][l] for l, i in d["features"])
     out = random_control(w.model, w.saes, w.prompts, w.sets, w.judge, seeds=(0, 1), max_new_tokens=2)
     assert [p["seed"] for p in out["per_seed"]] == [0, 1]
+    text = dict(w.prompts)
+    naive = {0: 0, 1: 0}  # each random set ablated alone on its prompt, judged: the per-seed counts
     for rec in out["records"]:
         assert rec["features"] == random_sets(w.sets, active, rec["seed"])[rec["id"]]["features"].ids()
-    assert sum(p["jailbroken"] for p in out["per_seed"]) == sum(r["jailbroken"] for r in out["records"])
+        j = generate_judged(w.model, w.saes, [text[rec["id"]]], [FeatureSet(rec["features"]).plan()], w.judge, 2, 1)
+        assert rec["jailbroken"] == j.jailbroken[0], rec["id"]
+        naive[rec["seed"]] += bool(j.jailbroken[0])
+    assert [(p["seed"], p["jailbroken"]) for p in out["per_seed"]] == sorted(naive.items())
 
 
 def test_obrien_set_sizes_shrink_with_k(w):
