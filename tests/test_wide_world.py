@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -52,7 +53,12 @@ def test_the_wide_path_runs_through_the_cli_and_finds_the_planted_latents(wide_w
     root, info = wide_world
     wide = _bench("bench_wide_pipeline")
     run = tmp_path / "run"
-    config, _ = wide.prepare(root, run, 16, True)
+    config, cfg = wide.prepare(root, run, 16, True)
+    from refusalscope.run.config import _merge
+
+    # CI time: eval is B11's slowest step here; fewer prompts, core sets and seeds (same code paths)
+    cfg = _merge(cfg, {"eval": {"max_prompts": 6, "core_sizes": [5, 10], "random_seeds": [0]}})
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     runner = CliRunner()
     steps = [[s] for s in wide.CORE] + [["analyze"], ["eval"]]
     for args in steps:

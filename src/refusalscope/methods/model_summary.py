@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..io.model import ChatModel
+from ..io.saes import sae_width
 from .activity import sinks
 
 
@@ -24,7 +25,7 @@ def model_summary(model: ChatModel, saes, texts: Sequence[str], batch_size: int 
            "n_texts": len(texts), "saes": saes_out}
     layers = list(saes.layers)
     l0 = {l: [0.0, 0] for l in layers}
-    fired = {l: torch.zeros(saes[l].d_sae, dtype=torch.bool) for l in layers}
+    fired = {l: torch.zeros(sae_width(saes, l), dtype=torch.bool) for l in layers}
     if texts:
         batch = model.encode_texts(list(texts), add_special_tokens=False, max_length=max_length)
         for start in range(0, len(batch), batch_size):
