@@ -27,6 +27,9 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
     cost grows with rows / batch_size, not with prompts or latents."""
     todo = [(pid, text, FeatureSet(pairs.get(pid, ())), FeatureSet(sets.get(pid, ()))) for pid, text in prompts]
     live = [t for t in todo if t[2]]
+    if live:  # longest first: rows of prompts of like length share a pass (less padding)
+        n = model.encode([t[1] for t in live]).lengths.tolist()
+        live = [live[j] for j in sorted(range(len(live)), key=lambda j: -n[j])]
     acts = max_activations(model, saes, [t[1] for t in live], [f for t in live for f in t[2]],
                            batch_size=batch_size)
     texts: list[str] = []
