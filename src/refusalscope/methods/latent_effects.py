@@ -36,16 +36,18 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
     plans: list[list] = []
     keys: list[tuple[str, str, Feature | None]] = []
     for (pid, text, feats, s2), act in zip(live, acts):
-        rows = [(("base", None), [])] + ([(("set", None), s2.plan())] if s2 else [])
+        rows: list[tuple[tuple[str, Feature | None], list]] = [(("base", None), [])]
+        if s2:
+            rows.append((("set", None), s2.plan()))
         for f in feats:
             if act[f] > 0:
                 rows.append((("alone", f), FeatureSet([f]).plan()))
             if f in s2 and len(s2) > 1:
                 rows.append((("loo", f), (s2 - [f]).plan()))
-        for (kind, f), plan in rows:
+        for (kind, of), plan in rows:
             texts.append(text)
             plans.append(plan)
-            keys.append((pid, kind, f))
+            keys.append((pid, kind, of))
     p = refusal_probs(model, saes, texts, plans, batch_size).tolist() if texts else []
     got = dict(zip(keys, p))
     out: list[dict] = []
