@@ -143,9 +143,11 @@ def plant_readout(model: ChatModel, stats: dict, harmful: list[str], batch_size:
     hf, i_tok = model.hf, model.refusal_token_ids[0]
     Xh, Xs = stats["final_harmful"], stats["final_harmless"]
     d, mid = Xh.mean(0) - Xs.mean(0), (Xh.mean(0) + Xs.mean(0)) / 2
-    early = [stats["harmful"][l] - stats["harmless"][l] for l in range(deep_from)]
-    Q = torch.linalg.qr(torch.stack([mid, *early]).T.to(d)).Q  # what the readout must not read
-    w = d - Q @ (Q.T @ d)
+    w = d - (d @ mid) / (mid @ mid) * mid
+    if deep_from:  # what layers < deep_from carry is left out of what the readout reads
+        early = [stats["harmful"][l] - stats["harmless"][l] for l in range(deep_from)]
+        Q = torch.linalg.qr(torch.stack([mid, *early]).T.to(d)).Q
+        w = d - Q @ (Q.T @ d)
     w, v = w / w.norm(), mid / (mid @ mid)  # x·v ≈ 1 for every prompt: acts as a bias
     logits = model.logits(model.encode(harmful[:64]), batch_size=batch_size)[:, -1].to(d.device)
     logits[:, i_tok] = -float("inf")
