@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from refusalscope.interfaces.cli import app
-from refusalscope.run.config import ANALYSES
+from refusalscope.interfaces.web.app import create_app
+from refusalscope.run.config import ANALYSES, _merge
 from refusalscope.run.results import RunResults
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -54,8 +55,6 @@ def test_the_wide_path_runs_through_the_cli_and_finds_the_planted_latents(wide_w
     wide = _bench("bench_wide_pipeline")
     run = tmp_path / "run"
     config, cfg = wide.prepare(root, run, 16, True)
-    from refusalscope.run.config import _merge
-
     # CI time: eval is B11's slowest step here; fewer prompts, core sets and seeds (same code paths)
     cfg = _merge(cfg, {"eval": {"max_prompts": 6, "core_sizes": [5, 10], "random_seeds": [0]}})
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -77,8 +76,6 @@ def test_the_wide_path_runs_through_the_cli_and_finds_the_planted_latents(wide_w
     assert res.exit_code == 0, res.output[-2000:]
     html = (run / "report.html").read_text()
     assert all(f.id in html for f in found)
-    from refusalscope.interfaces.web.app import create_app
-
     pid = next(p for p, s in rr.stage2_sets().items() if any(f in planted for f in s))
     with TestClient(create_app(run)) as client:
         for page in ["/", "/latents", "/prompts", f"/prompts/{pid}", f"/latents/{found[0].id}"]:
