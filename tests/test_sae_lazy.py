@@ -142,3 +142,22 @@ def test_widths_come_from_headers_and_the_random_control_loads_only_the_layers_i
     drawn_layers = {Feature.of(f).layer for f in drawn}
     assert set(counts) == set(drawn) and set(loads) == drawn_layers and set(loads.values()) == {1}
     assert drawn_layers != set(range(4))  # the check above could fail: some layer was never needed
+
+
+def test_model_summary_of_a_lazy_set_holds_no_extra_layer_and_equals_the_loaded_one(tmp_path):
+    from tiny import tiny_llama
+
+    from refusalscope.io.model import ChatModel
+    from refusalscope.io.saes import SAESet
+    from refusalscope.methods.model_summary import model_summary
+
+    model = ChatModel(*tiny_llama(layers=4, d=64), name="llama")
+    texts = ["the sea is wide and deep", "bread needs flour, water and time", "a poem about rain"]
+    saes, loads = _counted_lazy_set(tmp_path, range(4), d=64, m=48)
+    plain = SAESet({l: saes[l] for l in range(4)})  # the same dictionaries, all held
+    saes.release(keep=[1])  # a caller holds layer 1
+    loads.clear()
+    got = model_summary(model, saes, texts, batch_size=2)
+    assert saes.loaded == [1] and loads == {0: 2, 2: 2, 3: 2}  # one read per batch, then dropped
+    assert got == model_summary(model, plain, texts, batch_size=2)
+    assert [s["d_sae"] for s in got["saes"]] == [48] * 4 and all(s["l0"] is not None for s in got["saes"])
