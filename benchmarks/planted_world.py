@@ -21,7 +21,8 @@ preset pointed at all of it. It is tests/planted.py at real size:
 `--wide`: the paper's SAE width on a model this CPU runs (issue 19): a random-weight
 Gemma2ForCausalLM at hidden size 256 with 20 layers and 65,536-wide SAEs on every layer (`--d-sae
 16384` for the same world at 16k: same model, prompts and planted latents, same seed);
-`--wide --small` keeps the same path CI-sized (hidden 64, 20 layers, 2,048 latents).
+`--wide --small` keeps the same path CI-sized (hidden 64, 20 layers, 2,048 latents; a weaker harm
+signal whose refusal sits deep enough that l* clears the preset's exclude_layers: see DEEP).
 
     python benchmarks/planted_world.py OUT [--arch gemma-2-2b] [--small] [--wide] [--device cuda]
 """
