@@ -21,7 +21,8 @@ preset pointed at all of it. It is tests/planted.py at real size:
 `--wide`: the paper's SAE width on a model this CPU runs (issue 19): a random-weight
 Gemma2ForCausalLM at hidden size 256 with 20 layers and 65,536-wide SAEs on every layer (`--d-sae
 16384` for the same world at 16k: same model, prompts and planted latents, same seed);
-`--wide --small` keeps the same path CI-sized (hidden 64, 20 layers, 2,048 latents).
+`--wide --small` keeps the same path CI-sized (hidden 64, 20 layers, 2,048 latents; a weaker harm
+signal whose refusal sits deep enough that l* clears the preset's exclude_layers: see DEEP).
 
     python benchmarks/planted_world.py OUT [--arch gemma-2-2b] [--small] [--wide] [--device cuda]
 """
@@ -54,6 +55,12 @@ SCOPE = {"gemma-2-2b": ("gemma_scope", 16384, "gemma-2-2b-it"),
          "llama-3.1-8b": ("llama_scope", 32768, "llama-3.1-8b-it")}
 WIDE = {False: dict(hidden=256, mlp=1024, layers=20, heads=4, kv=2, head_dim=64, vocab=8192, d_sae=65536),
         True: dict(hidden=64, mlp=128, layers=20, heads=4, kv=2, head_dim=16, vocab=2048, d_sae=2048)}
+# the CI-sized wide world (hidden 64): at the embedding strength of the others (12) the harm signal
+# dominates every layer's stream, so r̂ at layer 1 ablates as well as any deeper one and l* lands below
+# the gemma-2-2b-it preset's exclude_layers [0, 1]. A weaker signal (2) that the layers transform, and
+# a readout blind to what layers 0-1 already carry, put the refusal deep: ablating r̂_1 leaves
+# P(I) ~1e-5, r̂_12 ~1e-11, and l* = 12 (tests/test_wide_world.py checks l* >= 2)
+DEEP = (2.0, 2)
 L0 = 64  # active random latents per token (Gemma Scope's canonical SAEs: ~70)
 SPLITS = ("train", "val", "test")
 
@@ -128,8 +135,9 @@ def residual_stats(model: ChatModel, harmful: list[str], harmless: list[str], ba
 
 
 @torch.no_grad()
-def plant_readout(model: ChatModel, stats: dict, harmful: list[str], batch_size: int) -> dict:
-    """Point the "I" unembedding row at the final harmful − harmless difference ŵ, plus a bias-like
+def plant_readout(model: ChatModel, stats: dict, harmful: list[str], batch_size: int, deep_from: int = 0) -> dict:
+    """Point the "I" unembedding row at the final harmful − harmless difference ŵ (less its part along
+    the mean differences of layers < `deep_from`: the readout reads what deeper layers add), plus a bias-like
     term along the mean stream, fitted so the median harmful train prompt gets a logit 2 nats above
     the log-sum-exp of the other tokens and the median harmless one as far below (medians, not
     means: a few prompts with a strong signal would otherwise set the scale for all)."""
@@ -137,6 +145,10 @@ def plant_readout(model: ChatModel, stats: dict, harmful: list[str], batch_size:
     Xh, Xs = stats["final_harmful"], stats["final_harmless"]
     d, mid = Xh.mean(0) - Xs.mean(0), (Xh.mean(0) + Xs.mean(0)) / 2
     w = d - (d @ mid) / (mid @ mid) * mid
+    if deep_from:  # what layers < deep_from carry is left out of what the readout reads
+        early = [stats["harmful"][l] - stats["harmless"][l] for l in range(deep_from)]
+        Q = torch.linalg.qr(torch.stack([mid, *early]).T.to(d)).Q
+        w = d - Q @ (Q.T @ d)
     w, v = w / w.norm(), mid / (mid @ mid)  # x·v ≈ 1 for every prompt: acts as a bias
     logits = model.logits(model.encode(harmful[:64]), batch_size=batch_size)[:, -1].to(d.device)
     logits[:, i_tok] = -float("inf")
@@ -265,8 +277,11 @@ def world_config(root: Path, arch: str, files: dict, device: str, dtype: str, th
 def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False, d_sae: int | None = None,
                 n_planted: int = 16, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                 batch_size: int = 32, n_stats: int | None = None, n_check: int | None = None,
-                alpha: float = 12.0, wide: bool = False, log=print) -> dict:
+                alpha: float | None = None, wide: bool = False, deep_from: int | None = None, log=print) -> dict:
     root, t0 = Path(root), time.perf_counter()
+    if alpha is None or deep_from is None:  # see DEEP: the CI-sized wide world's refusal sits deep
+        a, dfrom = DEEP if wide and small else (12.0, 0)
+        alpha, deep_from = alpha if alpha is not None else a, deep_from if deep_from is not None else dfrom
     fmt, full_d_sae, _ = SCOPE[arch]
     shape = WIDE[small] if wide else None
     if wide and not arch.startswith("gemma"):
@@ -286,7 +301,7 @@ def build_world(root: str | Path, arch: str = "gemma-2-2b", small: bool = False,
         hf.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
     train = {c: prompts[f"{c}_train"][:n_stats] for c in ("harmful", "harmless")}  # None: all
     stats = residual_stats(model, train["harmful"], train["harmless"], batch_size)  # 2
-    readout = plant_readout(model, stats, prompts["harmful_train"], batch_size)  # 3
+    readout = plant_readout(model, stats, prompts["harmful_train"], batch_size, deep_from)  # 3
     log(f"planted world: model planted ({int((score > 0.5).sum())} harm-marked tokens) "
         f"in {time.perf_counter() - t0:.0f} s")
     saes, l0, planted_ids = {}, {"all": [], "last": []}, {}

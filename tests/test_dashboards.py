@@ -8,9 +8,10 @@ from planted import HARMFUL, HARMLESS, planted_world
 
 from refusalscope.interventions.features import Feature, FeatureSet
 from refusalscope.io.saes import SAESet
+from refusalscope.methods.activity import max_activations
 from refusalscope.methods.dashboards import LatentDashboard, ValueSample, corpus_dashboards, fm_neighbours
 from refusalscope.methods.evaluate import refusal_probs
-from refusalscope.methods.latent_effects import effect_pairs
+from refusalscope.methods.latent_effects import effect_pairs, latent_effects
 from refusalscope.run.pipeline import Context
 from refusalscope.run.results import RunResults
 
@@ -113,6 +114,45 @@ def test_delta_p_alone_is_what_ablating_the_latent_does(tiny_run):
             assert abs(e["p_base"] - float(p[0])) < 1e-5 and abs(e["delta_alone"] - float(p[1] - p[0])) < 1e-5
             checked += 1
     assert checked >= 1
+
+
+def test_delta_p_rows_of_all_prompts_share_batches_and_equal_one_at_a_time(tiny_run):
+    """latent_effects batches every (prompt, ablation) row of a shard: its numbers equal one forward
+    per ablation and prompt, and its forward passes are ceil(rows / batch) plus one activation pass."""
+    r, ctx = _ctx(tiny_run)
+    s2, s3 = r.stage2_sets(), r.stage3_sets()
+    critical = {pid: FeatureSet([*s2.get(pid, ()), *s3.get(pid, ())]) for pid in set(s2) | set(s3)}
+    pairs = effect_pairs(critical, None, 0)
+    prompts = [(p.id, p.text) for p in r.kept_prompts() if p.id in pairs][:4] + [("none", "Say hi")]
+    model, saes = ctx.model, ctx.saes
+    calls = []
+    hook = model.hf.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        got = {e["id"]: e for e in latent_effects(model, saes, prompts, pairs, s2, batch_size=8)}
+    finally:
+        hook.remove()
+
+    def p_of(text, feats):  # one forward for one ablation of one prompt
+        plan = FeatureSet(feats).plan() if feats else []
+        return float(refusal_probs(model, saes, [text], [plan], batch_size=1)[0])
+
+    rows = 0
+    for pid, text in prompts[:-1]:
+        feats, s = FeatureSet(pairs[pid]), FeatureSet(s2.get(pid, ()))
+        act = max_activations(model, saes, [text], feats, batch_size=1)[0]
+        base = p_of(text, [])
+        assert abs(got[pid]["p_base"] - base) < 1e-6
+        rows += 1 + bool(s)
+        for e in got[pid]["effects"]:
+            f = Feature.of(e["feature"])
+            assert e["active"] == (act[f] > 0) and abs(e["activation"] - round(act[f], 4)) < 1e-4
+            assert abs(e["p_alone"] - (p_of(text, [f]) if act[f] > 0 else base)) < 1e-6
+            rows += int(act[f] > 0)
+            if f in s and len(s) > 1:
+                assert abs(e["p_without"] - p_of(text, list(s - [f]))) < 1e-6
+                rows += 1
+    assert got["none"] == {"id": "none", "p_base": None, "p_set": None, "effects": []}
+    assert rows > 8 and len(calls) == 1 + -(-rows // 8)
 
 
 def test_fm_neighbours_are_the_nearest_embeddings():

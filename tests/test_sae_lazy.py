@@ -97,3 +97,67 @@ def test_lazy_set_rejects_a_layer_filed_under_another():
     fd = _at_threshold_sae(torch.float32)
     with pytest.raises(UserError, match="filed under layer 3"):
         LazySAESet({3: lambda: fd})[3]
+
+
+def _counted_lazy_set(root, layers, d, m):
+    """A real LazySAESet over Gemma Scope folders whose loads are counted per layer."""
+    loads: dict[int, int] = {}
+
+    def loader(folder, layer):
+        def load():
+            loads[layer] = loads.get(layer, 0) + 1
+            return gemma_scope_dictionary(folder, layer)
+        return load
+
+    folders = {l: _gemma_folder(root, l, d=d, m=m)[0] for l in layers}
+    return LazySAESet({l: loader(f, l) for l, f in folders.items()}, {l: d for l in layers},
+                      {l: m for l in layers}), loads
+
+
+def test_widths_come_from_headers_and_the_random_control_loads_only_the_layers_it_draws(tmp_path):
+    from tiny import tiny_llama
+
+    from refusalscope.interventions.features import Feature, FeatureSet
+    from refusalscope.io.model import ChatModel
+    from refusalscope.io.prompts import Prompt
+    from refusalscope.io.saes import sae_width
+    from refusalscope.methods import taxonomy
+
+    saes, loads = _counted_lazy_set(tmp_path, range(4), d=64, m=48)
+    assert sae_width(saes, 2) == 48 and sae_width({2: saes[2]}, 2) == 48  # lazy set and plain dict
+    loads.clear()
+    saes.release()
+    assert len(taxonomy.layer_features(saes, [1, 3])) == 96
+    assert FeatureSet(["0-47", "3-0"]).checked(saes) and loads == {}
+    with pytest.raises(UserError, match=r"outside the layer-2 SAE \(48 latents\)"):
+        FeatureSet(["2-48"]).checked(saes)
+    pool = taxonomy.LatentPool(saes, exclude=[Feature(1, 5)])
+    assert len(pool) == 4 * 48 - 1 and loads == {}
+    import random
+
+    drawn = random.Random(3).sample(pool, 3)  # the controls analysis: a few random latents
+    model = ChatModel(*tiny_llama(layers=4, d=64), name="llama")
+    prompts = [Prompt(f"how do I do thing {i}", category=c) for i, c in enumerate(["a", "b", "a"])]
+    counts = taxonomy.category_activity(model, saes, prompts, drawn, batch_size=4)
+    drawn_layers = {Feature.of(f).layer for f in drawn}
+    assert set(counts) == set(drawn) and set(loads) == drawn_layers and set(loads.values()) == {1}
+    assert drawn_layers != set(range(4))  # the check above could fail: some layer was never needed
+
+
+def test_model_summary_of_a_lazy_set_holds_no_extra_layer_and_equals_the_loaded_one(tmp_path):
+    from tiny import tiny_llama
+
+    from refusalscope.io.model import ChatModel
+    from refusalscope.io.saes import SAESet
+    from refusalscope.methods.model_summary import model_summary
+
+    model = ChatModel(*tiny_llama(layers=4, d=64), name="llama")
+    texts = ["the sea is wide and deep", "bread needs flour, water and time", "a poem about rain"]
+    saes, loads = _counted_lazy_set(tmp_path, range(4), d=64, m=48)
+    plain = SAESet({l: saes[l] for l in range(4)})  # the same dictionaries, all held
+    saes.release(keep=[1])  # a caller holds layer 1
+    loads.clear()
+    got = model_summary(model, saes, texts, batch_size=2)
+    assert saes.loaded == [1] and loads == {0: 2, 2: 2, 3: 2}  # one read per batch, then dropped
+    assert got == model_summary(model, plain, texts, batch_size=2)
+    assert [s["d_sae"] for s in got["saes"]] == [48] * 4 and all(s["l0"] is not None for s in got["saes"])

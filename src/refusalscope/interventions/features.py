@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, overload
 
 from ..errors import UserError
+from ..io.saes import sae_width
 from .spec import FeatureAblation, FeatureClamp, Intervention, Positions
 
 
@@ -134,9 +135,9 @@ class FeatureSet(Sequence[Feature]):
             if f.layer not in saes:
                 raise UserError(f"feature {f} is on layer {f.layer}, which has no SAE: use layers "
                                 f"{sorted(saes.keys())}")
-            if not 0 <= f.index < saes[f.layer].d_sae:
+            if not 0 <= f.index < (width := sae_width(saes, f.layer)):
                 raise UserError(f"feature {f} is outside the layer-{f.layer} SAE "
-                                f"({saes[f.layer].d_sae} latents): check the index")
+                                f"({width} latents): check the index")
         return self
 
     # ------------------------------------------------------------- interventions

@@ -261,3 +261,11 @@ class SAESet(Mapping[int, FeatureDictionary]):
                     f"SAE for layer {layer} has d_in {fd.d_in} but model has d_model {d_model}: "
                     "pass SAEs trained on this model's residual stream"
                 )
+
+
+def sae_width(saes: Mapping[int, FeatureDictionary], layer: int) -> int:
+    """Latents of `layer`'s SAE. A lazy set (io/sae_lazy.py) answers from the file's header, so
+    code that only counts latents (pools, offsets, index checks) never reads a layer's weights;
+    any other mapping of FeatureDictionaries answers from the loaded tensors."""
+    width = getattr(saes, "d_sae", None)
+    return int(width(layer)) if callable(width) else saes[layer].d_sae

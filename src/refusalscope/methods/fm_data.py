@@ -25,6 +25,7 @@ from ..artifacts import atomic_write, save_tensors
 from ..errors import UserError
 from ..interventions.features import Feature
 from ..io.model import ChatModel
+from ..io.saes import sae_width
 
 MODES = ("pooled", "tokens")
 
@@ -167,7 +168,7 @@ def collect_sae_activations(model: ChatModel, saes, prompts: Sequence[str], laye
 @torch.no_grad()
 def _batch_matrix(model: ChatModel, saes, sub, layers: list[int], n_tokens: int, mode: str) -> FeatureMatrix:
     """One batch's activations: encoded per layer on the SAE's device, non-zeros copied back."""
-    offsets = np.cumsum([0] + [saes[l].d_sae for l in layers])
+    offsets = np.cumsum([0] + [sae_width(saes, l) for l in layers])
     per_row = 1 if mode == "pooled" else n_tokens
     res = model.residuals(sub, layers, positions=n_tokens)
     r_idx, c_idx, vals = [], [], []

@@ -20,37 +20,51 @@ def latent_effects(model: ChatModel, saes, prompts: Prompts, pairs: Mapping[str,
     """Per prompt: P("I") plain, and for each latent of `pairs[id]` its largest activation on the
     plain prompt and P("I") with it ablated alone (an inactive latent's lone ablation is an exact
     no-op, so it is not run); for latents of the prompt's Stage 2 set (`sets[id]`), also P("I")
-    with the set ablated and with the set minus the latent ablated (leave one out)."""
+    with the set ablated and with the set minus the latent ablated (leave one out).
+
+    All prompts' ablations share batches: one pass for the activations of every prompt, then every
+    (prompt, ablation) row in `batch_size`-row passes (a per-row plan each, as Stage 2 does), so the
+    cost grows with rows / batch_size, not with prompts or latents."""
+    todo = [(pid, text, FeatureSet(pairs.get(pid, ())), FeatureSet(sets.get(pid, ()))) for pid, text in prompts]
+    live = [t for t in todo if t[2]]
+    if live:  # longest first: rows of prompts of like length share a pass (less padding)
+        n = model.encode([t[1] for t in live]).lengths.tolist()
+        live = [live[j] for j in sorted(range(len(live)), key=lambda j: -n[j])]
+    acts = max_activations(model, saes, [t[1] for t in live], [f for t in live for f in t[2]],
+                           batch_size=batch_size)
+    texts: list[str] = []
+    plans: list[list] = []
+    keys: list[tuple[str, str, Feature | None]] = []
+    for (pid, text, feats, s2), act in zip(live, acts):
+        rows: list[tuple[tuple[str, Feature | None], list]] = [(("base", None), [])]
+        if s2:
+            rows.append((("set", None), s2.plan()))
+        for f in feats:
+            if act[f] > 0:
+                rows.append((("alone", f), FeatureSet([f]).plan()))
+            if f in s2 and len(s2) > 1:
+                rows.append((("loo", f), (s2 - [f]).plan()))
+        for (kind, of), plan in rows:
+            texts.append(text)
+            plans.append(plan)
+            keys.append((pid, kind, of))
+    p = refusal_probs(model, saes, texts, plans, batch_size).tolist() if texts else []
+    got = dict(zip(keys, p))
     out: list[dict] = []
-    for pid, text in prompts:
-        feats = FeatureSet(pairs.get(pid, ()))
-        s2 = FeatureSet(sets.get(pid, ()))
+    act_of = {t[0]: a for t, a in zip(live, acts)}
+    for pid, _, feats, s2 in todo:
         if not feats:
             out.append({"id": pid, "p_base": None, "p_set": None, "effects": []})
             continue
-        act = max_activations(model, saes, [text], feats, batch_size=batch_size)[0]
-        plans: list[list] = [[]]
-        keys: list[tuple[str, Feature | None]] = [("base", None)]
-        if s2:
-            plans.append(s2.plan())
-            keys.append(("set", None))
-        for f in feats:
-            if act[f] > 0:
-                plans.append(FeatureSet([f]).plan())
-                keys.append(("alone", f))
-            if f in s2 and len(s2) > 1:
-                plans.append((s2 - [f]).plan())
-                keys.append(("loo", f))
-        p = refusal_probs(model, saes, [text] * len(plans), plans, batch_size).tolist()
-        got = {k: v for k, v in zip(keys, p)}
-        base, pset = got[("base", None)], got.get(("set", None))
+        act = act_of[pid]
+        base, pset = got[(pid, "base", None)], got.get((pid, "set", None))
         effects = []
         for f in feats:
-            alone = got.get(("alone", f), base)
+            alone = got.get((pid, "alone", f), base)
             e = {"feature": f.id, "activation": round(act[f], 4), "active": act[f] > 0,
                  "in_stage2": f in s2, "p_alone": alone, "delta_alone": alone - base}
             if f in s2 and pset is not None:
-                loo = got.get(("loo", f), base)  # a one-latent set without it is the plain prompt
+                loo = got.get((pid, "loo", f), base)  # a one-latent set without it is the plain prompt
                 e.update(p_without=loo, delta_loo=pset - loo)
             effects.append(e)
         out.append({"id": pid, "p_base": base, "p_set": pset, "effects": effects})

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..interventions.features import Feature, FeatureSet
 from ..io.model import ChatModel
 from ..io.prompts import Prompt
+from ..io.saes import sae_width
 from .activity import iter_feature_acts_and_sinks
 
 # CoCoNot's five unsafe categories, in the order the bundled harmful set uses.
@@ -41,7 +42,7 @@ def layer_features(saes, layers: Iterable[int] | None = None) -> list[str]:
     missing = [l for l in layers if l not in saes]
     if missing:
         raise UserError(f"no SAE for layer(s) {missing}: pick layers among {list(saes.layers)}")
-    return [f"{l}-{i}" for l in layers for i in range(saes[l].d_sae)]
+    return [f"{l}-{i}" for l in layers for i in range(sae_width(saes, l))]
 
 
 class LatentPool(Sequence[str]):
@@ -51,8 +52,7 @@ class LatentPool(Sequence[str]):
 
     def __init__(self, saes, exclude: Iterable = (), layers: Iterable[int] | None = None):
         self.layers = saes.layers if layers is None else sorted(set(int(l) for l in layers))
-        # widths from the headers where the set is lazy (no layer is read to count its latents)
-        sizes = [saes.d_sae(l) if callable(getattr(saes, "d_sae", None)) else saes[l].d_sae for l in self.layers]
+        sizes = [sae_width(saes, l) for l in self.layers]  # a lazy set's headers: no layer read
         self.starts = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
         at = {l: self.starts[j] for j, l in enumerate(self.layers)}
         width = dict(zip(self.layers, sizes))
