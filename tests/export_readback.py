@@ -54,6 +54,29 @@ def rel_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
+def saelens_splice(tl, saes: Mapping[int, object], by_layer: Mapping[int, list[int]], ids: torch.Tensor
+                   ) -> torch.Tensor:
+    """SAELens's own way to ablate latents, independent of any export: each layer's SAE (`saes`, SAELens
+    objects) spliced into HookedSAETransformer `tl` with the error term kept and the latents `by_layer`
+    zeroed at hook_sae_acts_post, at every position. Returns the next-token probabilities of `ids`."""
+    def zero(idx):
+        def fn(acts, hook):
+            acts[..., idx] = 0.0
+            return acts
+        return fn
+    hooks = []
+    for layer, idx in by_layer.items():
+        sae = saes[layer]
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"  # type: ignore[attr-defined]
+        tl.add_sae(sae, use_error_term=True)
+        hooks.append((f"blocks.{layer}.hook_resid_post.hook_sae_acts_post", zero(idx)))
+    try:
+        with torch.no_grad():
+            return last_probs(tl.run_with_hooks(ids, fwd_hooks=hooks))
+    finally:
+        tl.reset_saes()
+
+
 def ablation_hooks(hf, r: torch.Tensor) -> list:
     """Arditi et al.'s direction ablation as hooks: r̂ projected out of the embedding output and of
     every attention-out and MLP-out (refusal_direction's get_all_direction_ablation_hooks). Returns

@@ -32,6 +32,7 @@ from export_readback import (
     lm_eval_clamp_by_hand,
     rel_gap,
     sae_folders,
+    saelens_splice,
     schema,
 )
 
@@ -214,33 +215,12 @@ def test_lm_eval_steered_model_loads_the_csv(run, res, model, prompts, tmp_path,
     assert (steered - plain).abs().max() > 1e-3  # the clamp changes the model
 
 
-def _spliced(tl, folders: dict, by_layer: dict, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """SAELens's own way, independent of the bundle: each layer's full SAE spliced in with the error
-    term and the set's latents zeroed at hook_sae_acts_post, at every position."""
-    from sae_lens import SAE
-
-    def zero(idx):
-        def fn(acts, hook):
-            acts[..., idx] = 0.0
-            return acts
-        return fn
-    hooks = []
-    for layer, idx in by_layer.items():
-        sae = SAE.load_from_disk(folders[layer], dtype=str(dtype).removeprefix("torch."))
-        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
-        tl.add_sae(sae, use_error_term=True)
-        hooks.append((f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", zero(idx)))
-    try:
-        with torch.no_grad():
-            return last_probs(tl.run_with_hooks(ids, fwd_hooks=hooks))
-    finally:
-        tl.reset_saes()
-
-
 def test_saelens_bundle_through_transformer_lens_equals_the_engine(run, res, model, prompts, tmp_path):
     """In float64 TransformerLens the bundle's hooks equal SAELens's own splice to 1e-5; against the engine
     (transformers, the run's dtype) the gap may exceed 1e-5 by what the two implementations differ with no
     intervention (transformers' RMSNorm and rotary run in float32 whatever the model's dtype)."""
+    from sae_lens import SAE
+
     from refusalscope.export.bundle import load_bundle
     from refusalscope.interventions.engine import intervene
     from refusalscope.run.resolve import load_saes
@@ -268,7 +248,8 @@ def test_saelens_bundle_through_transformer_lens_equals_the_engine(run, res, mod
         with torch.no_grad():
             via_tl = last_probs(tl.run_with_hooks(ids, fwd_hooks=b.tl_hooks(name)))
             conversion = rel_gap(last_probs(tl(ids)), plain[pid])  # the two implementations, no intervention
-        assert rel_gap(via_tl, _spliced(tl, sae_folders(run, by_layer), by_layer, ids, torch.float64)) <= 1e-5
+        saes64 = {l: SAE.load_from_disk(f, dtype="float64") for l, f in sae_folders(run, by_layer).items()}
+        assert rel_gap(via_tl, saelens_splice(tl, saes64, by_layer, ids)) <= 1e-5
         assert rel_gap(via_tl, engine[pid]) <= 1e-5 + 2 * conversion
 
 
