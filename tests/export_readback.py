@@ -22,9 +22,10 @@ def schema(name: str) -> dict:
     return json.loads((SCHEMAS / f"neuronpedia_{name}.json").read_text())
 
 
-def hooked_llama(hf, dtype: torch.dtype = torch.float32):
+def hooked_llama(hf, dtype: torch.dtype = torch.float32, n_ctx: int = 2048):
     """A transformers Llama as a SAELens HookedSAETransformer (TransformerLens weights converted,
-    nothing folded), in `dtype`."""
+    nothing folded), in `dtype`. `n_ctx` caps the context: TransformerLens keeps an n_ctx² mask per
+    layer (SmolLM2's 8192 would be 2 GB)."""
     from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
@@ -33,7 +34,7 @@ def hooked_llama(hf, dtype: torch.dtype = torch.float32):
     d_head = c.hidden_size // c.num_attention_heads
     cfg = HookedTransformerConfig(
         d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, n_layers=c.num_hidden_layers,
-        d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn="silu",
+        d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=min(n_ctx, c.max_position_embeddings), act_fn="silu",
         normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_head, gated_mlp=True,
         n_key_value_heads=c.num_key_value_heads, eps=c.rms_norm_eps, final_rms=True,
         rotary_base=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0),

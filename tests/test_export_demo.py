@@ -163,11 +163,16 @@ def test_tables_parse_and_are_the_runs_tables(run, res, tmp_path):
     (row,) = list(csv.DictReader(t1.open()))
     assert row["unique latents"] == str(s["unique_latents"])
     assert row["jailbroken / refused"] == f"{s['jailbroken']} / {s['refused']}"
-    if res.done("eval"):
+    if res.done("eval"):  # the matrix read back: same columns and rows, numbers equal
         import pandas as pd
 
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t" / "eval__matrix.csv"), res.eval_table(),
-                                      check_dtype=False)
+        back, want = pd.read_csv(tmp_path / "t" / "eval__matrix.csv"), res.eval_table()
+        assert list(back.columns) == list(want.columns) and len(back) == len(want) > 0
+        for col in want.columns:
+            if pd.api.types.is_numeric_dtype(want[col]) and not pd.api.types.is_bool_dtype(want[col]):
+                pd.testing.assert_series_equal(back[col].astype(float), want[col].astype(float), rtol=1e-9)
+            else:
+                assert back[col].fillna("").astype(str).tolist() == want[col].fillna("").astype(str).tolist(), col
     else:
         assert out["notes"] == ["no eval matrix: `refusalscope eval` has not run on this run directory"]
 
