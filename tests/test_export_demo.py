@@ -1,12 +1,13 @@
 """Every `export --to` format written from a finished run by the CLI in its own process, and read back
 by the tool it is for (issue 22's "done when"): the run is the one REFUSALSCOPE_DEMO_RUN names, the
-demo run in practice (benchmarks/export_demo.sh); without it every test skips. Nothing here depends on
+demo run in practice (benchmarks/export_demo.py); without it every test skips. Nothing here depends on
 the demo's numbers: each check reads what it compares with from the run, the SAE files or the tool.
 
-Tolerances: the SAELens bundle through TransformerLens equals the engine to 1e-5 relative in float64
-(TransformerLens's converted model and transformers differ by ~3.5e-5 relative in float32 on SmolLM2
-with no intervention at all, so float32 cannot show 1e-5); the bundle alone through the engine equals
-the full SAEs in the run's dtype. The abliterated folder says whether it is exact (`abliteration.json`);
+Tolerances: the SAELens bundle through TransformerLens (float64) equals SAELens's own splice to 1e-5
+relative, and the engine to 1e-5 plus three times the gap the two implementations show with no
+intervention (TransformerLens's converted SmolLM2 and transformers differ by ~3e-5 relative in
+next-token probabilities, 1.4e-5 even in float64); the bundle alone through the engine equals the full
+SAEs to 1e-5 in the run's dtype. The abliterated folder says whether it is exact (`abliteration.json`);
 an exact one equals Arditi's ablation hooks up to float rounding, taken as 1e-4 of the logits' scale
 (SmolLM2 in float32: 3e-6)."""
 
@@ -223,7 +224,8 @@ def test_lm_eval_steered_model_loads_the_csv(run, res, model, prompts, tmp_path,
 def test_saelens_bundle_through_transformer_lens_equals_the_engine(run, res, model, prompts, tmp_path):
     """In float64 TransformerLens the bundle's hooks equal SAELens's own splice to 1e-5; against the engine
     (transformers, the run's dtype) the gap may exceed 1e-5 by what the two implementations differ with no
-    intervention (transformers' RMSNorm and rotary run in float32 whatever the model's dtype)."""
+    intervention, taken three times (on SmolLM2 with direction ablations at three layers, the gap with
+    the intervention was up to 1.5 times the gap without)."""
     from sae_lens import SAE
 
     from refusalscope.export.bundle import load_bundle
@@ -255,7 +257,7 @@ def test_saelens_bundle_through_transformer_lens_equals_the_engine(run, res, mod
             conversion = rel_gap(last_probs(tl(ids)), plain[pid])  # the two implementations, no intervention
         saes64 = {l: SAE.load_from_disk(f, dtype="float64") for l, f in sae_folders(run, by_layer).items()}
         assert rel_gap(via_tl, saelens_splice(tl, saes64, by_layer, ids)) <= 1e-5
-        assert rel_gap(via_tl, engine[pid]) <= 1e-5 + 2 * conversion
+        assert rel_gap(via_tl, engine[pid]) <= 1e-5 + 3 * conversion
 
 
 def test_steering_vectors_apply_the_direction_as_actadd(run, res, model, prompts, tmp_path):
