@@ -105,7 +105,7 @@ def _install_oom(budget: int) -> None:
     layer.forward = forward
 
 
-def run_cli(fault: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(fault: str, *args: str, timeout: float | None = 900) -> subprocess.CompletedProcess:
     """`refusalscope ARGS` in a new process with `fault` planted (see the module docstring)."""
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),

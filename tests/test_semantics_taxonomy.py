@@ -285,11 +285,35 @@ def test_top_activations_match_direct(world):
         assert [g["activation"] for g in got] == pytest.approx([r[0] for r in rows], abs=1e-4)
         for g, r in zip(got, rows):
             assert g["token"] == tok.decode(r[3][r[2]:r[2] + 1])
-            assert f"[[{g['token']}]]" in g["context"]
+            assert g["token"].strip() in g["word"] and g["word"] in g["context"].split("[[")[1].split("]]")[0]
     assert any(top.values())
     expl = sem.activation_explanation(top["0-0"])
     assert expl.startswith("fires on \"") and "contexts like" in expl
     assert sem.activation_explanation([]) == "no activating examples in the corpus"
+
+
+def test_examples_and_explanations_read_whole_words():
+    """A latent that fires on a piece inside a word is shown and explained by the word: the span
+    around every piece of a multi-piece word decodes to that word of the text."""
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = "the photosynthesis, of chlorophyll-rich leaves"
+    ids = tok(text, add_special_tokens=False).input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert len(pieces) > len(text.split())  # the small vocabulary splits words into pieces
+    words = []
+    for i in range(len(ids)):
+        a, b = sem.word_span(tok, ids, i)
+        assert a <= i < b
+        words.append(tok.decode(ids[a:b]).strip())
+    assert [w for w in dict.fromkeys(words) if w] == ["the", "photosynthesis", ",", "of", "chlorophyll", "-",
+                                                     "rich", "leaves"]
+    inside = pieces.index("ho")  # a piece from the middle of "photosynthesis"
+    ex = sem._example(tok, ids, 0, inside, 1.0, 2)
+    assert ex["word"] == "photosynthesis" and "photosynthesis]]" in ex["context"]
+    assert sem.activation_explanation([ex]).startswith('fires on "photosynthesis"')
+    assert sem.top_terms({"1-1": sem.activation_explanation([ex])}) == [("photosynthesis", 1)]
 
 
 def test_top_terms_and_concepts():

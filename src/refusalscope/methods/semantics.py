@@ -197,9 +197,44 @@ def top_activations(model: ChatModel, saes, texts: Sequence[str], features: Iter
 def _example(tok, ids: list[int], text: int, pos: int, act: float, context: int) -> dict:
     def dec(span):
         return tok.decode(span, skip_special_tokens=False)
-    token = dec(ids[pos:pos + 1])
-    snippet = dec(ids[max(0, pos - context):pos]) + f"[[{token}]]" + dec(ids[pos + 1:pos + 1 + context])
-    return {"text": text, "position": pos, "token": token, "activation": act, "context": snippet}
+    a, b = word_span(tok, ids, pos)
+    token, word = dec(ids[pos:pos + 1]), dec(ids[a:b])
+    snippet = dec(ids[max(0, a - context):a]) + f"[[{word}]]" + dec(ids[b:b + context])
+    return {"text": text, "position": pos, "token": token, "word": word.strip() or word, "activation": act,
+            "context": snippet}
+
+
+_WORD_START = ("Ġ", "▁", " ")  # byte-level BPE / SentencePiece / plain marks of a leading space
+
+
+def word_span(tok, ids: Sequence[int], pos: int, longest: int = 12) -> tuple[int, int]:
+    """The tokens [a, b) of the whole word token `pos` is part of: explanations and Table 4 read
+    words ("photosynthesis"), as Neuronpedia's do, not the tokenizer's pieces ("osyn"). A token
+    continues the word before it when it carries no leading-space mark and both sides of the
+    join are letters or digits; special tokens are words of their own."""
+    special = set(tok.all_special_ids)
+    raw = tok.convert_ids_to_tokens(list(ids[max(0, pos - longest):pos + longest + 1]))
+    off = max(0, pos - longest)
+
+    def text(i):
+        return tok.decode([ids[i]], skip_special_tokens=False)
+
+    def joins_left(i):
+        if i <= 0 or i >= len(ids) or ids[i] in special or ids[i - 1] in special:
+            return False
+        if str(raw[i - off]).startswith(_WORD_START):
+            return False
+        return text(i)[:1].isalnum() and text(i - 1)[-1:].isalnum()
+
+    if ids[pos] in special:
+        return pos, pos + 1
+    a = pos
+    while a > off and pos - a < longest and joins_left(a):
+        a -= 1
+    b = pos + 1
+    while b < min(len(ids), off + len(raw)) and b - pos <= longest and joins_left(b):
+        b += 1
+    return a, b
 
 
 NO_EXAMPLES = "no activating examples in the corpus"  # not an explanation: never counted as terms
@@ -209,7 +244,7 @@ def activation_explanation(top: Sequence[Mapping], n_tokens: int = 3) -> str:
     """A one-line explanation from top-activating examples, for features Neuronpedia lacks."""
     if not top:
         return NO_EXAMPLES
-    tokens = list(dict.fromkeys(e["token"].strip() or repr(e["token"]) for e in top))[:n_tokens]
+    tokens = list(dict.fromkeys(e.get("word", e["token"]).strip() or repr(e["token"]) for e in top))[:n_tokens]
     ctx = " ".join(top[0]["context"].split())
     quoted = ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
     return f"fires on {quoted}{_CONTEXT_TAIL}{json.dumps('…' + ctx + '…', ensure_ascii=False)}"
