@@ -110,6 +110,18 @@ def hooked_logits(hf, batch, r: torch.Tensor) -> torch.Tensor:
             h.remove()
 
 
+def check_gap(abl, hf, ids: torch.Tensor, r: torch.Tensor) -> float:
+    """Largest |logit difference| of model `abl` from `hf` under Arditi's hooks of `r` on the token ids
+    of one prompt, each called as `model(input_ids=ids)` (the form of the model export's own check)."""
+    handles = ablation_hooks(hf, r)
+    try:
+        with torch.inference_mode():
+            return float((abl(input_ids=ids).logits.float() - hf(input_ids=ids).logits.float()).abs().max())
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def as_release(run: Path, tmp: Path, folders: Mapping[int, str | os.PathLike],
                neuronpedia_id: str | None = None) -> tuple[Path, Path]:
     """A view of run `run` as if its SAEs were the hub repo REPO (folder layer_L each), and that repo in

@@ -7,9 +7,10 @@ Tolerances: the SAELens bundle through TransformerLens (float64) equals SAELens'
 relative, and the engine to 1e-5 plus three times the gap the two implementations show with no
 intervention (TransformerLens's converted SmolLM2 and transformers differ by ~3e-5 relative in
 next-token probabilities, 1.4e-5 even in float64); the bundle alone through the engine equals the full
-SAEs to 1e-5 in the run's dtype. The abliterated folder says whether it is exact (`abliteration.json`);
-an exact one equals Arditi's ablation hooks up to float rounding, taken as 1e-4 of the logits' scale
-(SmolLM2 in float32: 3e-6)."""
+SAEs to 1e-5 in the run's dtype. The abliterated folder reports (`abliteration.json`: check) how far its
+logits lie from the direction-ablation hooks on one refused prompt; reloaded, it stays within that, and,
+when it says it is exact, that gap and the gap on other prompts are float rounding: at most 1e-4 of the
+logits' scale (SmolLM2 in float32: 3e-6)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from export_readback import (
     REPO,
     as_release,
+    check_gap,
     forward_logits,
     hooked_llama,
     hooked_logits,
@@ -303,13 +305,18 @@ def test_abliterated_folder_loads_with_transformers_and_equals_the_hooks(run, re
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template and tok.chat_template == model.tokenizer.chat_template  # the template travels
     abl = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).eval()
-    batch = model.encode(list(prompts.values()))  # refused (harmful) prompts
+    check = meta["check"]  # the export's own comparison with the hooks, on one refused prompt
+    assert check["prompt"] in {p.text for p in res.kept_prompts()}
+    gap = check_gap(abl, model.hf, model.encode([check["prompt"]]).input_ids, direction)
+    assert gap <= check["max_abs_logit_gap"] + 1e-5 * max(1.0, check["max_abs_logit"])  # what the export reports
+    if not meta["exact"]:
+        pytest.skip(f"abliteration.json says the edit is not exact for {model.hf.config.model_type}: no equality")
+    assert check["max_abs_logit_gap"] <= 1e-4 * max(1.0, check["max_abs_logit"])  # exact: float rounding only
+    batch = model.encode(list(prompts.values()))  # more refused (harmful) prompts, batched with padding
     real = batch.attention_mask.bool()
     got = forward_logits(abl, batch)[real]
     want = hooked_logits(model.hf, batch, direction)[real]
     plain = forward_logits(model.hf, batch)[real]
     tol = 1e-4 * max(1.0, float(want.abs().max()))
-    if not meta["exact"]:
-        pytest.skip(f"abliteration.json says the edit is not exact for {model.hf.config.model_type}: no equality")
     assert (got - want).abs().max() <= tol
     assert (want - plain).abs().max() > 10 * tol  # the direction matters far beyond the tolerance

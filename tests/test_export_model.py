@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_readback import ablation_hooks, forward_logits
+from export_readback import ablation_hooks, check_gap, forward_logits
 from planted import HARMFUL, HARMLESS
 from tiny import tiny_gemma2, tiny_llama
 
@@ -63,7 +63,9 @@ def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
     assert "auto_map" not in json.loads((out / "config.json").read_text())  # no code of ours needed
     res = rs.open_run(direction_run)
     direction, layer = res.direction()
-    assert json.loads((out / "abliteration.json").read_text())["layer"] == layer == result["layer"]
+    meta = json.loads((out / "abliteration.json").read_text())
+    assert meta["layer"] == layer == result["layer"]
+    assert meta["check"]["prompt"] == res.kept_prompts()[0].text and "within" in result["notes"][1]
 
     tok = AutoTokenizer.from_pretrained(out)
     abl = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -77,6 +79,10 @@ def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
         h.remove()
     real = batch.attention_mask.bool()
     assert (forward_logits(abl, batch)[real] - want[real]).abs().max() <= 1e-4
+    one = chat.encode([meta["check"]["prompt"]])  # the gap the export reports is the gap there is
+    gap = check_gap(abl, orig.hf, one.input_ids, direction)
+    check = meta["check"]  # float noise on both sides: equal up to 1e-5 of the logits' scale
+    assert gap <= check["max_abs_logit_gap"] + 1e-5 * max(1.0, check["max_abs_logit"]) and gap <= 1e-4
     # the planted refusal token: P("I") on harmful prompts falls, as under the engine's hook
     i = orig.refusal_token_ids[0]
     p_abl = torch.softmax(forward_logits(abl, chat.encode(HARMFUL))[:, -1], -1)[:, i]
