@@ -1,8 +1,8 @@
 """Issue 22's "done when" on a finished run: tests/test_export_demo.py (every `export --to` format written
 by the CLI and read back by its tool) run against RUN, with what pytest said kept as JSON and text.
 
-    python benchmarks/export_demo.py runs/demo                # the demo run (what the lead runs)
-    python benchmarks/export_demo.py RUN -k tables --out DIR  # one test, results elsewhere
+    .venv/bin/python benchmarks/export_demo.py runs/demo     # the demo run (or REFUSALSCOPE_DEMO_RUN's)
+    .venv/bin/python benchmarks/export_demo.py RUN -k tables --out DIR  # one test, results elsewhere
 
 Writes OUT/<run name>.json (per test: outcome, seconds, skip or failure message; counts, wall time, peak
 RSS of the largest process) and OUT/<run name>.txt (pytest's output); OUT defaults to
@@ -45,11 +45,14 @@ def _cases(junit: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a finished run directory (the demo run)")
+    ap.add_argument("run", type=Path, nargs="?", default=os.environ.get("REFUSALSCOPE_DEMO_RUN"),
+                    help="a finished run directory (default: $REFUSALSCOPE_DEMO_RUN)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export-demo",
                     help="folder for <run name>.json and .txt")
     ap.add_argument("-k", dest="select", default=None, help="pytest -k expression: run only these tests")
     args = ap.parse_args(argv)
+    if args.run is None:
+        ap.error("pass a run directory or set REFUSALSCOPE_DEMO_RUN")
     sys.path.insert(0, str(ROOT / "src"))
     from refusalscope.errors import UserError
     from refusalscope.run.results import RunResults
