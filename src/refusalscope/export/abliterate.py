@@ -163,7 +163,9 @@ def _plain(hf: Any) -> None:
 
 def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: object) -> dict:
     """Write the run's model with r̂(l*) orthogonalised out into `out` (safetensors + tokenizer +
-    chat template + a model card saying what it is); `notes` carries the warning the CLI prints.
+    chat template + a model card saying what it is); `notes` carries the warning the CLI prints, and
+    `check` how far the edited model's logits lie from the direction-ablation hooks on one refused
+    prompt (two forward passes of one prompt: a folder that reloads wrong is caught against it).
     `dtype`: save in another dtype than the run's."""
     from ..run.resolve import load_model
 
