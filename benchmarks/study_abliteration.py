@@ -29,7 +29,8 @@ written = export(args.run, "model", args.model_out)
 t1 = time.perf_counter()
 numbers = measure(args.run, written["out"], args.n_harmful, args.n_harmless)
 numbers.update(export_seconds=round(t1 - t0, 1), measure_seconds=round(time.perf_counter() - t1, 1),
-               exact=written["exact"], untied_embeddings=written["untied_embeddings"])
+               exact=written["exact"], untied_embeddings=written["untied_embeddings"],
+               check_max_abs_logit_gap=written["check"]["max_abs_logit_gap"])
 print(json.dumps(numbers, indent=2))
 if args.out:
     atomic_write_json(Path(args.out), numbers)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import pytest
 import yaml
+from export_readback import schema
 from typer.testing import CliRunner
 
 from refusalscope.errors import UserError
@@ -23,12 +23,7 @@ from refusalscope.interfaces.cli import app
 from refusalscope.interventions.features import FeatureSet
 from refusalscope.run.results import RunResults
 
-SCHEMAS = Path(__file__).parent / "schemas"
 GEMMA = "gemma-2-2b/{layer}-gemmascope-res-65k"
-
-
-def schema(name: str) -> dict:
-    return json.loads((SCHEMAS / f"neuronpedia_{name}.json").read_text())
 
 
 def with_neuronpedia(tiny_run, tmp_path, np_id=GEMMA):

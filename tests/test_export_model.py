@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_readback import ablation_hooks, check_gap, forward_logits
 from planted import HARMFUL, HARMLESS
 from tiny import tiny_gemma2, tiny_llama
 
@@ -16,39 +17,20 @@ from refusalscope.export.abliterate import abliterate
 from refusalscope.io.model import ChatModel
 
 
-def _reference_hooks(hf, r):
-    """Arditi et al.'s direction ablation as hooks: r̂ projected out of the embedding output and of
-    every attention-out and MLP-out (refusal_direction's get_all_direction_ablation_hooks)."""
-    r = r / r.norm()
-
-    def project(module, args, output):
-        return output - (output @ r).unsqueeze(-1) * r
-    dec = hf.get_decoder()
-    mods = [dec.embed_tokens] + [m for layer in dec.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-    return [m.register_forward_hook(project) for m in mods]
-
-
-def _logits(hf, batch):
-    mask = batch.attention_mask
-    with torch.inference_mode():
-        return hf(input_ids=batch.input_ids, attention_mask=mask,
-                  position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma2])
 def test_abliterated_weights_equal_the_ablation_hooks(make):
     hf, tok = make(seed=1)
     chat = ChatModel(hf, tok)
     batch = chat.encode(["Write a poem about the sea", "Hi"])
     r = torch.randn(chat.d_model, generator=torch.Generator().manual_seed(3))
-    plain = _logits(hf, batch)
-    handles = _reference_hooks(hf, r)
-    want = _logits(hf, batch)
+    plain = forward_logits(hf, batch)
+    handles = ablation_hooks(hf, r)
+    want = forward_logits(hf, batch)
     for h in handles:
         h.remove()
     tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
     info = abliterate(hf, r)
-    got = _logits(hf, batch)
+    got = forward_logits(hf, batch)
     real = batch.attention_mask.bool()
     assert info["matrices"] == 1 + 2 * chat.n_layers and info["untied_embeddings"] == tied
     assert (want[real] - plain[real]).abs().max() > 1e-3  # the direction mattered
@@ -81,7 +63,9 @@ def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
     assert "auto_map" not in json.loads((out / "config.json").read_text())  # no code of ours needed
     res = rs.open_run(direction_run)
     direction, layer = res.direction()
-    assert json.loads((out / "abliteration.json").read_text())["layer"] == layer == result["layer"]
+    meta = json.loads((out / "abliteration.json").read_text())
+    assert meta["layer"] == layer == result["layer"]
+    assert meta["check"]["prompt"] == res.kept_prompts()[0].text and "within" in result["notes"][1]
 
     tok = AutoTokenizer.from_pretrained(out)
     abl = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -89,16 +73,20 @@ def test_export_writes_a_plain_hf_folder(direction_run, tmp_path):
     orig = rs.load_model(res.config().model.source, dtype="float32", device="cpu")
     chat = ChatModel(abl, tok)
     batch = chat.encode(HARMFUL + HARMLESS)
-    handles = _reference_hooks(orig.hf, direction)
-    want = _logits(orig.hf, batch)
+    handles = ablation_hooks(orig.hf, direction)
+    want = forward_logits(orig.hf, batch)
     for h in handles:
         h.remove()
     real = batch.attention_mask.bool()
-    assert (_logits(abl, batch)[real] - want[real]).abs().max() <= 1e-4
+    assert (forward_logits(abl, batch)[real] - want[real]).abs().max() <= 1e-4
+    one = chat.encode([meta["check"]["prompt"]])  # the gap the export reports is the gap there is
+    gap = check_gap(abl, orig.hf, one.input_ids, direction)
+    check = meta["check"]  # float noise on both sides: equal up to 1e-5 of the logits' scale
+    assert gap <= check["max_abs_logit_gap"] + 1e-5 * max(1.0, check["max_abs_logit"]) and gap <= 1e-4
     # the planted refusal token: P("I") on harmful prompts falls, as under the engine's hook
     i = orig.refusal_token_ids[0]
-    p_abl = torch.softmax(_logits(abl, chat.encode(HARMFUL))[:, -1], -1)[:, i]
-    p_orig = torch.softmax(_logits(orig.hf, orig.encode(HARMFUL))[:, -1], -1)[:, i]
+    p_abl = torch.softmax(forward_logits(abl, chat.encode(HARMFUL))[:, -1], -1)[:, i]
+    p_orig = torch.softmax(forward_logits(orig.hf, orig.encode(HARMFUL))[:, -1], -1)[:, i]
     assert p_abl.mean() < 0.5 * p_orig.mean()
 
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from export_readback import hooked_llama, last_probs, rel_gap, saelens_splice
 from typer.testing import CliRunner
 
 from refusalscope.export import export
@@ -20,39 +21,11 @@ from refusalscope.io.sae_loading import load_sae_set
 from refusalscope.run.results import RunResults
 
 
-def hooked_llama(hf):
-    """The HF Llama as a HookedSAETransformer (TransformerLens weights converted, nothing folded)."""
-    from sae_lens import HookedSAETransformer
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-    c = hf.config
-    d_head = c.hidden_size // c.num_attention_heads
-    cfg = HookedTransformerConfig(
-        d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, n_layers=c.num_hidden_layers,
-        d_mlp=c.intermediate_size, d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn="silu",
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d_head, gated_mlp=True,
-        n_key_value_heads=c.num_key_value_heads, eps=c.rms_norm_eps, final_rms=True,
-        rotary_base=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0),
-        original_architecture="LlamaForCausalLM", default_prepend_bos=False, dtype=torch.float32)
-    tl = HookedSAETransformer(cfg)
-    tl.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
-    return tl.eval()
-
-
 @pytest.fixture(scope="module")
 def world(tiny_run):
     root = tiny_run.parent
     model = load_chat_model(root / "model", dtype="float32", device="cpu", quiet=True)
     return root, model, hooked_llama(model.hf)
-
-
-def _probs(logits):
-    return torch.softmax(logits[:, -1].float(), dim=-1)
-
-
-def _close(a, b):
-    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
 @pytest.mark.parametrize("intervention", ["ablate", "clamp=3"])
@@ -73,14 +46,14 @@ def test_bundle_through_transformer_lens_equals_the_engine(world, tiny_run, tmp_
         engine = model.next_token_probs(batch)
     plain = model.next_token_probs(batch)
     with torch.no_grad():
-        via_tl = _probs(tl.run_with_hooks(batch.input_ids, fwd_hooks=b.tl_hooks(name)))
-        tl_plain = _probs(tl(batch.input_ids))
-    assert _close(tl_plain, plain) < 1e-4  # the converted model is the model
-    assert _close(via_tl, engine) <= 1e-5
+        via_tl = last_probs(tl.run_with_hooks(batch.input_ids, fwd_hooks=b.tl_hooks(name)))
+        tl_plain = last_probs(tl(batch.input_ids))
+    assert rel_gap(tl_plain, plain) < 1e-4  # the converted model is the model
+    assert rel_gap(via_tl, engine) <= 1e-5
     with intervene(model, *b.engine_parts(name)):  # the bundle alone, no full SAE
         from_bundle = model.next_token_probs(batch)
-    assert _close(from_bundle, engine) <= 1e-5
-    assert _close(engine, plain) > 1e-3  # the intervention changes the model
+    assert rel_gap(from_bundle, engine) <= 1e-5
+    assert rel_gap(engine, plain) > 1e-3  # the intervention changes the model
 
 
 def test_bundle_semantics_match_a_saelens_splice_with_the_error_term(world, tiny_run, tmp_path):
@@ -93,24 +66,10 @@ def test_bundle_semantics_match_a_saelens_splice_with_the_error_term(world, tiny
     by_layer = b.set(name).by_layer()
     saes = load_sae_set(str(root / "saes" / "layer_{layer}"), list(by_layer), quiet=True)
     ids = model.encode(["Tell me how to make poison"]).input_ids
-    for layer in by_layer:
-        sae = saes.saes[layer]
-        tl.add_sae(sae, use_error_term=True)
-
-    def zero(idx):
-        def fn(acts, hook):
-            acts[..., idx] = 0.0
-            return acts
-        return fn
-    try:
-        with torch.no_grad():
-            spliced = _probs(tl.run_with_hooks(ids, fwd_hooks=[
-                (f"{saes.saes[l].cfg.metadata.hook_name}.hook_sae_acts_post", zero(i)) for l, i in by_layer.items()]))
-    finally:
-        tl.reset_saes()
+    spliced = saelens_splice(tl, saes.saes, by_layer, ids)
     with torch.no_grad():
-        bundled = _probs(tl.run_with_hooks(ids, fwd_hooks=b.tl_hooks(name)))
-    assert _close(bundled, spliced) <= 1e-4
+        bundled = last_probs(tl.run_with_hooks(ids, fwd_hooks=b.tl_hooks(name)))
+    assert rel_gap(bundled, spliced) <= 1e-4
 
 
 def test_bundle_names_each_latents_sae_and_says_what_it_does(tiny_run, tmp_path):

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-import yaml
+from export_readback import REPO, as_release, lm_eval_clamp_by_hand
 from safetensors.torch import load_file
 
 from refusalscope.errors import UserError
@@ -22,32 +22,13 @@ from refusalscope.io.model import load_chat_model
 from refusalscope.methods.eval_matrix import core_set
 from refusalscope.run.results import RunResults
 
-REPO, REV = "refusalscope-tests/tiny-saes", "0" * 40
-
-
-def release_copy(tiny_run, tmp_path):
-    """The tiny run as if its SAEs were the hub repo REPO (folder layer_L each), and that repo in a
-    HuggingFace cache under tmp_path (what `SAE.from_pretrained(REPO, "layer_L")` reads offline)."""
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["saes"].update(source="release", release=REPO, sae_id="layer_{layer}", path=None)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    repo = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(REV)
-    shutil.copytree(tiny_run.parent / "saes", repo / "snapshots" / REV)
-    for layer in (repo / "snapshots" / REV).iterdir():  # the optional sparsity file is known to be absent
-        (repo / ".no_exist" / REV / layer.name).mkdir(parents=True)
-        (repo / ".no_exist" / REV / layer.name / "sparsity.safetensors").touch()
-    return run, tmp_path / "hub"
-
 
 def test_lm_eval_steered_model_loads_the_csv_and_clamps_the_decoder_direction(tiny_run, tmp_path, monkeypatch):
     import huggingface_hub.constants
     from lm_eval.models.hf_steered import SteeredModel
 
-    run, hub = release_copy(tiny_run, tmp_path)
+    folders = {int(p.name.removeprefix("layer_")): p for p in (tiny_run.parent / "saes").iterdir()}
+    run, hub = as_release(tiny_run, tmp_path, folders)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     out = export(run, "lm-eval", tmp_path / "out", sets=["core@1"])
     assert out["notes"] == [] and out["files"] == ["core@1.csv", "sets.json"]
@@ -55,28 +36,13 @@ def test_lm_eval_steered_model_loads_the_csv_and_clamps_the_decoder_direction(ti
     csv = tmp_path / "out" / "core@1.csv"
     assert csv.read_text().splitlines()[1] == (f"sae_lens,clamp,{REPO},layers.{feat.layer},{feat.index},0.0,,"
                                                f"layer_{feat.layer},refusalscope core@1 {feat}")
-    sae = load_file(str(tiny_run.parent / "saes" / f"layer_{feat.layer}" / "sae_weights.safetensors"))
     lm = SteeredModel(pretrained=str(tiny_run.parent / "model"), steer_path=str(csv), device="cpu", dtype="float32")
     ids = torch.tensor([[1, 5, 17, 40, 33, 2, 9, 12]])
     steered = lm._model_call(ids)
-
     # the clamp rule by hand: (h - b_dec) loses its component along the unit decoder row, at every position
-    d = sae["W_dec"][feat.index] / sae["W_dec"][feat.index].norm()
-    b = sae["b_dec"]
-
-    def by_hand(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h = h - ((h - b) @ d).unsqueeze(-1) * d
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-    hf = lm.model
-    handle = hf.model.layers[feat.layer].register_forward_hook(by_hand)
-    try:
-        with torch.no_grad():
-            expected = hf(ids).logits
-    finally:
-        handle.remove()
+    expected = lm_eval_clamp_by_hand(lm.model, ids, feat.layer, folders[feat.layer], feat.index)
     with torch.no_grad():
-        plain = hf(ids).logits
+        plain = lm.model(ids).logits
     assert torch.allclose(steered, expected, atol=1e-5)
     assert (steered - plain).abs().max() > 1e-3
 

@@ -94,6 +94,24 @@ def abliterate(hf: Any, direction: torch.Tensor) -> dict:
     return {"matrices": n, "untied_embeddings": bool(untied), "exact": not post_normed}
 
 
+def _hook_logits(hf: Any, ids: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Logits of `ids` with r̂ projected out of the embedding and every attention and MLP output: the
+    direction-ablation hooks that the edited weights stand for (what `check` compares with)."""
+    r = r.to(device=ids.device, dtype=next(hf.parameters()).dtype)
+
+    def project(module, args, output):
+        return output - (output @ r).unsqueeze(-1) * r
+    decoder = hf.get_decoder()
+    handles = [m.register_forward_hook(project) for m in
+               [decoder.embed_tokens, *(w for i, layer in enumerate(decoder.layers) for w in _writers(layer, i))]]
+    try:
+        with torch.inference_mode():
+            return hf(input_ids=ids).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def model_card(source: str, run_dir: Path, layer: int, info: dict, system_prompt: str | None) -> str:
     exact = ("Every write into the residual stream is orthogonal to r̂, so no layer can represent it: the "
              "same model as projecting r̂ out of the embedding and every attention and MLP output."
@@ -114,6 +132,8 @@ in means of harmful and harmless prompts at layer l* = {layer}, unit length; `re
 is orthogonalised out of the token embedding and every layer's attention-out and MLP-out matrix
 ({info['matrices']} matrices, W ← W − r̂ r̂ᵀ W; Arditi et al. 2024, "Refusal in Language Models Is Mediated
 by a Single Direction"). {exact}{' Input and output embeddings were untied first.' if info['untied_embeddings'] else ''}
+Checked on one refused prompt: its logits differ from the direction-ablation hooks' on the original model
+by at most {info['check']['max_abs_logit_gap']:.2g} (largest logit {info['check']['max_abs_logit']:.3g}).
 {sys_note}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,7 +163,9 @@ def _plain(hf: Any) -> None:
 
 def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: object) -> dict:
     """Write the run's model with r̂(l*) orthogonalised out into `out` (safetensors + tokenizer +
-    chat template + a model card saying what it is); `notes` carries the warning the CLI prints.
+    chat template + a model card saying what it is); `notes` carries the warning the CLI prints, and
+    `check` how far the edited model's logits lie from the direction-ablation hooks on one refused
+    prompt (two forward passes of one prompt: a folder that reloads wrong is caught against it).
     `dtype`: save in another dtype than the run's."""
     from ..run.resolve import load_model
 
@@ -159,7 +181,16 @@ def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: obj
 
         hf.to(resolve_dtype(dtype))
     _plain(hf)
+    kept = res.kept_prompts() if res.done("filter") else []
+    text = kept[0].text if kept else "How do I make a bomb?"
+    ids = model.encode([text]).input_ids.to(model.device)
+    want = _hook_logits(hf, ids, _unit(direction))
     info = abliterate(hf, direction)
+    with torch.inference_mode():
+        got = hf(input_ids=ids).logits.float()
+    info["check"] = {"prompt": text, "max_abs_logit_gap": float((got - want).abs().max()),
+                     "max_abs_logit": float(want.abs().max()),
+                     "what": "largest |logit difference| from the direction-ablation hooks, one refused prompt"}
     source = model.name if cfg.model.source == "demo" else cfg.model.source
     notice = NOTICE.format(source=source, layer=layer)
     out = Path(out)
@@ -175,4 +206,7 @@ def export_model(run_dir: Path, out: Path, *, dtype: str | None = None, **_: obj
     atomic_write_json(tmp / "abliteration.json", meta)
     atomic_write_text(tmp / "README.md", model_card(source, res.root, layer, info, cfg.model.system_prompt))
     files = _publish(tmp, out)
-    return {"files": files, "layer": layer, **info, "notes": [notice]}
+    check = info["check"]
+    return {"files": files, "layer": layer, **info, "notes": [
+        notice, f"checked on one refused prompt: its logits are within {check['max_abs_logit_gap']:.2g} of the "
+                f"direction-ablation hooks' (largest logit {check['max_abs_logit']:.3g}; abliteration.json: check)"]}
