@@ -98,7 +98,7 @@ def diff_stage(diff: str) -> str:
 
 
 def chain(rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, work: Path, n: int,
-          rules=RULES, startup: float = 20.0) -> dict:
+          rules=RULES, startup: float = 30.0) -> dict:
     """One run killed `n` times in a row, each restart at a fresh random point, then finished and
     compared. A restart redoes only unfinished work, so a window of 1.5 x (reference / n) after
     start-up moves each kill on by about 3/4 of an n-th of the pipeline: the kills cover it."""
