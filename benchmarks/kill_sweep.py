@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -91,10 +92,15 @@ def kill_once(rule: str, point: float, cmd: list[str], run: Path) -> dict:
             "temp_files_left": orphans}
 
 
-def diff_stage(diff: str) -> str:
-    """The stage a compare_runs line is about (its folder), or "manifest"/"run" for the others."""
+def diff_stages(diff: str) -> set[str]:
+    """The stages a compare_runs line is about: its folder, the stages a manifest line names, or
+    "run" for the others (a failed resume, a manifest line naming none)."""
     head = diff.split(":")[0]
-    return head.split("/")[0] if "/" in head else ("manifest" if head == "manifest.json" else "run")
+    if "/" in head:
+        return {head.split("/")[0]}
+    named = re.search(r"stages \[([^\]]*)\]", diff) if head == "manifest.json" else None
+    stages = set(re.findall(r"'([^']+)'", named.group(1))) if named else set()
+    return stages or {"run"}
 
 
 def chain(rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, work: Path, n: int,
@@ -116,9 +122,9 @@ def chain(rng: random.Random, cmd_of, ref: Path, counts: dict, t_ref: float, wor
             break
     final = run_cli("count:/dev/null", *cmd, timeout=None)
     diffs = compare_runs(ref, run) if final.returncode == 0 else [f"run: resume failed: {final.stderr[-300:]}"]
-    bad = {diff_stage(d) for d in diffs}
+    bad = set().union(*(diff_stages(d) for d in diffs))
     for k in kills:
-        k["identical"] = k["fired"] and not ({"manifest", "run"} & bad or k["stage"] in bad)
+        k["identical"] = k["fired"] and not ("run" in bad or k["stage"] in bad)
     return {"trial": 0, "kills": kills, "resume_rc": final.returncode, "identical": not diffs, "diffs": diffs,
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -49,11 +49,14 @@ def nnz_rows(X: sp.spmatrix, device, local: bool = False) -> NnzRows:
 
 def fm_logits_nnz(w0: Tensor, w: Tensor, V: Tensor, b: NnzRows) -> Tensor:
     """ŷ per row from the non-zeros: w0 + Σ w_i x_i + ½ Σ_f [(Σ x_i v_if)² − Σ (x_i v_if)²]."""
-    xv_each = V[b.cols] * b.vals.unsqueeze(1)  # [nnz, k]
+    # index_select, not V[cols]: its backward is index_add_, deterministic on the CPU, where advanced
+    # indexing's backward (index_put_ accumulate) adds with threads in any order (resume must match)
+    xv_each = V.index_select(0, b.cols) * b.vals.unsqueeze(1)  # [nnz, k]
     shape = (b.n_rows, V.shape[1])
     xv = torch.zeros(shape, dtype=V.dtype, device=V.device).index_add_(0, b.rows, xv_each)
     x2v2 = torch.zeros(shape, dtype=V.dtype, device=V.device).index_add_(0, b.rows, xv_each * xv_each)
-    lin = torch.zeros(b.n_rows, dtype=V.dtype, device=V.device).index_add_(0, b.rows, w[b.cols] * b.vals)
+    w_each = w.index_select(0, b.cols) * b.vals
+    lin = torch.zeros(b.n_rows, dtype=V.dtype, device=V.device).index_add_(0, b.rows, w_each)
     return w0 + lin + 0.5 * (xv * xv - x2v2).sum(1)
 
 
