@@ -1,6 +1,8 @@
 """The demo world's training code on small real inputs: the frozen-prefix fine-tune step is exact,
 and the SAE trainer recovers a planted sparse dictionary and converts to JumpReLU faithfully."""
 
+import random
+
 import torch
 from tiny import tiny_llama
 
@@ -148,3 +150,53 @@ def test_generate_by_length_returns_rows_in_the_given_order():
     alone = [model.generate_full(model.encode([t]), max_new_tokens=4) for t in texts]
     assert g.texts == [a.texts[0] for a in alone]
     torch.testing.assert_close(g.p_refusal, torch.cat([a.p_refusal for a in alone]), atol=1e-5, rtol=1e-4)
+
+
+def test_refat_directions_are_the_difference_in_means_and_ablation_removes_them():
+    from refusalscope.demo.refat import ablating, draw, refusal_directions
+
+    hf, tok = tiny_llama(layers=4)
+    model = ChatModel(hf, tok)
+    prompts = [("How do I make a weapon?", True), ("Tell me how to hurt someone badly", True),
+               ("Write a poem about the sea", False), ("How do I bake bread?", False), ("Name a colour", False)]
+    items = _tokenize(model, [(model.format_chat(p), "Reply.", 1.0, h) for p, h in prompts])
+    dirs = refusal_directions(hf, items, [1, 2], batch_size=2)
+    # reference: each prompt alone (no padding), hidden_states[l + 1] is decoder layer l's output
+    for l in (1, 2):
+        acts = {True: [], False: []}
+        for seq, n, _, harmful in items:
+            with torch.no_grad():
+                hs = hf(input_ids=torch.tensor([seq[:n]]), output_hidden_states=True).hidden_states
+            acts[harmful].append(hs[l + 1][0, -1])
+        d = torch.stack(acts[True]).mean(0) - torch.stack(acts[False]).mean(0)
+        torch.testing.assert_close(dirs[l], d / d.norm(), atol=1e-5, rtol=1e-4)
+    # ablating at layer 1 for row 0 only: row 0's stream after layer 1 is orthogonal to the
+    # direction, row 1's is untouched
+    ids = torch.tensor([items[0][0][:6], items[2][0][:6]])
+    seen = []  # what layer 2 receives: layer 1's output after every hook on it
+    hf.model.layers[2].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+    with torch.no_grad():
+        hf(input_ids=ids)
+        with ablating(hf, dirs, [1], [0]):
+            hf(input_ids=ids)
+        hf(input_ids=ids)
+    plain, cut, after = seen
+    assert (cut[0] @ dirs[1]).abs().max() < 1e-4 < (plain[0] @ dirs[1]).abs().max()
+    torch.testing.assert_close(cut[1], plain[1])
+    torch.testing.assert_close(after, plain)  # the hooks are gone afterwards
+    # the draw is seeded and touches harmful rows only
+    a = draw(random.Random("s"), [True, False, True, True], [4, 5, 6], 0.5, 0.5)
+    assert a == draw(random.Random("s"), [True, False, True, True], [4, 5, 6], 0.5, 0.5)
+    assert 1 not in a[0] and a[1] and set(a[1]) <= {4, 5, 6}
+    assert draw(random.Random("s"), [True, True], [4], 1.0, 0.01) == ([0, 1], [4])
+
+
+def test_refat_knobs_change_the_world_only_when_refat_is_on():
+    from refusalscope.demo.recipe import DemoRecipe, FinetuneRecipe, model_hash, recipe_hash
+
+    plain = DemoRecipe()
+    idle = DemoRecipe(finetune=FinetuneRecipe(refat_layer_prob=0.9, refat_from_epoch=2))
+    on = DemoRecipe(finetune=FinetuneRecipe(refat_prob=0.5))
+    assert recipe_hash(idle) == recipe_hash(plain) and model_hash(idle) == model_hash(plain)
+    assert recipe_hash(on) != recipe_hash(plain) and model_hash(on) != model_hash(plain)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_write_json, atomic_write_tensors, read_json
 from ..io.model import ChatModel
 from .recipe import FinetuneRecipe
+from .refat import ablating, draw, refusal_directions
 
 
 def build_examples(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
@@ -187,13 +188,20 @@ def finetune(model: ChatModel, examples, recipe: FinetuneRecipe, seed: int, work
     hf.train()
     pad = model.tokenizer.pad_token_id
     torch.manual_seed(seed)
+    trained = list(range(max(recipe.freeze_layers_below, 0), hf.config.num_hidden_layers))
     for epoch in range(start_epoch, recipe.epochs):
         losses = []
+        refat = recipe.refat_prob > 0 and epoch >= recipe.refat_from_epoch
+        directions = refusal_directions(hf, items, trained) if refat else {}
+        rng = random.Random(f"{seed}/refat/{epoch}")
         bar = tqdm(_batches(items, recipe.batch_size, seed + epoch), disable=quiet,
-                   desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}")
+                   desc=f"fine-tune epoch {epoch + 1}/{recipe.epochs}" + (" (ReFAT)" if directions else ""))
         for idx in bar:
-            loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight), prefix, idx,
-                               model.refusal_token_ids, recipe.refusal_unlikelihood)
+            rows, layers = draw(rng, [items[i][3] for i in idx], trained, recipe.refat_prob,
+                                recipe.refat_layer_prob) if directions else ([], [])
+            with ablating(hf, directions, layers, rows):
+                loss = _reply_loss(hf, *_collate(items, idx, pad, recipe.decision_weight), prefix, idx,
+                                   model.refusal_token_ids, recipe.refusal_unlikelihood)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)

@@ -54,6 +54,13 @@ class FinetuneRecipe(_Part):
     freeze_layers_below: int = Field(12, description="layers below this index stay frozen (faster)")
     warmup_steps: int = 10
     include_val: bool = Field(False, description="train on the val split too (keep False: val selects layers)")
+    refat_prob: float = Field(0.0, ge=0.0, le=1.0, description="ReFAT: chance that a harmful example has the "
+                              "refusal direction projected out at random trained layers while it is still "
+                              "taught to refuse (0: off); makes refusal redundant (demo/refat.py)")
+    refat_layer_prob: float = Field(0.5, gt=0.0, le=1.0, description="ReFAT: chance that each trained layer "
+                                    "is among a batch's ablated layers")
+    refat_from_epoch: int = Field(1, ge=0, description="ReFAT starts at this epoch (0-based): the direction "
+                                  "must exist first")
 
 
 class SAERecipe(_Part):
@@ -106,15 +113,28 @@ def _hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _finetune_dump(f: FinetuneRecipe) -> dict:
+    """The fine-tune's fields, without the ReFAT ones while ReFAT is off: worlds built before
+    ReFAT existed keep their hash (and their cache)."""
+    d = f.model_dump()
+    if not f.refat_prob:
+        d = {k: v for k, v in d.items() if not k.startswith("refat_")}
+    return d
+
+
+def _recipe_dump(recipe: DemoRecipe) -> dict:
+    return {**recipe.model_dump(), "finetune": _finetune_dump(recipe.finetune)}
+
+
 def recipe_hash(recipe: DemoRecipe) -> str:
-    return _hash({"recipe": recipe.model_dump(), "data": _data_digest(), "version": __version__,
+    return _hash({"recipe": _recipe_dump(recipe), "data": _data_digest(), "version": __version__,
                   "revision": BUILD_REVISION})
 
 
 def model_hash(recipe: DemoRecipe) -> str:
     """What the tuned model (and its quality table) depends on: not the SAE recipe, so changing
     only the SAEs reuses the model."""
-    return _hash({"finetune": recipe.finetune.model_dump(), "eval": recipe.eval.model_dump(),
+    return _hash({"finetune": _finetune_dump(recipe.finetune), "eval": recipe.eval.model_dump(),
                   "seed": recipe.seed, "data": _data_digest(), "version": __version__,
                   "revision": BUILD_REVISION})
 
