@@ -2,20 +2,14 @@
 it runs tests/test_export_demo.py against the run it is given (so those tests also run in CI here,
 two of them) and keeps pytest's verdict per test as JSON."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("export_demo", ROOT / "benchmarks" / "export_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("export_demo")
 
 
 def test_export_demo_runs_the_demo_tests_on_the_run_it_is_given(tiny_run, tmp_path):

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench_shapes():
-    spec = importlib.util.spec_from_file_location("bench_shapes", ROOT / "benchmarks" / "bench_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_shapes")
 
 
 def test_bench_shapes_small_reports_every_mode_and_size(tmp_path):
@@ -64,13 +62,7 @@ def test_gpu_script_says_what_is_missing_without_cuda():
 
 
 def _bench(name):
-    import sys as _sys
-
-    _sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,7 @@ class OpeningJudge:
 
     def judge(self, prompts, completions=None, model=None, batch_size=None) -> Verdicts:
         check_inputs(self, prompts, completions, model)
-        refused = [self.opens_with_refusal(c) for c in completions]
-        return Verdicts(self.name, refused, [1.0 if r else 0.0 for r in refused],
-                        list(completions), [is_degenerate(c) for c in completions])
+        return Verdicts.binary(self.name, completions, [self.opens_with_refusal(c) for c in completions])
 
 
 class CascadeJudge:

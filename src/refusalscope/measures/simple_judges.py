@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import UserError
-from .verdicts import REFUSAL_PHRASES, Verdicts, check_inputs, is_degenerate, normalise_quotes
+from .verdicts import REFUSAL_PHRASES, Verdicts, check_inputs, normalise_quotes
 
 
 # ----------------------------------------------------------------- substring judge
@@ -40,9 +40,7 @@ class SubstringJudge:
 
     def judge(self, prompts, completions=None, model=None, batch_size=None) -> Verdicts:
         check_inputs(self, prompts, completions, model)
-        refused = [self.matches(c) for c in completions]
-        return Verdicts(self.name, refused, [1.0 if r else 0.0 for r in refused],
-                        list(completions), [is_degenerate(c) for c in completions])
+        return Verdicts.binary(self.name, completions, [self.matches(c) for c in completions])
 
 
 # ----------------------------------------------------------------- first-token judge

@@ -40,6 +40,12 @@ class Verdicts:
         if len(sizes) != 1:
             raise ValueError(f"Verdicts fields differ in length: {sorted(sizes)}")
 
+    @classmethod
+    def binary(cls, judge: str, completions: Sequence[str], refused: Sequence[bool]) -> Verdicts:
+        """A judge that only says yes or no: score 1 or 0, degenerate output marked."""
+        return cls(judge, list(refused), [1.0 if r else 0.0 for r in refused], list(completions),
+                   [is_degenerate(c) for c in completions])
+
     def __len__(self) -> int:
         return len(self.refused)
 
