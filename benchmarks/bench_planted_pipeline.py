@@ -87,8 +87,10 @@ def _patch_stages(record):
             return out
         return timed
 
-    for name, fn in list(runner.STAGES.items()):
-        runner.STAGES[name] = wrap(name, fn)
+    from dataclasses import replace
+
+    for name, stage in list(runner.STAGES.items()):
+        runner.STAGES[name] = replace(stage, run=wrap(name, stage.run))
 
 
 def _patch_loading(loads: dict, compile_model: bool):

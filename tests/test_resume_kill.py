@@ -20,7 +20,7 @@ from faults import run_cli
 
 from refusalscope.run.compare import compare_runs
 from refusalscope.run.config import load_config
-from refusalscope.run.inputs import stage_hashes
+from refusalscope.run.stages import hashes as stage_hashes
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"

@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 
 from refusalscope.run.config import config_from_dict
-from refusalscope.run.inputs import PIPELINE, needed, stage_hashes
+from refusalscope.run.stages import hashes as stage_hashes
+from refusalscope.run.stages import with_deps as needed
+
+PIPELINE = ("filter", "direction", "stage1", "stage2", "stage3")
 
 ANALYSES = {"hydra", "stage3_only", "controls", "ce_loss", "taxonomy", "clamping", "semantics"}
 LAST = {"dashboards", "eval"}  # dashboards read whichever analyses run; eval reads Stages 1-3 and hydra

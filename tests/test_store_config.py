@@ -82,7 +82,7 @@ def test_config_presets_and_unknown_keys(tmp_path):
 def test_a_saved_config_reads_back_with_the_same_stage_hashes(preset, tmp_path):
     """`config.yaml` in a run directory is what `-r` alone reuses: reading it back must not
     change a single stage hash (a default int in a float list once did, rerunning clamping)."""
-    from refusalscope.run.inputs import stage_hashes
+    from refusalscope.run.stages import hashes as stage_hashes
 
     cfg = load_config(preset)
     (tmp_path / "config.yaml").write_text(dump_config(cfg))

@@ -206,13 +206,14 @@ def cli_markdown() -> str:
 
 
 def stage_inputs_markdown() -> str:
-    """The table of `run/inputs.py`: what each stage reads, so what reruns it."""
-    from refusalscope.run.inputs import STAGES
+    """What each stage's declaration (`run/stages.py`) says it reads, so what reruns it."""
+    from refusalscope.run.stages import STAGES
 
     lines = ["| stage | config fields it reads | files it reads (by content: prompt sets, Neuronpedia bundles) | "
              "stages it reads | "
              "read when the config runs them |", "|---|---|---|---|---|"]
-    for name, spec in STAGES.items():
+    for name, stage in STAGES.items():
+        spec = stage.inputs
         def cells(xs):
             return ", ".join(f"`{x}`" for x in xs) or "–"
         lines.append(f"| `{name}` | {cells(spec.keys)} | {cells(spec.files + spec.bundles)} | {cells(spec.deps)} | "

@@ -83,7 +83,7 @@ def stage2(model: ChatModel, saes: SAESet, prompts: PromptsLike, candidates: Map
     candidate set, plus which of the chosen set's latents fire on the plain prompt: the
     pipeline's own Stage 2 task, per prompt. Candidates keep their order (Stage 1's: per layer,
     by alignment), which Algorithm 1's seeded blocks depend on."""
-    from .run.tasks import stage2 as stage2_task
+    from .run.stage_search import stage2_task
 
     s2 = {k: v for k, v in (("block_size", block_size), ("taus", list(taus) if taus is not None else None),
                             ("seeds", list(seeds) if seeds is not None else None),

@@ -28,7 +28,7 @@ class LocalBackend:
         self.ctx = ctx
 
     def map(self, task: str, items: Sequence, payload: dict, desc: str) -> Iterator[list[dict]]:
-        from .tasks import TASKS
+        from .stages import TASKS
 
         parts = shards(items, self.ctx.cfg.execution.shard_size)
         for part in tqdm(parts, desc=desc, unit="shard", disable=self.ctx.quiet or len(parts) < 2):
@@ -54,7 +54,7 @@ class _Worker:
                            quiet=True, log=lambda *_: None)
 
     def run(self, task: str, items: list, payload: dict) -> list[dict]:
-        from .tasks import TASKS
+        from .stages import TASKS
 
         return TASKS[task](self.ctx, items, payload)
 

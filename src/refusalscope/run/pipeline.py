@@ -4,7 +4,7 @@ recomputes, resuming per-prompt work from its checkpoint."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,7 @@ from .config import Config
 from .inputs import stage_hashes
 from .resolve import load_model, load_prompt_set, take
 from .results import RunResults
+from .stage_spec import Stage, StageInputs
 from .store import RunStore
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class Context:
     _judge: object = None
     _backend: LocalBackend | RayBackend | None = None
     hashes: dict = field(default_factory=dict)
+    stages: Mapping[str, Stage] = field(default_factory=dict)  # every stage's declaration, for hashes (stages.STAGES)
     record: str | None = None  # the config.yaml this run is to keep (see runner.save_record)
 
     @property
@@ -91,11 +93,19 @@ class Context:
 
 
 def stage_hash(ctx: Context, name: str) -> str:
-    """The stage's hash over what it reads (`inputs.STAGES`): its config fields, prompt files and
+    """The stage's hash over what it reads (its `StageInputs`): its config fields, prompt files and
     the hashes of the stages it depends on."""
     if name not in ctx.hashes:
-        ctx.hashes.update(stage_hashes(ctx.cfg))
+        if name not in ctx.stages:
+            raise RuntimeError(f"this Context knows no stage {name!r}: create it with stages=stages.STAGES")
+        ctx.hashes.update(stage_hashes(ctx.cfg, ctx.stages))
     return ctx.hashes[name]
+
+
+def generation_args(ctx: Context) -> dict:
+    """The generation settings every judged search passes on (reply length, batch)."""
+    g = ctx.cfg.generation
+    return {"max_new_tokens": g.max_new_tokens, "batch_size": g.batch_size}
 
 
 def run_filter(ctx: Context) -> dict:
@@ -145,3 +155,8 @@ def _counts(values) -> dict[str, int]:
     for v in values:
         out[str(v)] = out.get(str(v), 0) + 1
     return dict(sorted(out.items()))
+
+
+FILTER = Stage("filter", "core", StageInputs(
+    ("model", "data.harmful_test", "data.text_field", "data.max_prompts", "data.heldout_fraction", "judge",
+     "generation", "seed"), ("data.harmful_test",)), run_filter)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..io.model import ChatModel, resolve_device
-from .inputs import STAGES, files_of
+from .inputs import files_of
 from .pipeline import Context
 from .resolve import chat_template_text, load_prompt_set, sae_layers
 
@@ -159,15 +159,16 @@ def check_saes(cfg, info: ModelInfo | None) -> None:
         check_sae_folder(s.path.replace("{layer}", str(layer)), layer, info.d_model, info.n_layers, info.name)
 
 
-def check_prompts(cfg, stages, info: ModelInfo | None, log) -> None:
-    """Every prompt set the stages read: parsed, within the model's context, no repeats in the
-    analysed set (each prompt is one item of the per-prompt search and of Table 1)."""
+def check_prompts(cfg, file_keys, info: ModelInfo | None, log) -> None:
+    """Every prompt set the config fields `file_keys` name (the stages' `inputs.files`): parsed,
+    within the model's context, no repeats in the analysed set (each prompt is one item of the
+    per-prompt search and of Table 1)."""
     fmt = _Formatter(info, cfg.model.system_prompt) if info else None
     if fmt is not None:
         fmt._token_ids(cfg.model.refusal_tokens)
     budget = info.context - cfg.generation.max_new_tokens if info and info.context else None
     seen: set[str] = set()
-    for key in dict.fromkeys(k for s in stages for k in STAGES[s].files):
+    for key in file_keys:
         for spec in files_of(cfg, key):
             if spec in seen:
                 continue
@@ -251,7 +252,7 @@ def preflight(ctx: Context, stages: list[str]) -> ModelInfo | None:
     if any(s not in ("filter", "direction") for s in stages):
         check_saes(ctx.cfg, info)
     check_layers(ctx.cfg, info, stages)
-    check_prompts(ctx.cfg, stages, info, ctx.log)
+    check_prompts(ctx.cfg, dict.fromkeys(k for s in stages for k in ctx.stages[s].inputs.files), info, ctx.log)
     check_judge(ctx)
     check_backend(ctx)
     from .memory import check_memory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,26 @@ def take(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in sorted(sample(range(len(items)), n, seed))]
 
 
+_parsed: dict[tuple, list[Prompt]] = {}
+
+
 def load_prompt_set(spec: str, text_field: str | None = None, label: str | None = None) -> list[Prompt]:
     """`bundled:NAME[:SPLIT]`, `hf:<dataset id>[:config][::split]`, or a file path (any format
-    `load_prompts` reads)."""
+    `load_prompts` reads). Parsed once per file version and process: the stage hash that digests
+    a set and the stage that reads it share one parse (prompts are frozen)."""
+    stamp = None
+    if not spec.startswith("bundled:"):
+        if spec.startswith("hf:") or not os.path.isfile(spec):  # hub sets and folders: datasets caches them
+            return _parse_prompt_set(spec, text_field, label)
+        st = os.stat(spec)
+        stamp = (st.st_size, st.st_mtime_ns)
+    key = (spec, text_field, label, stamp)
+    if key not in _parsed:
+        _parsed[key] = _parse_prompt_set(spec, text_field, label)
+    return list(_parsed[key])
+
+
+def _parse_prompt_set(spec: str, text_field: str | None, label: str | None) -> list[Prompt]:
     if spec.startswith("bundled:"):
         parts = spec.split(":")
         name = parts[1] if len(parts) > 1 else ""

@@ -14,19 +14,10 @@ from ..artifacts import atomic_write_text
 from ..errors import UserError
 from .config import Config, _merge, config_from_dict, dump_config, load_config
 from .inputs import needed, stage_hashes
-from .pipeline import Context, run_filter
+from .pipeline import Context
 from .preflight import preflight
-from .stage3 import run_stage3
-from .stage_analyses import ANALYSIS_STAGES
-from .stage_direction import run_direction
-from .stage_eval import run_eval
-from .stage_search import run_stage1, run_stage2
+from .stages import CORE, RUNNABLE_ANALYSES, STAGES
 from .store import RunStore
-
-STAGES: dict[str, Callable[[Context], dict]] = {
-    "filter": run_filter, "direction": run_direction, "stage1": run_stage1, "stage2": run_stage2,
-    "stage3": run_stage3, **ANALYSIS_STAGES, "eval": run_eval}
-CORE = ("filter", "direction", "stage1", "stage2", "stage3")
 
 
 def printer(quiet: bool, stream=None) -> Callable[[str], None]:
@@ -56,7 +47,8 @@ def open_context(config: str | os.PathLike | Config | None = None, run_dir: str 
     if unrecorded:
         cfg = config_from_dict(_merge(cfg.model_dump(), unrecorded), "command-line options")
     root = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    return Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log, record=record)
+    return Context(cfg, RunStore(root).open_for_writing(accept_version, log), quiet=quiet, log=log, record=record,
+                   stages=STAGES)
 
 
 def save_record(ctx: Context, todo: list[str]) -> None:
@@ -71,9 +63,9 @@ def save_record(ctx: Context, todo: list[str]) -> None:
 
 
 def check_analyses(names) -> None:
-    bad = [n for n in names or () if n not in ANALYSIS_STAGES]
+    bad = [n for n in names or () if n not in RUNNABLE_ANALYSES]
     if bad:
-        raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(ANALYSIS_STAGES)}")
+        raise UserError(f"unknown analysis {bad[0]!r}: choose from {', '.join(RUNNABLE_ANALYSES)}")
 
 
 def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
@@ -89,8 +81,9 @@ def plan(ctx: Context, upto: str = "analyses", only: list[str] | None = None,
     else:
         asked = ([*CORE, *analyses] if upto == "analyses" else
                  list(CORE[:CORE.index(upto) + 1]) if upto in CORE else [*CORE, upto])
-    names = needed(asked)
-    hashes = stage_hashes(ctx.cfg)
+    names = needed(STAGES, asked)
+    hashes = stage_hashes(ctx.cfg, STAGES)
+    ctx.hashes.update(hashes)  # the stages hash what plan resolved, once
     done = [n for n in names if ctx.store.is_done(n, hashes[n])]
     for n in names:
         entry = ctx.store.status(n) or {}
@@ -122,7 +115,7 @@ def run_pipeline(ctx: Context, upto: str = "analyses", only: list[str] | None = 
         ctx.log(f"run {ctx.store.root}: " + (f"{', '.join(done)} done; " if done else "")
                 + (f"running {', '.join(todo)}" if todo else "nothing to run"))
         for name in names:
-            out[name] = STAGES[name](ctx)
+            out[name] = STAGES[name].run(ctx)
             if ctx._saes is not None:  # each stage reads the SAE layers it needs again
                 ctx._saes.release()
             if name == "filter" and out[name]["n_kept"] == 0 and len(names) > 1:

@@ -24,6 +24,7 @@ from ..methods.records import Stage2Record
 from .config import Config, load_config
 from .pipeline import Context, stage_hash
 from .results import RunResults
+from .stages import STAGES
 from .store import RunStore
 
 
@@ -49,7 +50,7 @@ class Session:
         self.root = Path(run_dir) if run_dir is not None else Path(self._tmp or "")
         store = RunStore(self.root).open_for_writing(log=lambda _: None)
         self.ctx = Context(cfg, store, quiet=quiet, log=(lambda _: None) if quiet else print,
-                           _model=model, _saes=saes, _judge=judge)
+                           _model=model, _saes=saes, _judge=judge, stages=STAGES)
 
     def __enter__(self) -> Session:
         return self
@@ -96,6 +97,4 @@ class Session:
 
     def run(self, stage: str) -> dict:
         """Run one pipeline stage on what was put in; its summary."""
-        from .runner import STAGES
-
-        return STAGES[stage](self.ctx)
+        return STAGES[stage].run(self.ctx)

@@ -12,14 +12,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..interventions.features import FeatureSet
 from ..methods.fm import FMResult, embedding_collapse, rank_by_embedding_similarity, rank_per_prompt, train_fm
 from ..methods.fm_data import FMDataset, collect_sae_activations, feature_array, fm_dataset
 from ..methods.probe import rank_by_weight, train_probe
 from ..methods.records import Stage3Record
-from ..methods.stage3 import SweepResult
+from ..methods.stage3 import SweepResult, stage3_search
+from ..methods.stage3 import probe_sweep as stage3_sweep
 from .backend import fan_out
-from .pipeline import Context, stage_hash
+from .pipeline import Context, generation_args, stage_hash
 from .resolve import load_prompt_set, take
+from .stage_spec import Stage, StageInputs
 
 
 def fm_layers(ctx: Context) -> list[int]:
@@ -168,3 +171,29 @@ def rankings_frame(rankings: dict[str, list]) -> pd.DataFrame:
     """One row per (prompt, rank): id, rank (0 = most similar), feature ("layer-index"), score."""
     rows = [(pid, r, f.id, s) for pid, ranked in rankings.items() for r, (f, s) in enumerate(ranked)]
     return pd.DataFrame(rows, columns=["id", "rank", "feature", "score"])
+
+
+def stage3_task(ctx, items, p) -> list[dict]:
+    """Stage 2 active latents + the top-K of the prompt's Stage 3 ranking: smallest jailbreaking K."""
+    sc = ctx.cfg.stage3
+    rankings = {pid: p["rankings"].get(pid, []) for pid, _ in items}
+    res = stage3_search(ctx.model, ctx.saes, items, p["active2"], rankings, sc.ks, judge=ctx.judge,
+                        rungs_per_round=sc.rungs_per_round, quiet=True, **generation_args(ctx))
+    return [Stage3Record(r.id, r.k, r.tried, r.completions, r.verdicts,
+                         FeatureSet(p["active2"].get(r.id, ()))).to_json() for r in res]
+
+
+def probe_sweep_task(ctx, items, p) -> list[dict]:
+    """FM vs probe: per prompt, jailbroken or not at every `stage3.probe_ks` K (sorted), for the
+    probe's shared ranking and the prompt's own FM ranking."""
+    sweep = stage3_sweep(ctx.model, ctx.saes, items, p["active2"], p["probe"],
+                         {pid: p["fm"].get(pid, []) for pid, _ in items}, ctx.cfg.stage3.probe_ks, judge=ctx.judge,
+                         **generation_args(ctx))
+    return [{"id": pid, **{name: [bool(x) for x in v[i]] for name, v in sweep.jailbroken.items()}}
+            for i, (pid, _) in enumerate(items)]
+
+
+STAGE = Stage("stage3", "core", StageInputs(
+    ("model.batch_size", "data.text_field", "judge", "generation", "stage3", "seed"),
+    ("stage3.harmful", "stage3.harmless"), ("stage2",)),
+    run_stage3, {"stage3": stage3_task, "probe_sweep": probe_sweep_task})

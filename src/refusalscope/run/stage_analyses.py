@@ -10,8 +10,9 @@ import warnings
 from ..methods import ce_loss, clamping, controls, human_study, hydra, semantics, taxonomy
 from ..methods.records import Activity
 from .backend import fan_out
-from .pipeline import Context, stage_hash
+from .pipeline import Context, generation_args, stage_hash
 from .resolve import load_prompt_set, take
+from .stage_spec import Stage, StageInputs
 
 
 def _prompts(ctx: Context, ids) -> list[tuple[str, str]]:
@@ -225,8 +226,53 @@ def run_semantics(ctx: Context) -> dict:
     return _stage(ctx, "semantics", compute)
 
 
-from .stage_dashboards import run_dashboards  # noqa: E402  (after the analyses it reads)
+def inactive_critical_task(ctx, items, p) -> list[dict]:
+    return hydra.inactive_critical(ctx.model, ctx.saes, items, p["sets"], p["activity"], ctx.judge,
+                                   **generation_args(ctx))["records"]
 
-ANALYSIS_STAGES = {"hydra": run_hydra, "stage3_only": run_stage3_only, "controls": run_controls,
-                   "ce_loss": run_ce_loss, "taxonomy": run_taxonomy, "clamping": run_clamping,
-                   "semantics": run_semantics, "dashboards": run_dashboards}
+
+def _by_prompt(items, rows) -> list[dict]:
+    return [{"id": pid, "rows": [r for r in rows if r["id"] == pid]} for pid, _ in items]
+
+
+def random_control_task(ctx, items, p) -> list[dict]:
+    rows = controls.random_control(ctx.model, ctx.saes, items, p["sets"], ctx.judge, seeds=p["seeds"],
+                                   **generation_args(ctx))["records"]
+    return _by_prompt(items, rows)
+
+
+def obrien_task(ctx, items, p) -> list[dict]:
+    rows = controls.obrien_baseline(ctx.model, ctx.saes, items, ctx.judge, ks=p["ks"],
+                                    **generation_args(ctx))["records"]
+    return _by_prompt(items, rows)
+
+
+def stage3_only_task(ctx, items, p) -> list[dict]:
+    return controls.stage3_only(ctx.model, ctx.saes, items, p["stage3_sets"], p["active_stage2"], ctx.judge,
+                                **generation_args(ctx))["records"]
+
+
+STAGES = (
+    Stage("hydra", "analysis", StageInputs(
+        ("model.batch_size", "judge", "generation", "analyses.wake_threshold", "seed"), (), ("stage2",)),
+        run_hydra, {"inactive_critical": inactive_critical_task}),
+    Stage("stage3_only", "analysis", StageInputs(("judge", "generation", "seed"), (), ("stage3",)),
+          run_stage3_only, {"stage3_only": stage3_only_task}),
+    Stage("controls", "analysis", StageInputs(
+        ("judge", "generation", "analyses.random_seeds", "analyses.obrien_ks", "seed"), (), ("stage2",)),
+        run_controls, {"random_control": random_control_task, "obrien": obrien_task}),
+    Stage("ce_loss", "analysis", StageInputs(
+        ("model.batch_size", "data.text_field", "analyses.ce_instructions", "analyses.ce_general",
+         "analyses.ce_texts", "analyses.ce_sets", "seed"),
+        ("analyses.ce_instructions", "analyses.ce_general"), ("stage2", "direction")), run_ce_loss),
+    Stage("taxonomy", "analysis", StageInputs(
+        ("model.batch_size", "data.text_field", "analyses.taxonomy_prompts", "analyses.taxonomy_field",
+         "analyses.taxonomy_only", "analyses.taxonomy_sinks", "seed"),
+        ("analyses.taxonomy_prompts",), ("stage3",)), run_taxonomy),
+    Stage("clamping", "analysis", StageInputs(
+        ("generation", "analyses.clamp_values", "analyses.clamp_prompts", "analyses.clamp_tokens"), (), ("hydra",)),
+        run_clamping),
+    Stage("semantics", "analysis", StageInputs(
+        ("model.batch_size", "analyses.explain_texts", "analyses.neuronpedia_cache", "analyses.neuronpedia_url",
+         "saes.neuronpedia_id"), (), ("stage3",), bundles=("analyses.neuronpedia_bundle",)), run_semantics),
+)

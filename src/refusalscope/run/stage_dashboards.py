@@ -18,6 +18,7 @@ from .backend import fan_out
 from .dashboard_store import index_json
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
+from .stage_spec import Stage, StageInputs
 
 
 def critical_sets(ctx: Context) -> tuple[dict, dict, dict]:
@@ -159,3 +160,14 @@ def run_dashboards(ctx: Context) -> dict:
     ctx.log(f"dashboards: {n['latents']} latent dashboards ({n['sink']} flagged at sinks/BOS, one corpus pass "
             "per layer)")
     return st.summary
+
+
+def latent_effects_task(ctx, items, p) -> list[dict]:
+    """P("I") with each critical latent ablated alone (and left out of its Stage 2 set)."""
+    return le.latent_effects(ctx.model, ctx.saes, items, p["pairs"], p["sets"], ctx.cfg.model.batch_size)
+
+
+STAGE = Stage("dashboards", "last", StageInputs(
+    ("dashboards", "model.batch_size", "data.text_field", "saes.neuronpedia_id", "analyses.neuronpedia_cache", "seed"),
+    ("dashboards.corpus",), ("stage2",), ("stage3", "hydra", "taxonomy", "semantics"),
+    bundles=("analyses.neuronpedia_bundle",)), run_dashboards, {"latent_effects": latent_effects_task})

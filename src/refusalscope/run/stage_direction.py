@@ -11,6 +11,7 @@ from ..methods.evaluate import generate_judged
 from . import plots
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
+from .stage_spec import Stage, StageInputs
 from .store import atomic_write_tensors, read_tensors
 
 
@@ -128,3 +129,9 @@ def run_direction(ctx: Context) -> dict:
     ctx.log(f"direction: ablating r̂({choice.layer}) jailbreaks {summary['asr_after_ablation']:.0%} of "
             f"refused prompts; ActAdd makes {summary['refusal_harmless_actadd']:.0%} of harmless prompts refuse")
     return summary
+
+
+STAGE = Stage("direction", "core", StageInputs(
+    ("model", "data", "judge", "generation", "direction", "seed"),
+    ("data.harmful_train", "data.harmful_val", "data.harmless_train", "data.harmless_val", "data.harmless_test"),
+    ("filter",)), run_direction)

@@ -15,10 +15,13 @@ from ..artifacts import Checkpoint, config_hash
 from ..errors import UserError
 from ..interventions.features import FeatureSet
 from ..io.prompts import Prompt
+from ..measures.judges import make_judge
 from ..methods import eval_matrix as em
+from ..methods.ce_loss import TextSet, loss_sum
 from .backend import fan_out
 from .pipeline import Context, stage_hash
 from .resolve import load_prompt_set, take
+from .stage_spec import Stage, StageInputs
 
 RUN_SETS = ("heldout", "search")
 
@@ -217,3 +220,40 @@ def summary_rows(table: pd.DataFrame, rows) -> list[dict]:
         row["ce delta"] = round(float(ce["ce_delta"].iloc[0]), 4) if len(ce) and ce["ce_delta"].notna().all() else None
         out.append(row)
     return out
+
+
+def _plan(p, name: str):
+    return p["interventions"][name].plan(p["direction"], p["vector"], p["layer"], p["positions"])
+
+
+def _judge_named(ctx, name: str | None):
+    """A second judge for harmless prompts, built once per process like `ctx.judge`."""
+    if name is None:
+        return None
+    cache = ctx.__dict__.setdefault("_eval_judges", {})
+    if name not in cache:
+        cache[name] = make_judge(name, ctx.cfg.judge.degenerate_is_jailbreak)
+    return cache[name]
+
+
+def eval_prompts_task(ctx, items, p) -> list[dict]:
+    """One (intervention, dataset, chunk) per item: per prompt, the reply, verdict, P(I) and KL."""
+    return [{"id": key, "rows": em.evaluate_prompts(ctx.model, ctx.saes, p["chunks"][(ds, ci)], _plan(p, iv),
+                                                    ctx.judge, _judge_named(ctx, p["harmless_judge"]),
+                                                    p["max_new_tokens"], ctx.cfg.generation.batch_size)}
+            for key, iv, ds, ci in items]
+
+
+def eval_ce_task(ctx, items, p) -> list[dict]:
+    """One intervention per item: summed CE over the general texts and the token count."""
+    out = []
+    for key, iv in items:
+        s, n = loss_sum(ctx.model, ctx.saes, TextSet("general", p["texts"]), _plan(p, iv), ctx.cfg.model.batch_size)
+        out.append({"id": key, "sum": s, "tokens": n})
+    return out
+
+
+STAGE = Stage("eval", "last", StageInputs(
+    ("model.batch_size", "data", "judge", "generation", "eval", "seed"), ("eval.datasets", "eval.general_text"),
+    ("filter", "direction", "stage2", "stage3"), ("hydra",)),
+    run_eval, {"eval_prompts": eval_prompts_task, "eval_ce": eval_ce_task})

@@ -8,12 +8,15 @@ import time
 import pandas as pd
 
 from ..errors import UserError
+from ..methods.activity import activity
 from ..methods.ladder import ladder
 from ..methods.records import Stage2Record
-from ..methods.stage1 import aligned_latents
+from ..methods.stage1 import aligned_latents, search_k, top_k_set
+from ..methods.stage2 import minimal_sets
 from . import plots
 from .backend import fan_out
-from .pipeline import Context, stage_hash
+from .pipeline import Context, generation_args, stage_hash
+from .stage_spec import Stage, StageInputs
 
 
 def stage1_layers(ctx: Context) -> list[int]:
@@ -127,3 +130,35 @@ def table_one(records: list[Stage2Record], n_refused: int, n_stage1: int | None 
             "mean_set_size": round(sum(sizes) / max(1, len(sizes)), 2),
             "inactive_share": round(sum(len(v) for v in inactive) / max(1, sum(sizes)), 4),
             "inactive_latents_unique": len({f for v in inactive for f in v})}
+
+
+def stage1_task(ctx, items, p) -> list[dict]:
+    """Smallest jailbreaking K of the top-K-per-layer ladder, per prompt."""
+    s1 = ctx.cfg.stage1
+    res = search_k(ctx.model, ctx.saes, items, p["ranked"], p["ks"], ctx.judge, rungs_per_round=s1.rungs_per_round,
+                   positions=s1.positions, quiet=True, **generation_args(ctx))
+    return [r.to_json() for r in res]
+
+
+def stage2_task(ctx, items, p) -> list[dict]:
+    """Algorithm 1 over every τ and seed per (id, text, K) prompt, the states and τ-set
+    generations of the whole shard batched together; the smallest jailbreaking set, and which of
+    its latents fire on the plain prompt (one batched forward per shard)."""
+    s2, g = ctx.cfg.stage2, ctx.cfg.generation
+    out = minimal_sets(ctx.model, ctx.saes, [(pid, text, top_k_set(p["ranked"], k)) for pid, text, k in items],
+                       ctx.judge, block_size=s2.block_size, taus=s2.taus, seeds=s2.seeds, batch_size=s2.batch_size,
+                       max_new_tokens=g.max_new_tokens, generation_batch_size=g.batch_size)
+    sets = {r.id: r.set for r in out if r.set is not None}
+    act = activity(ctx.model, ctx.saes, [(pid, t) for pid, t, _ in items if pid in sets], sets,
+                   ctx.cfg.model.batch_size)
+    for r in out:
+        if r.id in act:
+            r.active, r.inactive = act[r.id].active, act[r.id].inactive
+    return [r.to_json() for r in out]
+
+
+SAE_WEIGHTS = ("saes.source", "saes.release", "saes.sae_id", "saes.path", "saes.layers")
+STAGE1 = Stage("stage1", "core", StageInputs((*SAE_WEIGHTS, "judge", "generation", "stage1"), (), ("direction",)),
+               run_stage1, {"stage1": stage1_task})
+STAGE2 = Stage("stage2", "core", StageInputs(("model.batch_size", "judge", "generation", "stage2"), (), ("stage1",)),
+               run_stage2, {"stage2": stage2_task})

@@ -1,0 +1,36 @@
+"""Every pipeline stage, in pipeline order: the one list the runner, hashing, preflight and the
+backends read. Each declaration (`stage_spec.Stage`) lives in its stage's own module."""
+
+from __future__ import annotations
+
+from . import stage3, stage_analyses, stage_dashboards, stage_direction, stage_eval, stage_search
+from .config import ANALYSES, Config
+from .inputs import needed, stage_hashes
+from .pipeline import FILTER
+from .stage_spec import Stage, StageInputs
+
+ORDER: tuple[Stage, ...] = (FILTER, stage_direction.STAGE, stage_search.STAGE1, stage_search.STAGE2, stage3.STAGE,
+                            *stage_analyses.STAGES, stage_dashboards.STAGE, stage_eval.STAGE)
+STAGES: dict[str, Stage] = {s.name: s for s in ORDER}
+INPUTS: dict[str, StageInputs] = {s.name: s.inputs for s in ORDER}
+TASKS = {task: fn for s in ORDER for task, fn in s.tasks.items()}
+CORE = tuple(s.name for s in ORDER if s.kind == "core")
+ANALYSIS_NAMES = tuple(s.name for s in ORDER if s.kind == "analysis")
+# what `run` and `analyze` accept as an analysis: the paper's analyses and the dashboards
+RUNNABLE_ANALYSES = (*ANALYSIS_NAMES, "dashboards")
+
+
+def hashes(cfg: Config, names=None) -> dict[str, str]:
+    """Every stage's hash (or those of `names` and what they depend on) for this config."""
+    return stage_hashes(cfg, STAGES, names)
+
+
+def with_deps(names) -> list[str]:
+    """`names` and every stage they depend on, in pipeline order."""
+    return needed(STAGES, names)
+
+
+assert len(TASKS) == sum(len(s.tasks) for s in ORDER), "two stages declare a task of the same name"
+assert ANALYSIS_NAMES == ANALYSES, "config.AnalysisName must list the analysis stages, in pipeline order"
+assert all(d in STAGES and list(STAGES).index(d) < list(STAGES).index(s.name)
+           for s in ORDER for d in (*s.inputs.deps, *s.inputs.optional)), "a stage depends on a later one"
