@@ -1,17 +1,16 @@
 """Smoke test of the web load benchmark (B9) at a small size on a real tiny run: no errors, no
 lost annotation. Latency is reported by the benchmark, never asserted here."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_web_small_loses_nothing(tiny_run, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_web", ROOT / "benchmarks" / "bench_web.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_web")
     out = tmp_path / "b6.json"
     res = mod.main(["--run", str(tiny_run), "--clients", "4", "--requests", "60", "--annotations", "12",
                     "--out", str(out)])

@@ -173,14 +173,9 @@ def test_stage2_can_prune_the_pool_of_prompts_stage1_left_refused(world, tmp_pat
 
 
 def _bench(name: str):
-    import importlib.util
-    from pathlib import Path
+    from bench_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 def test_config_errors_are_one_line(world, tmp_path):

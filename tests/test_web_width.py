@@ -4,11 +4,11 @@ dashboards are looked up by offset and equal the file's lines, the latent browse
 every latent exactly once, the playground and prompt pages inline no set, and the report stays
 under 10 MB and says what it capped. Page times are the benchmark's (B10), never asserted."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 from fastapi.testclient import TestClient
 
 from refusalscope.interfaces.latent_views import RunIndex
@@ -24,10 +24,7 @@ N = 5000
 
 
 def _wide_run_module():
-    spec = importlib.util.spec_from_file_location("wide_run", ROOT / "benchmarks" / "wide_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("wide_run")
 
 
 @pytest.fixture(scope="module")

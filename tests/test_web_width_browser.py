@@ -2,7 +2,6 @@
 moves through server-side pages (next, last, back), each page holds its own rows, and a latent
 opened from a late page shows its dashboard. Screenshot: runs/screens/wide_latents*.png."""
 
-import importlib.util
 import shutil
 import tempfile
 import threading
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 from test_web_browser import chrome, shot  # skips this module too where Chromium is missing
 
 from refusalscope.interfaces.web.pages import PAGE
@@ -24,9 +24,7 @@ def wide_server(tiny_run, tmp_path_factory):
     from refusalscope.interfaces.web import create_app
     from refusalscope.interfaces.web.serve import LOOPBACK_NAMES, bind
 
-    spec = importlib.util.spec_from_file_location("wide_run", ROOT / "benchmarks" / "wide_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("wide_run")
     run = tmp_path_factory.mktemp("wide-browser") / "run"
     mod.widen_run(tiny_run, run, 5000)
     sock = bind("127.0.0.1", 0)

@@ -3,12 +3,10 @@ layers, Gemma Scope-format JumpReLU SAEs 32x its width on every layer): its plan
 refused prompts, and the whole wide path runs on it through the CLI as B11 does (every stage and
 analysis of the gemma-2-2b-it preset, dashboards, eval, report, web pages) and finds them."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from bench_scripts import load_benchmark
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -17,15 +15,7 @@ from refusalscope.interfaces.web.app import create_app
 from refusalscope.run.config import ANALYSES, _merge
 from refusalscope.run.results import RunResults
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _bench(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_bench = load_benchmark
 
 
 @pytest.fixture(scope="module")
