@@ -28,6 +28,7 @@ def test_every_task_a_stage_fans_out_is_declared_by_that_stage():
         declared = {t for s in module_stages for t in s.tasks}
         assert fanned == declared, f"{stage.name}'s module fans out {fanned}, its stages declare {declared}"
         assert all(TASKS[t] is fn for t, fn in stage.tasks.items())
+    assert len(TASKS) == sum(len(s.tasks) for s in ORDER), "two stages declare a task of the same name"
 
 
 def test_every_stage_but_the_filter_has_a_report_section():

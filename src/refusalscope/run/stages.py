@@ -4,15 +4,14 @@ backends read. Each declaration (`stage_spec.Stage`) lives in its stage's own mo
 from __future__ import annotations
 
 from . import stage3, stage_analyses, stage_dashboards, stage_direction, stage_eval, stage_search
-from .config import ANALYSES, Config
+from .config import Config
 from .inputs import needed, stage_hashes
 from .pipeline import FILTER
-from .stage_spec import Stage, StageInputs
+from .stage_spec import Stage
 
 ORDER: tuple[Stage, ...] = (FILTER, stage_direction.STAGE, stage_search.STAGE1, stage_search.STAGE2, stage3.STAGE,
                             *stage_analyses.STAGES, stage_dashboards.STAGE, stage_eval.STAGE)
 STAGES: dict[str, Stage] = {s.name: s for s in ORDER}
-INPUTS: dict[str, StageInputs] = {s.name: s.inputs for s in ORDER}
 TASKS = {task: fn for s in ORDER for task, fn in s.tasks.items()}
 CORE = tuple(s.name for s in ORDER if s.kind == "core")
 ANALYSIS_NAMES = tuple(s.name for s in ORDER if s.kind == "analysis")
@@ -29,8 +28,3 @@ def with_deps(names) -> list[str]:
     """`names` and every stage they depend on, in pipeline order."""
     return needed(STAGES, names)
 
-
-assert len(TASKS) == sum(len(s.tasks) for s in ORDER), "two stages declare a task of the same name"
-assert ANALYSIS_NAMES == ANALYSES, "config.AnalysisName must list the analysis stages, in pipeline order"
-assert all(d in STAGES and list(STAGES).index(d) < list(STAGES).index(s.name)
-           for s in ORDER for d in (*s.inputs.deps, *s.inputs.optional)), "a stage depends on a later one"
