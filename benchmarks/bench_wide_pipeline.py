@@ -63,7 +63,7 @@ def timed(cmd: list[str], log: Path) -> dict:
     tail = text[text.rfind("$ "):]
     rss, wall = RSS.findall(tail), WALL.findall(tail)
     lines = [l for l in tail.splitlines() if l.strip() and not l.startswith("\t")]
-    return {"seconds": round(_seconds(wall[-1]), 1) if wall else None,
+    return {"seconds": round(_seconds(wall[-1]), 1) if wall else None, "load_1min": round(os.getloadavg()[0], 2),
             "peak_rss_gb": round(int(rss[-1]) / 2 ** 20, 2) if rss else None,
             "exit": proc.returncode, **({"error": lines[-1][-300:]} if proc.returncode and lines else {})}
 
@@ -165,7 +165,7 @@ def reuse_stages(src: Path, run: Path, names=("filter", "direction")) -> list[st
 
 
 def bench(world: Path, run: Path, out: Path | None, prompts: int | None, cpu_sized: bool, fresh: bool,
-          same_as: Path | None = None, reuse: Path | None = None) -> dict:
+          same_as: Path | None = None, reuse: Path | None = None, note: str = "") -> dict:
     exe = str(Path(sys.executable).with_name("refusalscope"))
     if fresh:
         shutil.rmtree(run, ignore_errors=True)
@@ -179,7 +179,8 @@ def bench(world: Path, run: Path, out: Path | None, prompts: int | None, cpu_siz
     analyses = [*c.analyses.run, *(["dashboards"] if c.dashboards.run else [])]
     res = {"d_sae": info["d_sae"], "n_layers": info["layers"], "d_model": info.get("d_model"),
            "world": str(world), "n_prompts": None, "n_refused": None, "stages": {}, "stages_finished": [],
-           "note": "shared 2-core CPU (other jobs running): wall times include CPU contention",
+           "note": note or f"{os.cpu_count()}-core CPU; each stage's 1-minute load average at its end is "
+                           "recorded (load_1min): above the core count, other jobs shared the machine",
            "reused": {n: f"from {reuse} (reads no SAE; same model and prompts)" for n in reused}}
     steps = [(s, [s]) for s in CORE] + [(a, ["analyze", a]) for a in analyses] + [("eval", ["eval"])]
     for name, args in steps:
@@ -262,11 +263,13 @@ def readme(table: dict) -> str:
             f"{r['stages'].get('serve', {}).get('slowest_page')} "
             f"({r['stages'].get('serve', {}).get('slowest_page_s')} s);"
             f" planted recovery {json.dumps(r.get('planted_recovery', {}))}" for r in runs]
+    commentary = table.get("commentary", "")  # hand-written analysis, kept when a width is rerun
     return ("# B11: the wide planted world through the CLI, per stage (CPU)\n\n"
             "Each stage is its own `refusalscope` process under `/usr/bin/time -v` (seconds: wall clock, "
             "model and SAE loading included; RSS: the process's peak). Written by "
             "`benchmarks/bench_wide_pipeline.py`; numbers in `pipeline.json`. "
-            f"{runs[0].get('note', '')}.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(info) + "\n")
+            f"{runs[0].get('note', '')}.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(info) + "\n"
+            + (f"\n{commentary.strip()}\n" if commentary else ""))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,8 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--resume", action="store_true", help="keep the run directory (finished stages skip)")
     ap.add_argument("--same-as", type=Path, default=None, help="the other width's world: its model and judge")
     ap.add_argument("--reuse", type=Path, default=None, help="the other width's run: copy filter and direction")
+    ap.add_argument("--note", default="", help="how the machine was shared (goes into the table)")
     a = ap.parse_args(argv)
-    res = bench(a.world, a.run, a.out, a.prompts, a.cpu_sized, not a.resume, a.same_as, a.reuse)
+    res = bench(a.world, a.run, a.out, a.prompts, a.cpu_sized, not a.resume, a.same_as, a.reuse, a.note)
     print(json.dumps({k: v for k, v in res.items() if k != "stages"}, indent=1, default=str))
     for name, r in res["stages"].items():
         print(f"{name:<12}{r.get('seconds') or '-':>9}{r.get('peak_rss_gb') or '-':>7}  exit {r.get('exit')}")

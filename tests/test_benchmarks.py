@@ -130,3 +130,23 @@ def test_stage3_width_benchmark_small_runs_each_width_in_its_own_process(tmp_pat
         assert r["nnz"] <= r["rows"] * 3 * 8 + 8 * r["rows"] // 2 and r["nnz"] > r["rows"] * 3 * 6
         assert r["fm_columns"] <= r["latents_seen"] <= r["d_sae"] * 3 and r["peak_rss_gb"] > 0
     assert res["ratios"]["width"] == 2.0 and res["ratios"]["nnz"] == round(hi["nnz"] / lo["nnz"], 2)
+
+
+def test_wide_pipeline_table_keeps_every_width_and_the_commentary(tmp_path):
+    """B11's README is rewritten after every stage: another width's row and the hand-written
+    analysis beside the table must survive it, and the ratio is widest over narrowest."""
+    wide = load_benchmark("bench_wide_pipeline")
+    out = tmp_path / "pipeline.json"
+    out.write_text(json.dumps({"runs": {}, "commentary": "## Why\n\nbecause."}))
+
+    def run(d_sae, seconds):
+        return {"d_sae": d_sae, "n_layers": 20, "n_prompts": 146, "n_refused": 94, "note": "idle",
+                "stages": {"stage3": {"seconds": seconds, "peak_rss_gb": 2.0, "exit": 0}},
+                "stages_finished": ["stage3"]}
+
+    wide._save(run(16384, 90.0), out)
+    wide._save(run(65536, 135.0), out)
+    text = (tmp_path / "README.md").read_text()
+    assert "| stage3 | 90 | 2.00 | 135 | 2.00 | 1.50 |" in text
+    assert text.rstrip().endswith("because.")
+    assert sorted(json.loads(out.read_text())["runs"]) == ["16384", "65536"]
