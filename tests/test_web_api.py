@@ -225,3 +225,21 @@ def test_host_header_is_checked_when_bound_to_loopback(tiny_run):
 def test_a_folder_that_is_no_run_is_refused(tmp_path):
     with pytest.raises(UserError, match="no run found"):
         create_app(tmp_path)
+
+
+def test_warm_up_builds_the_overview_once_and_serves_the_same_page(tiny_run, monkeypatch):
+    """`serve` builds the overview and the latent index in a thread while it starts; a request
+    that arrives meanwhile waits for that build instead of running its own."""
+    import refusalscope.interfaces.web.app as app_module
+
+    calls = []
+    real = app_module.build_sections
+    monkeypatch.setattr(app_module, "build_sections", lambda *a: calls.append(1) or real(*a))
+    cold = TestClient(create_app(tiny_run)).get("/").text
+    app = create_app(tiny_run)
+    thread = app.state.rs.warm()
+    client = TestClient(app)
+    warm = client.get("/").text  # may race the thread: the lock makes it wait, not rebuild
+    thread.join(timeout=120)
+    assert {"sections", "index"} <= set(vars(app.state.rs))
+    assert warm == cold and len(calls) == 2  # one build for the cold app, one for the warmed one

@@ -62,5 +62,6 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
     log(f"refusalscope: serving {run_dir} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops)")
     if not is_loopback(host):
         log("warning: listening beyond this machine; anyone who can reach it can read the run and post annotations")
+    app.state.rs.warm()  # the overview's plots and the latent index, while the server starts
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])
