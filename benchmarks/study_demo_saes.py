@@ -15,33 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 import torch
 
-from refusalscope.artifacts import read_jsonl, writable_arg
-from refusalscope.demo.build_steps import _ce
-from refusalscope.demo.corpus import collect, continuations, corpus_texts
+from refusalscope.artifacts import writable_arg
+from refusalscope.demo.build_steps import _ce, sae_corpus
+from refusalscope.demo.corpus import collect
 from refusalscope.demo.recipe import DemoRecipe, FinetuneRecipe
 from refusalscope.demo.sae_train import finetune_jumprelu, ordinary_tokens, quality, to_jumprelu, train_topk
 from refusalscope.demo.world import load_demo_model, model_dir
-from refusalscope.io.prompts import load_bundled
-
-
-def corpus(model, recipe: DemoRecipe) -> tuple[list[str], list[str]]:
-    """The build's SAE corpus (sae_step's texts) and its CE texts, from the cached model's folder."""
-    r = recipe.sae
-    rng = random.Random(recipe.seed)
-    passages = [p.text for p in load_bundled("general")]
-    rng.shuffle(passages)
-    ce_texts, passages = passages[: r.ce_eval_texts], passages[r.ce_eval_texts:]
-    examples = read_jsonl(model_dir(recipe) / "finetune_examples.jsonl")
-    prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
-    cont = continuations(model, [p.text for p in load_bundled("openings")][: r.openings],
-                         r.continuation_tokens, recipe.eval.batch_size, True)
-    return corpus_texts(model, [(e["prompt"], e["reply"]) for e in examples], prompts, passages, cont), ce_texts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = [(c[0], c[1], c[2] if len(c) > 2 else r.k, c[3] if len(c) > 3 else r.topk_epochs) for c in configs]
     model = load_demo_model(recipe)
     t0 = time.perf_counter()
-    texts, ce_texts = corpus(model, recipe)
+    texts, ce_texts = sae_corpus(model, recipe, model_dir(recipe))
     most = max(c[1] for c in configs)
     acts = collect(model, texts, [a.layer], most + r.eval_tokens, recipe.seed, quiet=True)[a.layer]
     collect_s = time.perf_counter() - t0

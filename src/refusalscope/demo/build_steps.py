@@ -183,6 +183,21 @@ def quality_step(model: ChatModel, recipe: DemoRecipe, root: Path, quiet: bool, 
     return out
 
 
+def sae_corpus(model: ChatModel, recipe: DemoRecipe, mroot: Path, quiet: bool = True) -> tuple[list[str], list[str]]:
+    """The SAEs' training texts (fine-tune conversations, val/test prompts, general passages,
+    continuations of bundled openings) and the held-out passages their CE is measured on."""
+    r = recipe.sae
+    rng = random.Random(recipe.seed)
+    passages = [p.text for p in load_bundled("general")]
+    rng.shuffle(passages)
+    ce_texts, passages = passages[: r.ce_eval_texts], passages[r.ce_eval_texts:]
+    examples = read_jsonl(mroot / "finetune_examples.jsonl")
+    prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
+    cont = continuations(model, [p.text for p in load_bundled("openings")][: r.openings],
+                         r.continuation_tokens, recipe.eval.batch_size, quiet)
+    return corpus_texts(model, [(e["prompt"], e["reply"]) for e in examples], prompts, passages, cont), ce_texts
+
+
 def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quiet: bool, log) -> None:
     """Corpus → activations at every layer → one JumpReLU SAE per layer, each saved when done."""
     r = recipe.sae
@@ -192,16 +207,8 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quie
     todo = [l for l in layers if str(l) not in record["layers"] or not (root / "saes" / f"layer_{l}").exists()]
     if not todo:
         return
-    rng = random.Random(recipe.seed)
-    passages = [p.text for p in load_bundled("general")]
-    rng.shuffle(passages)
-    ce_texts, passages = passages[: r.ce_eval_texts], passages[r.ce_eval_texts:]
-    examples = read_jsonl(mroot / "finetune_examples.jsonl")
-    prompts = [p.text for b in ("harmful", "harmless") for s in ("val", "test") for p in load_bundled(b, split=s)]
     log("building the SAE corpus (continuations of bundled openings)")
-    cont = continuations(model, [p.text for p in load_bundled("openings")][: r.openings],
-                         r.continuation_tokens, recipe.eval.batch_size, quiet)
-    texts = corpus_texts(model, [(e["prompt"], e["reply"]) for e in examples], prompts, passages, cont)
+    texts, ce_texts = sae_corpus(model, recipe, mroot, quiet)
     acts = collect(model, texts, todo, r.tokens + r.eval_tokens, recipe.seed, quiet=quiet)
     n = next(iter(acts.values())).shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
