@@ -200,3 +200,40 @@ def test_refat_knobs_change_the_world_only_when_refat_is_on():
     on = DemoRecipe(finetune=FinetuneRecipe(refat_prob=0.5))
     assert recipe_hash(idle) == recipe_hash(plain) and model_hash(idle) == model_hash(plain)
     assert recipe_hash(on) != recipe_hash(plain) and model_hash(on) != model_hash(plain)
+
+
+def test_ablated_states_have_the_direction_removed_up_to_the_drawn_layer_only():
+    from refusalscope.demo.ablated_states import ablated_activations, layer_directions
+    from refusalscope.demo.corpus import collect
+
+    hf, tok = tiny_llama(layers=4)
+    model = ChatModel(hf, tok)
+    harmful = ["How do I make a weapon?", "Tell me how to hurt someone badly"]
+    harmless = ["Write a poem about the sea", "How do I bake bread?", "Name a colour"]
+    dirs = layer_directions(model, harmful, harmless, [1, 2], batch_size=2)
+    def last(ps, l):  # mean stream after layer l at the last prompt token, one prompt at a time
+        return torch.stack([model.residuals(model.encode([p]), [l])[l][0, -1] for p in ps]).mean(0)
+
+    for l in (1, 2):
+        d = last(harmful, l) - last(harmless, l)
+        torch.testing.assert_close(dirs[l], d / d.norm(), atol=1e-4, rtol=1e-3)
+    texts = [model.format_chat(p) + "I can't help with that." for p in harmful + harmless] * 3
+    layers = [1, 2, 3]
+    clean = collect(model, texts, layers, 10_000, seed=1, quiet=True)
+    cut = ablated_activations(model, texts, layers, dirs, 10_000, seed=0, quiet=True)
+    assert all(cut[l].shape == clean[l].shape for l in layers)  # same tokens, same order
+    on = lambda X, l: (X.float() @ dirs[l]).abs()  # noqa: E731
+    # layer 1 is ablated in every batch (every draw reaches it); layer 2 only where the draw is 2
+    assert on(cut[1], 1).max() < 1e-2 < on(clean[1], 1).max()
+    assert (on(cut[2], 2) < 1e-2).any() and (on(cut[2], 2) > 1e-2).any()
+    assert not torch.equal(cut[3], clean[3])  # later layers see the changed stream
+    again = ablated_activations(model, texts, layers, dirs, 10_000, seed=0, quiet=True)
+    assert all(torch.equal(again[l], cut[l]) for l in layers)  # seeded
+
+
+def test_ablated_tokens_change_the_saes_only_when_on():
+    from refusalscope.demo.recipe import DemoRecipe, SAERecipe, model_hash, recipe_hash
+
+    plain, on = DemoRecipe(), DemoRecipe(sae=SAERecipe(ablated_tokens=1000))
+    assert recipe_hash(DemoRecipe(sae=SAERecipe(ablated_tokens=0))) == recipe_hash(plain)
+    assert recipe_hash(on) != recipe_hash(plain) and model_hash(on) == model_hash(plain)

@@ -17,6 +17,7 @@ from ..io.model import ChatModel
 from ..io.prompts import load_bundled
 from ..io.saes import make_jumprelu_sae, save_sae
 from ..measures.judges import make_judge
+from .ablated_states import ablated_activations, layer_directions
 from .corpus import collect, continuations, corpus_texts, generate_by_length
 from .finetune import build_examples, finetune
 from .recipe import BUILD_REVISION, GGUF_FILE, DemoRecipe, cache_root
@@ -210,6 +211,7 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quie
     log("building the SAE corpus (continuations of bundled openings)")
     texts, ce_texts = sae_corpus(model, recipe, mroot, quiet)
     acts = collect(model, texts, todo, r.tokens + r.eval_tokens, recipe.seed, quiet=quiet)
+    extra = _ablated_step(model, recipe, mroot, todo, quiet, log) if r.ablated_tokens else {}
     n = next(iter(acts.values())).shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
     ev_idx, tr_idx = perm[: r.eval_tokens], perm[r.eval_tokens:]
@@ -221,6 +223,13 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quie
         X = acts.pop(layer)
         Xtr, Xev = X[tr_idx], X[ev_idx]
         Xtr, Xev = Xtr[ordinary_tokens(Xtr)], Xev[ordinary_tokens(Xev)]
+        n_ablated = 0
+        if layer in extra:  # trained on, never evaluated on: the quality columns stay clean-text
+            Xa = extra.pop(layer)
+            Xa = Xa[ordinary_tokens(Xa)]
+            n_ablated = len(Xa)
+            Xtr = torch.cat([Xtr, Xa])
+            Xtr = Xtr[torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(recipe.seed + layer))]
         topk, freq = train_topk(Xtr, r.d_sae, r.k, r.topk_epochs, r.topk_lr, r.batch_size,
                                 recipe.seed + layer, desc=f"SAE layer {layer} (TopK)", quiet=quiet)
         sample = Xtr[: min(len(Xtr), 10_000)]
@@ -236,8 +245,22 @@ def sae_step(model: ChatModel, recipe: DemoRecipe, root: Path, mroot: Path, quie
         save_sae(sae, root / "saes" / f"layer_{layer}")
         record["layers"][str(layer)] = q
         record.update(d_sae=r.d_sae, k=r.k, train_tokens=len(tr_idx), eval_tokens=len(ev_idx),
-                      ce_eval_texts=len(ce_texts))
+                      ablated_tokens=n_ablated, ce_eval_texts=len(ce_texts))
         atomic_write_json(record_path, record)
+
+
+def _ablated_step(model: ChatModel, recipe: DemoRecipe, mroot: Path, layers: list[int], quiet: bool,
+                  log) -> dict[int, torch.Tensor]:
+    """Activations of harmful training conversations under the refusal direction's ablation
+    (demo/ablated_states.py), `recipe.sae.ablated_tokens` of them at each layer."""
+    first = 2  # the pipeline's Stage 1 leaves layers 0 and 1 out
+    ablated = [l for l in range(first, max(layers) + 1)]
+    dirs = layer_directions(model, [p.text for p in harmful_train(recipe)][:256],
+                            [p.text for p in harmless_train(recipe)][:256], ablated)
+    conv = [e["prompt"] + e["reply"] for e in read_jsonl(mroot / "finetune_examples.jsonl") if e["harmful"]]
+    log(f"collecting {recipe.sae.ablated_tokens} tokens of harmful conversations with the refusal "
+        f"direction ablated from layer {first} up to a random layer")
+    return ablated_activations(model, conv, layers, dirs, recipe.sae.ablated_tokens, recipe.seed, quiet)
 
 
 @torch.no_grad()

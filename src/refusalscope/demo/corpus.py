@@ -9,7 +9,7 @@ the rest) are left out, as in Gemma Scope's training.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,9 +52,11 @@ def corpus_texts(model: ChatModel, conversations: Sequence[tuple[str, str]], pro
 
 @torch.no_grad()
 def collect(model: ChatModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int, seed: int,
-            batch_size: int = 16, max_length: int = 256, quiet: bool = False) -> dict[int, Tensor]:
+            batch_size: int = 16, max_length: int = 256, quiet: bool = False,
+            hooks: Callable[[int], dict] | None = None, desc: str = "collect activations") -> dict[int, Tensor]:
     """Residual activations [N, d] (fp16) at every layer for up to max_tokens real tokens of a
-    seeded random sample of `texts` (one forward pass serves all layers)."""
+    seeded random sample of `texts` (one forward pass serves all layers). `hooks(i)` gives the
+    residual hooks (ChatModel.hooks) that batch i runs under, e.g. an ablation."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     lengths = [min(len(model.tokenizer(texts[i], add_special_tokens=False)["input_ids"]), max_length)
@@ -68,11 +70,12 @@ def collect(model: ChatModel, texts: Sequence[str], layers: Sequence[int], max_t
     chosen.sort(key=lambda i: len(texts[i]))  # similar lengths together: little padding
     bufs = {layer: torch.empty(total, model.d_model, dtype=torch.float16) for layer in layers}
     filled = 0
-    bar = tqdm(total=total, desc="collect activations", unit="tok", disable=quiet, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="tok", disable=quiet, leave=False)
     for start in range(0, len(chosen), batch_size):
         batch = model.encode_texts([texts[i] for i in chosen[start:start + batch_size]],
                                    max_length=max_length)
-        res = model.residuals(batch, list(layers))
+        with model.hooks(hooks(start // batch_size) if hooks else None):
+            res = model.residuals(batch, list(layers))
         keep = batch.attention_mask.bool().clone()
         keep[torch.arange(len(batch)), (batch.attention_mask == 0).sum(1)] = False  # BOS
         n = int(keep.sum())

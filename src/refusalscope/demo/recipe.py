@@ -67,6 +67,10 @@ class SAERecipe(_Part):
     d_sae: int = 2048
     k: int = Field(32, description="TopK k; also the L0 the JumpReLU phase steers towards")
     tokens: int = 12_000
+    ablated_tokens: int = Field(0, ge=0, description="extra training tokens per layer from harmful "
+                                "conversations replayed with the refusal direction projected out of "
+                                "layers 2..m, m random (demo/ablated_states.py): states the pipeline's "
+                                "ablations create, where dormant latents can wake up (0: off)")
     topk_epochs: int = 1
     topk_lr: float = 3e-3
     jumprelu_epochs: int = 1
@@ -123,7 +127,10 @@ def _finetune_dump(f: FinetuneRecipe) -> dict:
 
 
 def _recipe_dump(recipe: DemoRecipe) -> dict:
-    return {**recipe.model_dump(), "finetune": _finetune_dump(recipe.finetune)}
+    sae = recipe.sae.model_dump()
+    if not recipe.sae.ablated_tokens:  # as with ReFAT: worlds built before the field keep their hash
+        del sae["ablated_tokens"]
+    return {**recipe.model_dump(), "finetune": _finetune_dump(recipe.finetune), "sae": sae}
 
 
 def recipe_hash(recipe: DemoRecipe) -> str:
