@@ -235,3 +235,16 @@ def test_bos_clamping_rows_and_effect(w):
     for (p, c, plan), r in list(zip(plan_rows, rows))[-6:]:
         with intervene(w.model, w.saes, rows=[plan]):
             assert w.model.generate(w.model.encode([p]), max_new_tokens=4) == [r["response"]], c
+
+
+def test_the_hydra_table_says_which_rule_picked_the_wake_up_prompts():
+    from refusalscope.interfaces.tables import summary_tables
+    from refusalscope.methods.hydra import critical_counts, wake_summary
+
+    wake = wake_summary([], n_prompts=4, n_with_inactive=2)
+    result = {"hydra": {"inactive_critical": critical_counts([]), "wake_up": {**wake, "impact": "ids"}}}
+    row = summary_tables(result)["hydra"][1][1][0]
+    assert row["prompts picked by"] == "jailbreak lost without the inactive latents" and row["prompts kept"] == 0
+    result["hydra"]["wake_up"].update(impact="with_active", threshold=0.25)
+    row = summary_tables(result)["hydra"][1][1][0]
+    assert row["prompts picked by"] == "fallback: P('I') moves >= 0.25 (relative) when they are added"

@@ -138,7 +138,8 @@ def analysis_tables(result: dict) -> dict[str, list[tuple[str, list[dict]]]]:
             "active only": c["jailbroken_active_only"], "inactive only": c["jailbroken_inactive_only"],
             "lost w/o inactive": c["lost_without_inactive"]}]),
             ("Hydra wake-up (dormant latents after ablating the active set)", [{
-                "prompts kept": w["n_kept"], "dormant": w["n_redundant"], "woken": w["n_woken"],
+                "prompts picked by": _hydra_rule(w), "prompts kept": w["n_kept"],
+                "dormant": w["n_redundant"], "woken": w["n_woken"],
                 "on system tokens": w["system_share"], "BOS of those": w["bos_share_of_system"],
                 "top tokens": ", ".join(repr(t) for t, _ in (w["top_tokens"] or [])[:5])}])]
     if "stage3_only" in result:
@@ -216,3 +217,10 @@ def print_eval(summary: dict) -> None:
         console.print(f"replies to harmless prompts judged by {summary['harmless_judge']}")
     for note in summary.get("notes", []):
         console.print(f"note: {escape(note)}")
+
+
+def _hydra_rule(wake: dict) -> str:
+    """Which rule chose the wake-up prompts (docs/paper-fidelity.md#the-hydra-criterion-and-its-fallback)."""
+    if wake.get("impact") == "ids":
+        return "jailbreak lost without the inactive latents"
+    return f"fallback: P('I') moves >= {wake.get('threshold', 0.1):g} (relative) when they are added"
