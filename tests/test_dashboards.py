@@ -13,6 +13,7 @@ from refusalscope.methods.dashboards import LatentDashboard, ValueSample, corpus
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.methods.latent_effects import effect_pairs, latent_effects
 from refusalscope.run.pipeline import Context
+from refusalscope.run.stage_dashboards import passes
 from refusalscope.run.results import RunResults
 
 
@@ -100,6 +101,31 @@ def test_corpus_pass_matches_the_full_sae_encode(tiny_run):
             want = sorted((float(v) for v in full.amax(dim=1) if v > 0), reverse=True)
         assert len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want))
         assert out[f]["n_nonzero"] == int((full > 0).sum())
+
+
+def test_one_pass_over_several_layers_equals_a_pass_per_layer(tiny_run):
+    """The stage groups layers into corpus passes (`passes`) to run the model fewer times: a
+    latent's dashboard must not depend on which layers share its pass (its sampled values,
+    quantile picks and windows included), or a resumed stage would differ from an unbroken one."""
+    r, ctx = _ctx(tiny_run)
+    feats = FeatureSet(list(r.dashboards()))
+    by_layer = feats.by_layer()
+    assert len(by_layer) >= 2, "the tiny run's latents sit in one layer: nothing to group"
+    texts = [ctx.model.format_chat(t) for t in HARMFUL + HARMLESS]
+    kw = dict(batch_size=3, top_k=2, bands=2, per_band=1, max_values=5)
+    together = corpus_dashboards(ctx.model, ctx.saes, texts, feats, **kw)
+    apart = {}
+    for layer, ix in by_layer.items():
+        apart.update(corpus_dashboards(ctx.model, ctx.saes, texts, FeatureSet.from_layers({layer: ix}), **kw))
+    assert together == apart
+    assert any(b["quantiles"] for b in together.values()), "no quantile band drawn: the seeded picks go untested"
+
+
+def test_passes_group_layers_in_order_up_to_the_cap():
+    by_layer = {2: [1, 2], 3: [5], 5: [0, 1, 2, 3], 7: [9]}
+    assert passes(by_layer, cap=3) == [[2, 3], [5], [7]]  # 5 is wider than the cap: alone
+    assert passes(by_layer, cap=100) == [[2, 3, 5, 7]]
+    assert passes({}, cap=3) == []
 
 
 def test_delta_p_alone_is_what_ablating_the_latent_does(tiny_run):

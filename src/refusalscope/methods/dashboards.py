@@ -218,8 +218,9 @@ def corpus_stats(model: ChatModel, saes, batch: PromptBatch, by_layer: dict[int,
     from tqdm.auto import tqdm
 
     n = len(batch)
-    g = torch.Generator().manual_seed(seed)
-    tables = {l: _LayerTables(n, len(ix), max_values, g) for l, ix in by_layer.items()}
+    # a generator per layer: a layer's sample is the same whichever layers share its pass
+    tables = {l: _LayerTables(n, len(ix), max_values, torch.Generator().manual_seed(seed))
+              for l, ix in by_layer.items()}
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="dashboards (corpus)", disable=quiet or len(starts) <= 1, leave=False):
         sub = batch.rows(start, min(start + batch_size, n))
@@ -267,26 +268,28 @@ def token_windows(
     sink_ratio: float | None,
 ) -> dict[tuple[Feature, int], TokenWindow]:
     """For each latent and each of its texts (text -> peak token index), the window of tokens
-    around the peak with the latent's activation on each. Only the chosen texts are read again,
-    and per chunk only the latents wanted on one of its texts are encoded."""
-    texts = sorted({t for m in wanted.values() for t in m})
-    if not texts:
-        return {}
+    around the peak with the latent's activation on each. Only the chunks that hold a chosen text
+    are read again, and per chunk only the latents wanted on one of its texts are encoded."""
     on_text: dict[int, dict[int, list[int]]] = {}  # text -> layer -> latents wanted there
     for f, m in wanted.items():
         for t in m:
             on_text.setdefault(t, {}).setdefault(f.layer, []).append(f.index)
+    if not on_text:
+        return {}
     layers = sorted({f.layer for f in wanted})
-    sub_all = batch.select(texts)
     tok = model.tokenizer
     out = {}
-    for start in range(0, len(texts), batch_size):
-        sub = sub_all.rows(start, min(start + batch_size, len(texts)))
-        chunk = texts[start:start + len(sub)]
+    # the corpus pass's own chunks (the same padding as pass 1, whichever latents are wanted),
+    # skipping those that hold no wanted text
+    for start in range(0, len(batch), batch_size):
+        sub = batch.rows(start, min(start + batch_size, len(batch)))
+        chunk = [t for t in range(start, start + len(sub)) if t in on_text]
+        if not chunk:
+            continue
         res = model.residuals(sub, layers, host=False)
         T = sub.input_ids.shape[1]
-        ids = [sub.input_ids[b, T - int(sub.lengths[b]):].tolist() for b in range(len(sub))]
-        words = [[tok.decode([x], skip_special_tokens=False) for x in row] for row in ids]
+        ids = {t: sub.input_ids[t - start, T - int(sub.lengths[t - start]):].tolist() for t in chunk}
+        words = {t: [tok.decode([x], skip_special_tokens=False) for x in row] for t, row in ids.items()}
         for l in layers:
             need = sorted({i for t in chunk for i in on_text[t].get(l, ())})
             if not need:
@@ -295,8 +298,9 @@ def token_windows(
             for c0 in range(0, len(need), COLS):
                 cols = need[c0:c0 + COLS]
                 acts = subset_acts(saes[l], res[l], cols)
-                for b, t in enumerate(chunk):
-                    n_tok, at = len(ids[b]), T - len(ids[b])
+                for t in chunk:
+                    b = t - start
+                    n_tok, at = len(ids[t]), T - len(ids[t])
                     for j, i in enumerate(cols):
                         f = Feature(l, i)
                         peak = wanted[f].get(t) if f in wanted else None
@@ -306,7 +310,7 @@ def token_windows(
                         a = acts[b, at + lo:at + hi, j].tolist()
                         sk = sink[b, at + lo:at + hi].nonzero().flatten().tolist()
                         out[(f, t)] = TokenWindow(t, peak, peak - lo, float(acts[b, at + peak, j]),
-                                                  words[b][lo:hi], [round(x, 4) for x in a], sk)
+                                                  words[t][lo:hi], [round(x, 4) for x in a], sk)
         del res
     return out
 
@@ -335,8 +339,8 @@ def corpus_dashboards(model: ChatModel, saes, texts: Sequence[str], features: It
     texts = [t if not bos or t.startswith(bos) else bos + t for t in texts]
     batch = model.encode_texts(texts, add_special_tokens=False, max_length=max_length)
     stats = corpus_stats(model, saes, batch, by_layer, batch_size, sink_ratio, max_values, seed=seed, quiet=quiet)
-    rng = random.Random(seed)
-    picks = {f: _pick(s, top_k, bands, per_band, rng) for f, s in stats.items()}
+    rngs = {layer: random.Random(seed) for layer in by_layer}  # per layer, as the sample above
+    picks = {f: _pick(s, top_k, bands, per_band, rngs[f.layer]) for f, s in stats.items()}
     wanted: dict[Feature, dict[int, int]] = {}
     for f, (top, qs, at_sink) in picks.items():
         where = stats[f].where_all if at_sink else stats[f].where

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..artifacts import atomic_write, atomic_write_text
-from ..interventions.features import FeatureSet
+from ..interventions.features import Feature, FeatureSet
 from ..methods import dashboards as dash
 from ..methods import latent_effects as le
 from ..methods.model_summary import model_summary
@@ -40,7 +40,7 @@ def corpus(ctx: Context) -> list[str]:
 def explanations(ctx: Context, feats: FeatureSet) -> dict[str, tuple[str, str]]:
     """Per latent (explanation, source) where one exists: the semantics stage's, else
     Neuronpedia's (when the config names a Neuronpedia id). The rest are explained from their
-    top contexts on the corpus, layer by layer (`_layer_boards`)."""
+    top contexts on the corpus (`_boards`)."""
     out = {}
     if ctx.results.done("semantics"):
         src = ctx.results.explanation_source()
@@ -68,10 +68,28 @@ def explanations(ctx: Context, feats: FeatureSet) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _layer_boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict, by_latent: dict,
-                  near: dict) -> list[dash.LatentDashboard]:
-    """The dashboards of one layer's latents: one pass over the corpus for this layer, so memory
-    holds one layer's windows at a time however many latents the run found."""
+LATENTS_PER_PASS = 16_384  # one corpus pass's tables: texts x latents x 24 B (79 MB at 200 texts)
+
+
+def passes(by_layer: dict[int, list[int]], cap: int = LATENTS_PER_PASS) -> list[list[int]]:
+    """Layers grouped, in order, into corpus passes of at most `cap` latents (a wider layer alone):
+    each pass runs the model once over the corpus for all its layers, and memory holds one pass's
+    tables and windows however many latents the run found."""
+    out: list[list[int]] = []
+    size = 0
+    for layer, ix in by_layer.items():
+        if not out or size + len(ix) > cap:
+            out.append([])
+            size = 0
+        out[-1].append(layer)
+        size += len(ix)
+    return out
+
+
+def _boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict, by_latent: dict,
+            near: dict) -> list[dash.LatentDashboard]:
+    """The dashboards of one pass's latents (`passes`): what each holds is the same whichever
+    layers share its pass."""
     dc, model, saes = ctx.cfg.dashboards, ctx.model, ctx.saes
     body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
                                   max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
@@ -88,15 +106,21 @@ def _layer_boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict
     return out
 
 
-def _layer_file(ctx: Context, st, layer: int, feats: FeatureSet, texts: list[str], known: dict, by_latent: dict,
-                near: dict) -> Path:
-    """One layer's dashboards as JSON lines in `layer-L.partial.jsonl`, written whole once its corpus
-    pass is done; a file left by an interrupted run is taken as it is (the resume point)."""
-    path = st.store.path(st.stage, f"layer-{layer:04d}.partial.jsonl")
-    if not path.exists():
-        atomic_write_text(path, "".join(json.dumps(b.to_json()) + "\n"
-                                        for b in _layer_boards(ctx, texts, feats, known, by_latent, near)))
-    return path
+def _layer_files(ctx: Context, st, feats: FeatureSet, texts: list[str], known: dict, by_latent: dict,
+                 near: dict) -> list[Path]:
+    """Each layer's dashboards as JSON lines in `layer-L.partial.jsonl`, written whole once its
+    corpus pass is done; a file left by an interrupted run is taken as it is (the resume point),
+    and only the layers without one are grouped into passes again."""
+    by_layer = feats.by_layer()
+    path = {layer: st.store.path(st.stage, f"layer-{layer:04d}.partial.jsonl") for layer in by_layer}
+    todo = {layer: ix for layer, ix in by_layer.items() if not path[layer].exists()}
+    for group in passes(todo):
+        boards = _boards(ctx, texts, FeatureSet.from_layers({layer: todo[layer] for layer in group}), known,
+                         by_latent, near)
+        for layer in group:
+            atomic_write_text(path[layer], "".join(json.dumps(b.to_json()) + "\n" for b in boards
+                                                   if Feature.of(b.feature).layer == layer))
+    return list(path.values())
 
 
 def run_dashboards(ctx: Context) -> dict:
@@ -136,8 +160,7 @@ def run_dashboards(ctx: Context) -> dict:
             near = dash.fm_neighbours(V, columns, feats, dc.fm_neighbours)
         known = explanations(ctx, feats)
         n = {"latents": 0, "effects": 0, "sink": 0, "texts": 0}
-        layers = [_layer_file(ctx, st, layer, FeatureSet.from_layers({layer: ix}), texts, known, by_latent, near)
-                  for layer, ix in feats.by_layer().items()]
+        layers = _layer_files(ctx, st, feats, texts, known, by_latent, near)
 
         def write(tmp: str) -> None:  # the layers' files joined in order, a line at a time
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -157,8 +180,7 @@ def run_dashboards(ctx: Context) -> dict:
         st.summary = {"n_latents": n["latents"], "n_with_effects": n["effects"], "n_sink_flagged": n["sink"],
                       "n_fm_columns": len(near), "corpus_texts": n["texts"],
                       "seconds": round(time.perf_counter() - t0, 1)}
-    ctx.log(f"dashboards: {n['latents']} latent dashboards ({n['sink']} flagged at sinks/BOS, one corpus pass "
-            "per layer)")
+    ctx.log(f"dashboards: {n['latents']} latent dashboards ({n['sink']} flagged at sinks/BOS)")
     return st.summary
 
 
