@@ -150,3 +150,14 @@ def test_wide_pipeline_table_keeps_every_width_and_the_commentary(tmp_path):
     assert "| stage3 | 90 | 2.00 | 135 | 2.00 | 1.50 |" in text
     assert text.rstrip().endswith("because.")
     assert sorted(json.loads(out.read_text())["runs"]) == ["16384", "65536"]
+
+
+def test_bench_dashboards_grouped_passes_give_the_same_dashboards_in_fewer_forwards(tiny_run, tmp_path):
+    out = tmp_path / "b14.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dashboards.py"), "--run", str(tiny_run),
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    res = json.loads(out.read_text())
+    per_layer, grouped = res["rows"]
+    assert res["identical"] and per_layer["latents"] == grouped["latents"] > 0
+    assert per_layer["passes"] == per_layer["layers"] >= 2 and grouped["passes"] == 1
+    assert grouped["forward_calls"] < per_layer["forward_calls"]
