@@ -1,4 +1,4 @@
-"""B14: the dashboards stage's corpus passes, one per layer (as before 2026-12-06) against layers
+"""B15: the dashboards stage's corpus passes, one per layer (as before 2026-12-06) against layers
 grouped into shared passes (`stage_dashboards.passes`), on a finished run's latents and corpus.
 
 Each variant runs in its own process (its peak RSS is its own) over the same latents and texts;

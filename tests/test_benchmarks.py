@@ -153,7 +153,7 @@ def test_wide_pipeline_table_keeps_every_width_and_the_commentary(tmp_path):
 
 
 def test_bench_dashboards_grouped_passes_give_the_same_dashboards_in_fewer_forwards(tiny_run, tmp_path):
-    out = tmp_path / "b14.json"
+    out = tmp_path / "b15.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dashboards.py"), "--run", str(tiny_run),
                     "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
     res = json.loads(out.read_text())
