@@ -13,8 +13,8 @@ from refusalscope.methods.dashboards import LatentDashboard, ValueSample, corpus
 from refusalscope.methods.evaluate import refusal_probs
 from refusalscope.methods.latent_effects import effect_pairs, latent_effects
 from refusalscope.run.pipeline import Context
-from refusalscope.run.stage_dashboards import passes
 from refusalscope.run.results import RunResults
+from refusalscope.run.stage_dashboards import passes
 
 
 def _ctx(run_dir):
