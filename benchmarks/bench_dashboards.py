@@ -25,7 +25,6 @@ from refusalscope.artifacts import writable_arg
 def _variant(run: Path, grouped: bool) -> dict:
     """One variant in this process: every layer's dashboards body (the corpus part)."""
     from refusalscope.interventions.features import FeatureSet
-    from refusalscope.methods import dashboards as dash
     from refusalscope.run import stage_dashboards as sd
     from refusalscope.run.pipeline import Context
     from refusalscope.run.results import RunResults
@@ -34,7 +33,6 @@ def _variant(run: Path, grouped: bool) -> dict:
     ctx = Context(r.config(), store=r.store, quiet=True, log=lambda *_: None)  # reads only
     feats = FeatureSet(list(r.dashboards())).sorted()
     texts = sd.corpus(ctx)
-    dc = ctx.cfg.dashboards
     _ = ctx.model, ctx.saes  # loaded before the clock starts
     forwards = []
     real = ctx.model.residuals
@@ -49,11 +47,7 @@ def _variant(run: Path, grouped: bool) -> dict:
     t0 = time.perf_counter()
     body = {}
     for group in groups:
-        part = FeatureSet.from_layers({layer: by_layer[layer] for layer in group})
-        body.update(dash.corpus_dashboards(ctx.model, ctx.saes, texts, part, batch_size=ctx.cfg.model.batch_size,
-                                           max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
-                                           per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
-                                           bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed))
+        body.update(sd.corpus_body(ctx, texts, FeatureSet.from_layers({layer: by_layer[layer] for layer in group})))
     seconds = time.perf_counter() - t0
     text = json.dumps({f.id: {**b, "top": [w.to_json() for w in b["top"]],
                               "quantiles": [{**q, "samples": [w.to_json() for w in q["samples"]]}

@@ -86,15 +86,21 @@ def passes(by_layer: dict[int, list[int]], cap: int = LATENTS_PER_PASS) -> list[
     return out
 
 
+def corpus_body(ctx: Context, texts: list[str], feats: FeatureSet) -> dict:
+    """One corpus pass over `feats` with the run's dashboard settings (`dash.corpus_dashboards`)."""
+    dc = ctx.cfg.dashboards
+    return dash.corpus_dashboards(ctx.model, ctx.saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
+                                  max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
+                                  per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
+                                  bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed, quiet=ctx.quiet)
+
+
 def _boards(ctx: Context, texts: list[str], feats: FeatureSet, known: dict, by_latent: dict,
             near: dict) -> list[dash.LatentDashboard]:
     """The dashboards of one pass's latents (`passes`): what each holds is the same whichever
     layers share its pass."""
     dc, model, saes = ctx.cfg.dashboards, ctx.model, ctx.saes
-    body = dash.corpus_dashboards(model, saes, texts, feats, batch_size=ctx.cfg.model.batch_size,
-                                  max_length=dc.max_length, top_k=dc.top_k, bands=dc.quantile_bands,
-                                  per_band=dc.per_band, left=dc.context_left, right=dc.context_right,
-                                  bins=dc.bins, sink_ratio=dc.sink_ratio, seed=ctx.cfg.seed, quiet=ctx.quiet)
+    body = corpus_body(ctx, texts, feats)
     logits = dash.logit_effects(model, saes, feats, dc.logit_tokens)
     cos = dash.decoder_cosines(saes, feats, ctx.results.direction()[0])
     out = []
@@ -115,11 +121,12 @@ def _layer_files(ctx: Context, st, feats: FeatureSet, texts: list[str], known: d
     path = {layer: st.store.path(st.stage, f"layer-{layer:04d}.partial.jsonl") for layer in by_layer}
     todo = {layer: ix for layer, ix in by_layer.items() if not path[layer].exists()}
     for group in passes(todo):
-        boards = _boards(ctx, texts, FeatureSet.from_layers({layer: todo[layer] for layer in group}), known,
-                         by_latent, near)
+        lines: dict[int, list[str]] = {layer: [] for layer in group}
+        for b in _boards(ctx, texts, FeatureSet.from_layers({layer: todo[layer] for layer in group}), known,
+                         by_latent, near):
+            lines[Feature.of(b.feature).layer].append(json.dumps(b.to_json()) + "\n")
         for layer in group:
-            atomic_write_text(path[layer], "".join(json.dumps(b.to_json()) + "\n" for b in boards
-                                                   if Feature.of(b.feature).layer == layer))
+            atomic_write_text(path[layer], "".join(lines[layer]))
     return list(path.values())
 
 
