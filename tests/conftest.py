@@ -36,3 +36,14 @@ def tiny_run(tiny_reference):
     made once per session: what the report, web-app and dashboard tests read. Treat it as
     read-only; copy it (`shutil.copytree`) to change anything."""
     return tiny_reference[0]
+
+
+@pytest.fixture(scope="session")
+def hydra_run(tmp_path_factory):
+    """A whole pipeline run on the planted world with redundant refusal (tests/planted_hydra.py):
+    a dormant latent wakes up once the active ones are ablated. Read-only, like `tiny_run`."""
+    from tiny_world import run_pipeline, write_tiny_world
+
+    world = write_tiny_world(tmp_path_factory.mktemp("hydra-world"), hydra=True)
+    run_pipeline(world, world / "run")
+    return world / "run"

@@ -33,7 +33,9 @@ def _last_means(model: ChatModel, prompts, layers):
 
 
 @torch.no_grad()
-def planted_world(layers=(0, 1, 2, 3), m: int = 128, n_planted: int = 3, seed: int = 0):
+def plant_model(seed: int = 0) -> tuple[ChatModel, dict[int, torch.Tensor]]:
+    """The tiny Llama with the planted refusal mechanism, and r_l (harmful − harmless mean
+    last-token residual) at every layer."""
     hf, tok = tiny_llama(seed=seed)
     hf.config.tie_word_embeddings = False
     hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
@@ -54,30 +56,51 @@ def planted_world(layers=(0, 1, 2, 3), m: int = 128, n_planted: int = 3, seed: i
     d, mid = fin_h - fin_s, (fin_h + fin_s) / 2
     w = d - (d @ mid) / (mid @ mid) * mid
     hf.lm_head.weight[model.refusal_token_ids[0]] = 8.0 * w / (w @ d)
-    saes = {}
-    for layer in layers:
-        W_enc = torch.randn(hf.config.hidden_size, m, generator=g) / hf.config.hidden_size ** 0.5
-        W_dec = torch.randn(m, hf.config.hidden_size, generator=g) / hf.config.hidden_size ** 0.5
-        b_enc, b_dec = torch.zeros(m), torch.zeros(hf.config.hidden_size)
-        r_hat = diffs[layer] / diffs[layer].norm()
+    return model, diffs
+
+
+def planted_weights(d_model: int, m: int, diff: torch.Tensor | None, n_planted: int, g: torch.Generator):
+    """A random SAE's (W_enc, W_dec) with latents 0..n_planted-1 along r̂ = diff/|diff| (none if
+    diff is None); each planted latent alone removes the stream's whole r̂ component."""
+    W_enc = torch.randn(d_model, m, generator=g) / d_model ** 0.5
+    W_dec = torch.randn(m, d_model, generator=g) / d_model ** 0.5
+    if diff is not None:
+        r_hat = diff / diff.norm()
         for j in range(n_planted):  # latents along r̂_l that fire on every token with a component
-            W_dec[j] = r_hat * diffs[layer].norm() / n_planted
-            W_enc[:, j] = r_hat / (diffs[layer].norm() / n_planted)
-        thr = torch.full((m,), 1e-3)
-        saes[layer] = make_jumprelu_sae(W_enc, W_dec, b_enc, b_dec, thr,
+            W_dec[j] = r_hat * diff.norm() / n_planted
+            W_enc[:, j] = r_hat / (diff.norm() / n_planted)
+    return W_enc, W_dec
+
+
+def sae_set(weights: dict, d_model: int, thresholds: dict | None = None) -> SAESet:
+    """JumpReLU SAEs (threshold 1e-3 unless given) on the residual after each layer of `weights`."""
+    saes = {}
+    for layer, (W_enc, W_dec) in weights.items():
+        m = W_dec.shape[0]
+        thr = (thresholds or {}).get(layer, torch.full((m,), 1e-3))
+        saes[layer] = make_jumprelu_sae(W_enc, W_dec, torch.zeros(m), torch.zeros(d_model), thr,
                                         hook_name=f"blocks.{layer}.hook_resid_post")
-    sae_set = SAESet({l: FeatureDictionary.from_sae(s, l) for l, s in saes.items()}, saes=saes)
-    return model, sae_set
+    return SAESet({l: FeatureDictionary.from_sae(s, l) for l, s in saes.items()}, saes=saes)
+
+
+@torch.no_grad()
+def planted_world(layers=(0, 1, 2, 3), m: int = 128, n_planted: int = 3, seed: int = 0):
+    model, diffs = plant_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(model.d_model, generator=g)  # the draw plant_model made for u: same SAEs as before
+    d = model.d_model
+    return model, sae_set({l: planted_weights(d, m, diffs[l], n_planted, g) for l in layers}, d)
 
 
 CATEGORIES = ["dangerous_topics", "offensive_language", "privacy_violations", "false_information"]
 
 
-def save_planted_world(root: Path) -> float:
-    """The planted world on disk as a user would bring it: model/ (HF folder), saes/layer_{L}
-    (SAELens folders), harmful.txt, harmless.txt and harmful.jsonl (with taxonomy categories).
-    Returns the first-token threshold at which six of the eight harmful prompts count as refused."""
-    model, saes = planted_world()
+def save_planted_world(root: Path, build=planted_world) -> float:
+    """The planted world (or another `build()` -> (model, saes)) on disk as a user would bring
+    it: model/ (HF folder), saes/layer_{L} (SAELens folders), harmful.txt, harmless.txt and
+    harmful.jsonl (with taxonomy categories). Returns the first-token threshold at which six of
+    the eight harmful prompts count as refused."""
+    model, saes = build()
     model.hf.save_pretrained(root / "model")
     model.tokenizer.save_pretrained(root / "model")
     for layer, sae in saes.saes.items():

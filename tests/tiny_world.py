@@ -12,10 +12,17 @@ import yaml
 from planted import save_planted_world
 
 
-def write_tiny_world(root: str | Path) -> Path:
-    """Write the world under `root`; returns `root` (the config is `root/cfg.yaml`)."""
+def write_tiny_world(root: str | Path, hydra: bool = False) -> Path:
+    """Write the world under `root`; returns `root` (the config is `root/cfg.yaml`). `hydra`:
+    the world with a dormant latent that wakes up (tests/planted_hydra.py), whose Stage 1 also
+    reads layer 3, where that latent lives."""
     root = Path(root)
-    threshold = save_planted_world(root)  # six of the eight harmful prompts count as refused
+    build = {}
+    if hydra:
+        from planted_hydra import hydra_world
+
+        build = {"build": hydra_world}
+    threshold = save_planted_world(root, **build)  # six of the eight harmful prompts count as refused
     cfg = {"name": "tiny", "seed": 0,
            "model": {"source": str(root / "model"), "dtype": "float32", "device": "cpu", "batch_size": 8},
            "saes": {"source": "local", "path": str(root / "saes" / "layer_{layer}"), "layers": "all"},
@@ -36,6 +43,8 @@ def write_tiny_world(root: str | Path) -> Path:
                         "taxonomy_prompts": [str(root / "harmful.jsonl")], "clamp_values": [2, 4],
                         "clamp_tokens": 2, "explain_texts": 12},
            "dashboards": {"texts": 24, "max_length": 48, "top_k": 4, "effect_prompts": 3}}
+    if hydra:  # K = 2: Algorithm 1's blocks of 2 then visit every candidate
+        cfg["stage1"].update(layers=[1, 2, 3], k_start=2)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return root
 
