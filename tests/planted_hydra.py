@@ -50,7 +50,8 @@ def _separator(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
     X = torch.cat([neg, pos]).numpy()
     y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-    clf = LinearSVC(C=100.0, fit_intercept=False, max_iter=100_000, class_weight="balanced").fit(X, y)
+    clf = LinearSVC(C=100.0, fit_intercept=False, max_iter=100_000, class_weight="balanced",
+                    random_state=0).fit(X, y)
     g = torch.tensor(clf.coef_[0], dtype=torch.float32)
     if (neg @ g).max() >= 0 or (pos @ g).min() <= 0:
         raise RuntimeError("the repair neuron's states are not linearly separable")

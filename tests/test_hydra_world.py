@@ -64,3 +64,11 @@ def test_the_pipeline_finds_the_dormant_latent_and_where_it_wakes(hydra_run):
         firings = [f for w in r["woken"] for f in w["firings"]]
         assert any(f["position"] == last and f["region"] == "post_instruction" for f in firings)
     assert wake["summary"]["n_woken"] == len(woken) and wake["summary"]["woken_share"] > 0
+
+
+def test_the_hydra_world_is_the_same_every_time(world):
+    model, saes = world
+    again, saes2 = hydra_world()
+    for a, b in zip(model.hf.parameters(), again.hf.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(saes.saes[REPAIR_LAYER].threshold, saes2.saes[REPAIR_LAYER].threshold)
