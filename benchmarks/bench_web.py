@@ -29,7 +29,9 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def start_server(run: Path, store: Path):
+def start_server(run: Path, store: Path | None = None):
+    """A uvicorn server over `run` on a free loopback port, in a daemon thread: (server, thread,
+    base URL). `store`: the study's SQLite file (default: the run's own)."""
     import uvicorn
 
     from refusalscope.interfaces.web import create_app
@@ -40,9 +42,11 @@ def start_server(run: Path, store: Path):
                                         log_level="warning", access_log=False))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    while not srv.started:
+    for _ in range(400):
+        if srv.started:
+            return srv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
         time.sleep(0.05)
-    return srv, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    raise RuntimeError(f"the web app over {run} did not start within 20 s")
 
 
 def read_urls(run: Path, n_latents: int, seed: int) -> list[str]:

@@ -61,6 +61,8 @@ def _separator(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hydra_world(seed: int = 0, m: int = 128, theta: float = math.pi / 4, gain: float = 12.0,
                 strength: float = 10.0):
+    """(model, SAEs) of the world above. `theta`: angle of v from â (cos θ is what Stage 1 ranks
+    latent HYDRA by); `strength`: the repair's size in units of |r_3|; `gain`: how hard "I" reads v⊥."""
     model, diffs = plant_model(seed)
     hf, d = model.hf, model.d_model
     g = torch.Generator().manual_seed(seed + 1)
@@ -96,9 +98,7 @@ def hydra_world(seed: int = 0, m: int = 128, theta: float = math.pi / 4, gain: f
     W_enc, W_dec = weights[REPAIR_LAYER]
     W_enc[:, HYDRA] = v_perp / math.sin(theta)
     W_dec[HYDRA] = v
-    thresholds = {REPAIR_LAYER: torch.full((m,), 1e-3)}
-    saes = sae_set(weights, d, thresholds)
     clean_pre = model.residuals(model.encode(HARMFUL + HARMLESS), [REPAIR_LAYER])[REPAIR_LAYER] @ W_enc[:, HYDRA]
-    thresholds[REPAIR_LAYER][HYDRA] = max(2 * clean_pre.max().item(), 0.2 * size.item())
-    saes = sae_set(weights, d, thresholds)
-    return model, saes
+    thresholds = torch.full((m,), 1e-3)
+    thresholds[HYDRA] = max(2 * clean_pre.max().item(), 0.2 * size.item())
+    return model, sae_set(weights, d, {REPAIR_LAYER: thresholds})

@@ -5,32 +5,17 @@ woken, its page says where it woke up, a prompt page boxes the tokens where it f
 offline report carries the same section. Screenshots: runs/screens/hydra_*.png."""
 
 import tempfile
-import threading
-import time
 
 import pytest
 from planted_hydra import HYDRA_ID
-from test_web_browser import chrome, shot  # skips this module too where Chromium is missing
+from test_web_browser import chrome, serving, shot  # skips this module too where Chromium is missing
 
 
 @pytest.fixture(scope="module")
-def hydra_server(hydra_run):
-    import uvicorn
-
-    from refusalscope.interfaces.web import create_app
-    from refusalscope.interfaces.web.serve import LOOPBACK_NAMES, bind
-
-    sock = bind("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(create_app(hydra_run, allowed_hosts=LOOPBACK_NAMES), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(10)
+def hydra_server(hydra_run, tmp_path_factory):
+    # the study's SQLite file goes to a tmp dir: the shared run stays read-only
+    with serving(hydra_run, tmp_path_factory.mktemp("hydra-web") / "annotations.sqlite") as url:
+        yield url
 
 
 def test_the_woken_latent_in_the_web_app_and_the_report(hydra_server, hydra_run, tmp_path):

@@ -7,11 +7,12 @@ results page. Screenshots go to the test's tmp dir and to runs/screens/ (or $REF
 import os
 import shutil
 import tempfile
-import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_benchmark
 from tiny_world import hostile_copy
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -42,25 +43,22 @@ def chrome(profile: str, size=(1280, 1600)) -> webdriver.Chrome:
     return webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
 
 
+@contextmanager
+def serving(run: Path, store: Path | None = None):
+    """The web app over `run` on a free loopback port for a `with` block; yields its base URL."""
+    srv, thread, url = load_benchmark("bench_web").start_server(run, store)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    import uvicorn
-
-    from refusalscope.interfaces.web import create_app
-    from refusalscope.interfaces.web.serve import LOOPBACK_NAMES, bind
-
     run, pid = hostile_copy(tiny_run, tmp_path_factory.mktemp("browser") / "run")
-    sock = bind("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(create_app(run, allowed_hosts=LOOPBACK_NAMES), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", run, pid
-    srv.should_exit = True
-    thread.join(10)
+    with serving(run) as url:
+        yield url, run, pid
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ opened from a late page shows its dashboard. Screenshot: runs/screens/wide_laten
 
 import shutil
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from bench_scripts import load_benchmark
-from test_web_browser import chrome, shot  # skips this module too where Chromium is missing
+from test_web_browser import chrome, serving, shot  # skips this module too where Chromium is missing
 
 from refusalscope.interfaces.web.pages import PAGE
 
@@ -19,25 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wide_server(tiny_run, tmp_path_factory):
-    import uvicorn
-
-    from refusalscope.interfaces.web import create_app
-    from refusalscope.interfaces.web.serve import LOOPBACK_NAMES, bind
-
     mod = load_benchmark("wide_run")
     run = tmp_path_factory.mktemp("wide-browser") / "run"
     mod.widen_run(tiny_run, run, 5000)
-    sock = bind("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(create_app(run, allowed_hosts=LOOPBACK_NAMES), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(run) as url:
+        yield url
 
 
 def test_paging_through_a_wide_run(wide_server, tmp_path):
